@@ -86,6 +86,9 @@ pub enum ModelError {
     /// An image could not be turned into model input.
     #[error(transparent)]
     Image(#[from] crate::image::ImageError),
+    /// The tokenizer could not be loaded or failed.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
     /// Model input is inconsistent (token ids vs images, shapes).
     #[error("invalid input: {0}")]
     Input(String),

@@ -6,6 +6,7 @@
 //! (`medvl-engine`, `medvl-serve`) and below it (`medvl-kernels`).
 
 pub mod attention;
+pub mod chat;
 pub mod config;
 pub mod error;
 pub mod image;
@@ -14,6 +15,7 @@ pub mod loader;
 pub mod model;
 pub mod rope;
 pub mod text;
+pub mod tokenizer;
 pub mod vision;
 
 pub use config::{QwenVlConfig, TextConfig, TokenIds, VisionConfig};
@@ -22,6 +24,7 @@ pub use image::{PixelValues, ProcessorConfig};
 pub use loader::{Checkpoint, load_dir, random, tensor_specs};
 pub use model::{ImageFeatures, Prefill, QwenVl};
 pub use text::KvCache;
+pub use tokenizer::{StreamDecoder, Tokenizer};
 
 /// The backends medvl runs on.
 pub mod backend {

@@ -123,7 +123,11 @@ struct Report {
 
 fn run_cases<B: Backend>(model: &QwenVl<B>, reference: &Reference, device: &B::Device) -> Vec<Report> {
     let mut reports = Vec::new();
+    let start = std::time::Instant::now();
+    // Progress on stderr (seen with --nocapture): on a GPU the first run of each shape compiles kernels.
+    let stage = |what: &str| eprintln!("[{:7.2} s] {what}", start.elapsed().as_secs_f64());
     for (case, names) in CASES {
+        stage(&format!("{case}: start"));
         let ids: Vec<u32> = reference.i64(&format!("{case}.input_ids")).iter().map(|&i| i as u32).collect();
         let images: Vec<PixelValues> = names.iter().map(|n| image(n)).collect();
 
@@ -133,6 +137,7 @@ fn run_cases<B: Backend>(model: &QwenVl<B>, reference: &Reference, device: &B::D
             max_rel(&host(f.embeds), expected)
         });
 
+        stage(&format!("{case}: vision done"));
         let mut cache = model.new_cache();
         let prefill = model.prefill(&ids, &images, &mut cache, device).expect("prefill");
         let positions = reference.i64(&format!("{case}.position_ids"));
@@ -144,6 +149,7 @@ fn run_cases<B: Backend>(model: &QwenVl<B>, reference: &Reference, device: &B::D
         let logits = model.logits(prefill.hidden);
         assert_eq!(logits.dims()[1..].to_vec(), *shape, "{case}: logits shape");
         let logits = host(logits);
+        stage(&format!("{case}: prefill logits done"));
         let expected_greedy: Vec<u32> = reference.i64(&format!("{case}.greedy")).iter().map(|&i| i as u32).collect();
         reports.push(Report {
             case,
