@@ -17,7 +17,9 @@ pub fn repeat_kv<B: Backend>(x: Tensor<B, 4>, groups: usize) -> Tensor<B, 4> {
     }
     let [b, kvh, s, d] = x.dims();
     // [b, kvh, 1, s, d] -> [b, kvh, groups, s, d] -> [b, kvh * groups, s, d]
-    x.unsqueeze_dim::<5>(2).repeat_dim(2, groups).reshape([b, kvh * groups, s, d])
+    x.unsqueeze_dim::<5>(2)
+        .repeat_dim(2, groups)
+        .reshape([b, kvh * groups, s, d])
 }
 
 /// Causal attention of `L` new queries that follow `past` cached tokens, over a key/value buffer of `S >= past + L`
@@ -28,17 +30,31 @@ pub fn repeat_kv<B: Backend>(x: Tensor<B, 4>, groups: usize) -> Tensor<B, 4> {
 /// - `q`: `[batch, heads, L, head_dim]`
 /// - `k`, `v`: `[batch, kv_heads, S, head_dim]`
 /// - returns `[batch, heads, L, head_dim]`
-pub fn causal_attention<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, past: usize) -> Tensor<B, 4> {
+pub fn causal_attention<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    past: usize,
+) -> Tensor<B, 4> {
     let [b, h, l, _] = q.dims();
     let kvh = k.dims()[1];
     let s = k.dims()[2];
-    assert!(past + l <= s, "attention over {s} key slots for {past} cached + {l} new tokens");
+    assert!(
+        past + l <= s,
+        "attention over {s} key slots for {past} cached + {l} new tokens"
+    );
     let (k, v) = (repeat_kv(k, h / kvh), repeat_kv(v, h / kvh));
-    let options = |is_causal| AttentionModuleOptions { scale: None, softcap: None, is_causal };
+    let options = |is_causal| AttentionModuleOptions {
+        scale: None,
+        softcap: None,
+        is_causal,
+    };
     if past == 0 && l == s {
         return attention(q, k, v, None, None, options(true));
     }
-    let mask: Vec<bool> = (0..l).flat_map(|i| (0..s).map(move |j| j > past + i)).collect();
+    let mask: Vec<bool> = (0..l)
+        .flat_map(|i| (0..s).map(move |j| j > past + i))
+        .collect();
     let mask = Tensor::<B, 2, Bool>::from_data(TensorData::new(mask, [l, s]), &q.device())
         .reshape([1, 1, l, s])
         .expand([b, h, l, s]);
@@ -70,8 +86,11 @@ impl<B: Backend> Segments<B> {
     /// From cumulative boundaries `[0, e1, e2, ..., len]` (empty segments allowed, as transformers' windows).
     pub fn new(cu_seqlens: &[usize], heads: usize, device: &B::Device) -> Self {
         let len = *cu_seqlens.last().unwrap_or(&0);
-        let bounds: Vec<(usize, usize)> =
-            cu_seqlens.windows(2).filter(|w| w[1] > w[0]).map(|w| (w[0], w[1] - w[0])).collect();
+        let bounds: Vec<(usize, usize)> = cu_seqlens
+            .windows(2)
+            .filter(|w| w[1] > w[0])
+            .map(|w| (w[0], w[1] - w[0]))
+            .collect();
         if bounds.len() <= 1 {
             return Self { len, padded: None };
         }
@@ -92,11 +111,25 @@ impl<B: Backend> Segments<B> {
                 }
             }
         }
-        let mask = Tensor::<B, 3, Bool>::from_data(TensorData::new(mask, [count, max_len, max_len]), device)
-            .unsqueeze_dim::<4>(1)
-            .expand([count, heads, max_len, max_len]);
-        let ints = |v: Vec<i64>| Tensor::<B, 1, Int>::from_data(TensorData::new(v.clone(), [v.len()]), device);
-        Self { len, padded: Some(PaddedSegments { count, max_len, gather: ints(gather), scatter: ints(scatter), mask }) }
+        let mask = Tensor::<B, 3, Bool>::from_data(
+            TensorData::new(mask, [count, max_len, max_len]),
+            device,
+        )
+        .unsqueeze_dim::<4>(1)
+        .expand([count, heads, max_len, max_len]);
+        let ints = |v: Vec<i64>| {
+            Tensor::<B, 1, Int>::from_data(TensorData::new(v.clone(), [v.len()]), device)
+        };
+        Self {
+            len,
+            padded: Some(PaddedSegments {
+                count,
+                max_len,
+                gather: ints(gather),
+                scatter: ints(scatter),
+                mask,
+            }),
+        }
     }
 
     /// # Shapes
@@ -105,7 +138,11 @@ impl<B: Backend> Segments<B> {
     pub fn attend(&self, q: Tensor<B, 3>, k: Tensor<B, 3>, v: Tensor<B, 3>) -> Tensor<B, 3> {
         let [n, h, d] = q.dims();
         debug_assert_eq!(n, self.len);
-        let options = AttentionModuleOptions { scale: None, softcap: None, is_causal: false };
+        let options = AttentionModuleOptions {
+            scale: None,
+            softcap: None,
+            is_causal: false,
+        };
         let Some(p) = &self.padded else {
             // [1, heads, seq, head_dim]
             let to_heads = |x: Tensor<B, 3>| x.swap_dims(0, 1).unsqueeze_dim::<4>(0);
@@ -114,11 +151,22 @@ impl<B: Backend> Segments<B> {
         };
         // [count * max_len, heads, d] -> [count, max_len, heads, d] -> [count, heads, max_len, d]
         let to_padded = |x: Tensor<B, 3>| {
-            x.select(0, p.gather.clone()).reshape([p.count, p.max_len, h, d]).swap_dims(1, 2)
+            x.select(0, p.gather.clone())
+                .reshape([p.count, p.max_len, h, d])
+                .swap_dims(1, 2)
         };
-        let out = attention(to_padded(q), to_padded(k), to_padded(v), Some(p.mask.clone()), None, options);
+        let out = attention(
+            to_padded(q),
+            to_padded(k),
+            to_padded(v),
+            Some(p.mask.clone()),
+            None,
+            options,
+        );
         // [count, heads, max_len, d] -> [count * max_len, heads, d] -> [seq, heads, d]
-        out.swap_dims(1, 2).reshape([p.count * p.max_len, h, d]).select(0, p.scatter.clone())
+        out.swap_dims(1, 2)
+            .reshape([p.count * p.max_len, h, d])
+            .select(0, p.scatter.clone())
     }
 }
 
@@ -147,7 +195,11 @@ mod tests {
                 k.clone().slice(r.clone()),
                 v.clone().slice(r.clone()),
             );
-            packed.clone().slice(r).into_data().assert_approx_eq::<f32>(&one.into_data(), Default::default());
+            packed
+                .clone()
+                .slice(r)
+                .into_data()
+                .assert_approx_eq::<f32>(&one.into_data(), Default::default());
         }
     }
 
@@ -163,7 +215,8 @@ mod tests {
         let tail = causal_attention(q.clone().slice(s![.., .., 4..6]), k.clone(), v.clone(), 4);
         rows(full.clone(), 4..6).assert_approx_eq::<f32>(&tail.into_data(), Default::default());
         // With 3 unused slots of garbage after the keys (a fixed-capacity cache): they must be masked out.
-        let pad = |x: Tensor<B, 4>| Tensor::cat(vec![x, Tensor::ones([1, 2, 3, 8], &device) * 100.0], 2);
+        let pad =
+            |x: Tensor<B, 4>| Tensor::cat(vec![x, Tensor::ones([1, 2, 3, 8], &device) * 100.0], 2);
         let last = causal_attention(q.slice(s![.., .., 5..6]), pad(k), pad(v), 5);
         rows(full, 5..6).assert_approx_eq::<f32>(&last.into_data(), Default::default());
     }

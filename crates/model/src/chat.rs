@@ -60,19 +60,28 @@ pub struct Message {
 impl Message {
     /// A text-only message.
     pub fn text(role: Role, text: impl Into<String>) -> Self {
-        Self { role, content: vec![Part::Text { text: text.into() }] }
+        Self {
+            role,
+            content: vec![Part::Text { text: text.into() }],
+        }
     }
 
     /// A user message with `images` images followed by `text`, the usual document question.
     pub fn user_with_images(images: usize, text: impl Into<String>) -> Self {
         let mut content = vec![Part::Image; images];
         content.push(Part::Text { text: text.into() });
-        Self { role: Role::User, content }
+        Self {
+            role: Role::User,
+            content,
+        }
     }
 
     /// Number of images in this message.
     pub fn images(&self) -> usize {
-        self.content.iter().filter(|p| matches!(p, Part::Image)).count()
+        self.content
+            .iter()
+            .filter(|p| matches!(p, Part::Image))
+            .count()
     }
 }
 
@@ -103,7 +112,11 @@ pub fn render(messages: &[Message], add_generation_prompt: bool) -> String {
 }
 
 /// Replaces the `k`-th `image_pad` id by `counts[k]` copies of it (each image's token count).
-pub fn expand_image_pads(ids: &[u32], image_pad: u32, counts: &[usize]) -> Result<Vec<u32>, crate::ModelError> {
+pub fn expand_image_pads(
+    ids: &[u32],
+    image_pad: u32,
+    counts: &[usize],
+) -> Result<Vec<u32>, crate::ModelError> {
     let found = ids.iter().filter(|&&t| t == image_pad).count();
     if found != counts.len() {
         return Err(crate::ModelError::Input(format!(
@@ -141,14 +154,31 @@ mod tests {
 
     #[test]
     fn explicit_system_replaces_the_default() {
-        let text = render(&[Message::text(Role::System, "Be terse."), Message::text(Role::User, "hi")], false);
-        assert_eq!(text, "<|im_start|>system\nBe terse.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n");
+        let text = render(
+            &[
+                Message::text(Role::System, "Be terse."),
+                Message::text(Role::User, "hi"),
+            ],
+            false,
+        );
+        assert_eq!(
+            text,
+            "<|im_start|>system\nBe terse.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n"
+        );
     }
 
     #[test]
     fn pads_expand_in_order_and_count_is_checked() {
-        assert_eq!(expand_image_pads(&[1, 9, 2, 9, 3], 9, &[2, 3]).unwrap(), vec![1, 9, 9, 2, 9, 9, 9, 3]);
-        let err = expand_image_pads(&[1, 9], 9, &[2, 3]).unwrap_err().to_string();
-        assert!(err.contains("1 image placeholder(s) but 2 image(s)"), "{err}");
+        assert_eq!(
+            expand_image_pads(&[1, 9, 2, 9, 3], 9, &[2, 3]).unwrap(),
+            vec![1, 9, 9, 2, 9, 9, 9, 3]
+        );
+        let err = expand_image_pads(&[1, 9], 9, &[2, 3])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("1 image placeholder(s) but 2 image(s)"),
+            "{err}"
+        );
     }
 }

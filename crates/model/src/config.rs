@@ -231,22 +231,31 @@ struct RawConfig {
 }
 
 fn need<T>(value: Option<T>, field: &str) -> Result<T> {
-    value.ok_or_else(|| ModelError::ConfigField { field: field.to_string() })
+    value.ok_or_else(|| ModelError::ConfigField {
+        field: field.to_string(),
+    })
 }
 
 impl QwenVlConfig {
     /// Reads `config.json` from a file.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io { path: path.to_path_buf(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
         Self::from_json(&text).map_err(|e| match e {
-            ModelError::ConfigJson { source, .. } => ModelError::ConfigJson { path: Some(path.to_path_buf()), source },
+            ModelError::ConfigJson { source, .. } => ModelError::ConfigJson {
+                path: Some(path.to_path_buf()),
+                source,
+            },
             other => other,
         })
     }
 
     /// Parses the text of a `config.json` in any of the three known shapes.
     pub fn from_json(json: &str) -> Result<Self> {
-        let raw: RawConfig = serde_json::from_str(json).map_err(|source| ModelError::ConfigJson { path: None, source })?;
+        let raw: RawConfig = serde_json::from_str(json)
+            .map_err(|source| ModelError::ConfigJson { path: None, source })?;
         let top = raw.top;
         let nested = raw.text_config.unwrap_or_default();
         // A field nested in text_config wins over the same field at the top level.
@@ -261,7 +270,11 @@ impl QwenVlConfig {
             .or(top.rope_parameters)
             .or(top.rope_scaling)
             .unwrap_or_default();
-        let rope_kind = rope.rope_type.as_deref().or(rope.kind.as_deref()).unwrap_or("default");
+        let rope_kind = rope
+            .rope_type
+            .as_deref()
+            .or(rope.kind.as_deref())
+            .unwrap_or("default");
         if !matches!(rope_kind, "default" | "mrope") {
             return Err(ModelError::ConfigValue {
                 field: "rope_scaling.type".into(),
@@ -269,10 +282,14 @@ impl QwenVlConfig {
             });
         }
         let section = need(rope.mrope_section, "mrope_section")?;
-        let mrope_section: [usize; 3] = section.as_slice().try_into().map_err(|_| ModelError::ConfigValue {
-            field: "mrope_section".into(),
-            reason: format!("expected 3 sections (t, h, w), found {section:?}"),
-        })?;
+        let mrope_section: [usize; 3] =
+            section
+                .as_slice()
+                .try_into()
+                .map_err(|_| ModelError::ConfigValue {
+                    field: "mrope_section".into(),
+                    reason: format!("expected 3 sections (t, h, w), found {section:?}"),
+                })?;
         let text = TextConfig {
             hidden_size: need(pick!(hidden_size), "hidden_size")?,
             intermediate_size: need(pick!(intermediate_size), "intermediate_size")?,
@@ -284,7 +301,10 @@ impl QwenVlConfig {
             rope_theta: need(rope.rope_theta.or(pick!(rope_theta)), "rope_theta")?,
             mrope_section,
             tie_word_embeddings: pick!(tie_word_embeddings).unwrap_or(false),
-            max_position_embeddings: need(pick!(max_position_embeddings), "max_position_embeddings")?,
+            max_position_embeddings: need(
+                pick!(max_position_embeddings),
+                "max_position_embeddings",
+            )?,
         };
         let v = need(raw.vision_config, "vision_config")?;
         let vision = VisionConfig {
@@ -298,9 +318,16 @@ impl QwenVlConfig {
             temporal_patch_size: need(v.temporal_patch_size, "vision_config.temporal_patch_size")?,
             spatial_merge_size: need(v.spatial_merge_size, "vision_config.spatial_merge_size")?,
             window_size: need(v.window_size, "vision_config.window_size")?,
-            fullatt_block_indexes: need(v.fullatt_block_indexes, "vision_config.fullatt_block_indexes")?,
+            fullatt_block_indexes: need(
+                v.fullatt_block_indexes,
+                "vision_config.fullatt_block_indexes",
+            )?,
             tokens_per_second: v.tokens_per_second.unwrap_or(2.0),
-            rope_theta: v.rope_parameters.and_then(|r| r.rope_theta).or(v.rope_theta).unwrap_or(10_000.0),
+            rope_theta: v
+                .rope_parameters
+                .and_then(|r| r.rope_theta)
+                .or(v.rope_theta)
+                .unwrap_or(10_000.0),
         };
         let eos = match pick!(eos_token_id) {
             Some(EosIds::One(id)) => vec![id],
@@ -321,7 +348,11 @@ impl QwenVlConfig {
             eos,
             pad,
         };
-        let config = Self { text, vision, tokens };
+        let config = Self {
+            text,
+            vision,
+            tokens,
+        };
         config.validate()?;
         Ok(config)
     }
@@ -329,28 +360,68 @@ impl QwenVlConfig {
     /// Checks the relations between fields that the model code relies on.
     pub fn validate(&self) -> Result<()> {
         let t = &self.text;
-        let bad = |field: &str, reason: String| Err(ModelError::ConfigValue { field: field.into(), reason });
-        if t.num_attention_heads == 0 || t.hidden_size % t.num_attention_heads != 0 {
-            return bad("num_attention_heads", format!("{} does not divide hidden_size {}", t.num_attention_heads, t.hidden_size));
-        }
-        if t.num_key_value_heads == 0 || t.num_attention_heads % t.num_key_value_heads != 0 {
+        let bad = |field: &str, reason: String| {
+            Err(ModelError::ConfigValue {
+                field: field.into(),
+                reason,
+            })
+        };
+        if t.num_attention_heads == 0 || !t.hidden_size.is_multiple_of(t.num_attention_heads) {
             return bad(
-                "num_key_value_heads",
-                format!("{} does not divide num_attention_heads {}", t.num_key_value_heads, t.num_attention_heads),
+                "num_attention_heads",
+                format!(
+                    "{} does not divide hidden_size {}",
+                    t.num_attention_heads, t.hidden_size
+                ),
             );
         }
-        if t.head_dim() % 2 != 0 || t.mrope_section.iter().sum::<usize>() != t.head_dim() / 2 {
-            return bad("mrope_section", format!("{:?} must sum to head_dim/2 = {}", t.mrope_section, t.head_dim() / 2));
+        if t.num_key_value_heads == 0
+            || !t.num_attention_heads.is_multiple_of(t.num_key_value_heads)
+        {
+            return bad(
+                "num_key_value_heads",
+                format!(
+                    "{} does not divide num_attention_heads {}",
+                    t.num_key_value_heads, t.num_attention_heads
+                ),
+            );
+        }
+        if !t.head_dim().is_multiple_of(2)
+            || t.mrope_section.iter().sum::<usize>() != t.head_dim() / 2
+        {
+            return bad(
+                "mrope_section",
+                format!(
+                    "{:?} must sum to head_dim/2 = {}",
+                    t.mrope_section,
+                    t.head_dim() / 2
+                ),
+            );
         }
         let v = &self.vision;
-        if v.num_heads == 0 || v.hidden_size % v.num_heads != 0 || v.head_dim() % 4 != 0 {
-            return bad("vision_config.num_heads", format!("{} heads do not split hidden {} into a head_dim divisible by 4", v.num_heads, v.hidden_size));
+        if v.num_heads == 0
+            || !v.hidden_size.is_multiple_of(v.num_heads)
+            || !v.head_dim().is_multiple_of(4)
+        {
+            return bad(
+                "vision_config.num_heads",
+                format!(
+                    "{} heads do not split hidden {} into a head_dim divisible by 4",
+                    v.num_heads, v.hidden_size
+                ),
+            );
         }
         if v.window_merged() == 0 {
-            return bad("vision_config.window_size", format!("{} is smaller than one merged token", v.window_size));
+            return bad(
+                "vision_config.window_size",
+                format!("{} is smaller than one merged token", v.window_size),
+            );
         }
         if let Some(&b) = v.fullatt_block_indexes.iter().find(|&&b| b >= v.depth) {
-            return bad("vision_config.fullatt_block_indexes", format!("block {b} >= depth {}", v.depth));
+            return bad(
+                "vision_config.fullatt_block_indexes",
+                format!("block {b} >= depth {}", v.depth),
+            );
         }
         Ok(())
     }
@@ -463,7 +534,10 @@ mod tests {
             r#""rope_parameters": {"rope_type": "default", "type": "mrope", "mrope_section": [16, 24, 24], "rope_theta": 1000000.0}"#,
             r#""rope_theta": 1000000.0, "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]}"#,
         );
-        assert_eq!(QwenVlConfig::from_json(&json).unwrap(), QwenVlConfig::qwen2_5_vl_7b());
+        assert_eq!(
+            QwenVlConfig::from_json(&json).unwrap(),
+            QwenVlConfig::qwen2_5_vl_7b()
+        );
     }
 
     #[test]

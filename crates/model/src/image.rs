@@ -58,7 +58,7 @@ pub const MAX_ASPECT_RATIO: f64 = 200.0;
 /// CLIP mean used by Qwen2.5-VL.
 pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
 /// CLIP standard deviation used by Qwen2.5-VL.
-pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
+pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_6, 0.275_777_1];
 
 /// Settings of the image processor (`preprocessor_config.json`).
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -129,10 +129,17 @@ impl ProcessorConfig {
             if !path.exists() {
                 continue;
             }
-            let text = std::fs::read_to_string(&path)
-                .map_err(|source| crate::error::ModelError::Io { path: path.clone(), source })?;
-            let raw: RawProcessor = serde_json::from_str(&text)
-                .map_err(|source| crate::error::ModelError::ConfigJson { path: Some(path.clone()), source })?;
+            let text =
+                std::fs::read_to_string(&path).map_err(|source| crate::error::ModelError::Io {
+                    path: path.clone(),
+                    source,
+                })?;
+            let raw: RawProcessor = serde_json::from_str(&text).map_err(|source| {
+                crate::error::ModelError::ConfigJson {
+                    path: Some(path.clone()),
+                    source,
+                }
+            })?;
             let raw = match raw.image_processor {
                 Some(nested) => *nested,
                 None => raw,
@@ -199,17 +206,27 @@ pub fn decode_rgb(bytes: &[u8], pixel_limit: u64) -> Result<RgbImage, ImageError
     limits.max_alloc = Some(pixel_limit.saturating_mul(16));
     let mut reader = reader;
     reader.limits(limits);
-    let mut decoder = reader.into_decoder().map_err(|e| ImageError::Decode(e.to_string()))?;
+    let mut decoder = reader
+        .into_decoder()
+        .map_err(|e| ImageError::Decode(e.to_string()))?;
     let (width, height) = decoder.dimensions();
     if width == 0 || height == 0 {
         return Err(ImageError::Empty { width, height });
     }
     let pixels = u64::from(width) * u64::from(height);
     if pixels > pixel_limit {
-        return Err(ImageError::TooManyPixels { width, height, pixels, limit: pixel_limit });
+        return Err(ImageError::TooManyPixels {
+            width,
+            height,
+            pixels,
+            limit: pixel_limit,
+        });
     }
-    let orientation = decoder.orientation().map_err(|e| ImageError::Decode(e.to_string()))?;
-    let mut image = DynamicImage::from_decoder(decoder).map_err(|e| ImageError::Decode(e.to_string()))?;
+    let orientation = decoder
+        .orientation()
+        .map_err(|e| ImageError::Decode(e.to_string()))?;
+    let mut image =
+        DynamicImage::from_decoder(decoder).map_err(|e| ImageError::Decode(e.to_string()))?;
     image.apply_orientation(orientation);
     Ok(to_rgb(image))
 }
@@ -257,11 +274,18 @@ pub fn smart_resize(
 ) -> Result<(usize, usize), ImageError> {
     let (h, w, f) = (height as f64, width as f64, factor as f64);
     if height == 0 || width == 0 {
-        return Err(ImageError::Empty { width: width as u32, height: height as u32 });
+        return Err(ImageError::Empty {
+            width: width as u32,
+            height: height as u32,
+        });
     }
     let ratio = h.max(w) / h.min(w);
     if ratio > MAX_ASPECT_RATIO {
-        return Err(ImageError::AspectRatio { width: width as u32, height: height as u32, ratio });
+        return Err(ImageError::AspectRatio {
+            width: width as u32,
+            height: height as u32,
+            ratio,
+        });
     }
     let mut h_bar = (h / f).round_ties_even() * f;
     let mut w_bar = (w / f).round_ties_even() * f;
@@ -305,15 +329,20 @@ fn coefficients(in_size: usize, out_size: usize) -> Vec<(usize, Vec<i32>)> {
             // C casts truncate toward zero; the values are >= -0.5 + ... so this matches `(int)`.
             let xmin = ((center - support + 0.5) as i64).max(0) as usize;
             let xmax = ((center + support + 0.5) as i64).min(in_size as i64) as usize;
-            let weights: Vec<f64> =
-                (xmin..xmax).map(|x| bicubic_filter((x as f64 - center + 0.5) * ss)).collect();
+            let weights: Vec<f64> = (xmin..xmax)
+                .map(|x| bicubic_filter((x as f64 - center + 0.5) * ss))
+                .collect();
             let total: f64 = weights.iter().sum();
             let fixed = weights
                 .iter()
                 .map(|&w| {
                     let w = if total != 0.0 { w / total } else { w };
                     let scaled = w * f64::from(1u32 << PRECISION_BITS);
-                    if w < 0.0 { (scaled - 0.5) as i32 } else { (scaled + 0.5) as i32 }
+                    if w < 0.0 {
+                        (scaled - 0.5) as i32
+                    } else {
+                        (scaled + 0.5) as i32
+                    }
                 })
                 .collect();
             (xmin, fixed)
@@ -327,7 +356,11 @@ fn clip8(acc: i64) -> u8 {
 
 /// One separable pass of Pillow's 8-bit resampler along x (`horizontal`) or y.
 fn resample_pass(src: &RgbImage, out_w: u32, out_h: u32, horizontal: bool) -> RgbImage {
-    let (in_len, out_len) = if horizontal { (src.width(), out_w) } else { (src.height(), out_h) };
+    let (in_len, out_len) = if horizontal {
+        (src.width(), out_w)
+    } else {
+        (src.height(), out_h)
+    };
     let coeffs = coefficients(in_len as usize, out_len as usize);
     let mut out = RgbImage::new(out_w, out_h);
     for (x, y, px) in out.enumerate_pixels_mut() {
@@ -336,7 +369,12 @@ fn resample_pass(src: &RgbImage, out_w: u32, out_h: u32, horizontal: bool) -> Rg
         let mut acc = [1i64 << (PRECISION_BITS - 1); 3];
         for (i, &w) in k.iter().enumerate() {
             let at = (start + i) as u32;
-            let p = if horizontal { src.get_pixel(at, other) } else { src.get_pixel(other, at) }.0;
+            let p = if horizontal {
+                src.get_pixel(at, other)
+            } else {
+                src.get_pixel(other, at)
+            }
+            .0;
             for c in 0..3 {
                 acc[c] += i64::from(p[c]) * i64::from(w);
             }
@@ -360,7 +398,12 @@ pub fn resize_bicubic(src: &RgbImage, width: u32, height: u32) -> RgbImage {
         (false, false) => src.clone(),
         (true, false) => resample_pass(src, width, in_h, true),
         (false, true) => resample_pass(src, in_w, height, false),
-        (true, true) if vertical_first => resample_pass(&resample_pass(src, in_w, height, false), width, height, true),
+        (true, true) if vertical_first => resample_pass(
+            &resample_pass(src, in_w, height, false),
+            width,
+            height,
+            true,
+        ),
         (true, true) => resample_pass(&resample_pass(src, width, in_h, true), width, height, false),
     }
 }
@@ -368,7 +411,13 @@ pub fn resize_bicubic(src: &RgbImage, width: u32, height: u32) -> RgbImage {
 /// Resizes, normalises and patchifies one RGB image.
 pub fn preprocess(image: &RgbImage, config: &ProcessorConfig) -> Result<PixelValues, ImageError> {
     let (w, h) = image.dimensions();
-    let (rh, rw) = smart_resize(h as usize, w as usize, config.factor(), config.min_pixels, config.max_pixels)?;
+    let (rh, rw) = smart_resize(
+        h as usize,
+        w as usize,
+        config.factor(),
+        config.min_pixels,
+        config.max_pixels,
+    )?;
     let resized = resize_bicubic(image, rw as u32, rh as u32);
     Ok(patchify(&resized, config))
 }
@@ -383,14 +432,19 @@ pub fn preprocess_bytes(bytes: &[u8], config: &ProcessorConfig) -> Result<PixelV
 /// with the single frame repeated `tp` times.
 fn patchify(image: &RgbImage, config: &ProcessorConfig) -> PixelValues {
     let (w, h) = (image.width() as usize, image.height() as usize);
-    let (p, m, tp) = (config.patch_size, config.merge_size, config.temporal_patch_size);
+    let (p, m, tp) = (
+        config.patch_size,
+        config.merge_size,
+        config.temporal_patch_size,
+    );
     let (gh, gw) = (h / p, w / p);
     // Normalised planes, channel-major. transformers rescales in float64 then stores float32 before normalising.
     let mut planes = vec![0f32; 3 * h * w];
     for (x, y, px) in image.enumerate_pixels() {
         for c in 0..3 {
             let v = (f64::from(px.0[c]) * (1.0 / 255.0)) as f32;
-            planes[(c * h + y as usize) * w + x as usize] = (v - config.image_mean[c]) / config.image_std[c];
+            planes[(c * h + y as usize) * w + x as usize] =
+                (v - config.image_mean[c]) / config.image_std[c];
         }
     }
     let patch_dim = 3 * tp * p * p;
@@ -413,7 +467,11 @@ fn patchify(image: &RgbImage, config: &ProcessorConfig) -> PixelValues {
             }
         }
     }
-    PixelValues { data, grid_thw: [1, gh, gw], patch_dim }
+    PixelValues {
+        data,
+        grid_thw: [1, gh, gw],
+        patch_dim,
+    }
 }
 
 #[cfg(test)]
@@ -423,14 +481,23 @@ mod tests {
     #[test]
     fn smart_resize_hand_worked() {
         // 1000x700: round(1000/28)=36 -> 1008, round(700/28)=25 -> 700 (25.0); area within bounds.
-        assert_eq!(smart_resize(1000, 700, 28, 3136, 12_845_056).unwrap(), (1008, 700));
+        assert_eq!(
+            smart_resize(1000, 700, 28, 3136, 12_845_056).unwrap(),
+            (1008, 700)
+        );
         // Half-to-even: 42/28 = 1.5 -> 2; 70/28 = 2.5 -> 2.
         assert_eq!(smart_resize(42, 70, 28, 0, u64::MAX).unwrap(), (56, 56));
         // Letter page at 150 dpi (1275x1650) with max 1280*28*28: beta = sqrt(2103750/1003520) = 1.4479...
         // h = floor(1650/1.4479/28)*28 = 40*28 = 1120, w = floor(1275/1.4479/28)*28 = 31*28 = 868.
-        assert_eq!(smart_resize(1650, 1275, 28, 3136, 1280 * 28 * 28).unwrap(), (1120, 868));
+        assert_eq!(
+            smart_resize(1650, 1275, 28, 3136, 1280 * 28 * 28).unwrap(),
+            (1120, 868)
+        );
         // Tiny image scaled up to min_pixels: beta = sqrt(3136/100) = 5.6 -> ceil(56/28)*28 = 56.
-        assert_eq!(smart_resize(10, 10, 28, 3136, 12_845_056).unwrap(), (56, 56));
+        assert_eq!(
+            smart_resize(10, 10, 28, 3136, 12_845_056).unwrap(),
+            (56, 56)
+        );
     }
 
     #[test]
@@ -453,7 +520,10 @@ mod tests {
         for (input, output) in [(100, 37), (37, 100), (1000, 28), (28, 28)] {
             for (_, k) in coefficients(input, output) {
                 let sum: i64 = k.iter().map(|&w| i64::from(w)).sum();
-                assert!((sum - (1 << PRECISION_BITS)).abs() <= k.len() as i64, "{input}->{output}: {sum}");
+                assert!(
+                    (sum - (1 << PRECISION_BITS)).abs() <= k.len() as i64,
+                    "{input}->{output}: {sum}"
+                );
             }
         }
     }
@@ -493,7 +563,10 @@ mod tests {
     #[test]
     fn processor_config_both_file_shapes() {
         let mut c = ProcessorConfig::default();
-        c.apply(serde_json::from_str(r#"{"min_pixels": 100, "max_pixels": 200, "merge_size": 2}"#).unwrap());
+        c.apply(
+            serde_json::from_str(r#"{"min_pixels": 100, "max_pixels": 200, "merge_size": 2}"#)
+                .unwrap(),
+        );
         assert_eq!((c.min_pixels, c.max_pixels), (100, 200));
         let mut c = ProcessorConfig::default();
         c.apply(
@@ -512,8 +585,13 @@ mod tests {
         assert!(matches!(err, ImageError::Decode(_)), "{err}");
         // A valid 300x300 PNG over a 10,000 pixel limit.
         let mut png = Vec::new();
-        RgbImage::new(300, 300).write_to(&mut Cursor::new(&mut png), image::ImageFormat::Png).unwrap();
+        RgbImage::new(300, 300)
+            .write_to(&mut Cursor::new(&mut png), image::ImageFormat::Png)
+            .unwrap();
         let err = decode_rgb(&png, 10_000).unwrap_err();
-        assert!(matches!(err, ImageError::TooManyPixels { pixels: 90_000, .. }), "{err}");
+        assert!(
+            matches!(err, ImageError::TooManyPixels { pixels: 90_000, .. }),
+            "{err}"
+        );
     }
 }

@@ -5,8 +5,8 @@
 
 use burn::module::Param;
 use burn::prelude::*;
-use burn::tensor::activation::silu;
 use burn::tensor::FloatDType;
+use burn::tensor::activation::silu;
 
 /// A linear layer `y = x W^T + b` with the weight in the PyTorch layout `[out, in]`.
 ///
@@ -23,7 +23,10 @@ pub struct Linear<B: Backend> {
 impl<B: Backend> Linear<B> {
     /// Wraps loaded tensors.
     pub fn new(weight: Tensor<B, 2>, bias: Option<Tensor<B, 1>>) -> Self {
-        Self { weight: Param::from_tensor(weight), bias: bias.map(Param::from_tensor) }
+        Self {
+            weight: Param::from_tensor(weight),
+            bias: bias.map(Param::from_tensor),
+        }
     }
 
     /// `[out_features, in_features]`.
@@ -34,7 +37,11 @@ impl<B: Backend> Linear<B> {
     /// # Shapes
     /// - `x`: `[..., in_features]` -> `[..., out_features]`
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        burn::tensor::module::linear(x, self.weight.val().transpose(), self.bias.as_ref().map(|b| b.val()))
+        burn::tensor::module::linear(
+            x,
+            self.weight.val().transpose(),
+            self.bias.as_ref().map(|b| b.val()),
+        )
     }
 }
 
@@ -51,7 +58,10 @@ pub struct RmsNorm<B: Backend> {
 impl<B: Backend> RmsNorm<B> {
     /// Wraps a loaded weight.
     pub fn new(weight: Tensor<B, 1>, eps: f64) -> Self {
-        Self { weight: Param::from_tensor(weight), eps }
+        Self {
+            weight: Param::from_tensor(weight),
+            eps,
+        }
     }
 
     /// # Shapes

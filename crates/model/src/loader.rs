@@ -21,7 +21,7 @@ use crate::error::{ModelError, Result};
 use crate::layers::{Linear, Mlp, RmsNorm};
 use crate::model::QwenVl;
 use crate::text::{DecoderLayer, TextAttention, TextModel};
-use crate::vision::{PatchMerger, VisionAttention, VisionBlock, VisionTower, VISION_RMS_EPS};
+use crate::vision::{PatchMerger, VISION_RMS_EPS, VisionAttention, VisionBlock, VisionTower};
 
 /// One tensor the model needs: hub-original name and shape as stored.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -52,10 +52,24 @@ pub struct TensorSpec {
 /// | `model.norm`, `lm_head` (untied only)          | weight                                         |
 pub fn tensor_specs(config: &QwenVlConfig) -> Vec<TensorSpec> {
     let mut specs = Vec::new();
-    let mut add = |name: String, shape: &[usize]| specs.push(TensorSpec { name, shape: shape.to_vec() });
+    let mut add = |name: String, shape: &[usize]| {
+        specs.push(TensorSpec {
+            name,
+            shape: shape.to_vec(),
+        })
+    };
     let v = &config.vision;
     let (vh, vi) = (v.hidden_size, v.intermediate_size);
-    add("visual.patch_embed.proj.weight".into(), &[vh, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size]);
+    add(
+        "visual.patch_embed.proj.weight".into(),
+        &[
+            vh,
+            v.in_channels,
+            v.temporal_patch_size,
+            v.patch_size,
+            v.patch_size,
+        ],
+    );
     for i in 0..v.depth {
         let p = format!("visual.blocks.{i}");
         add(format!("{p}.norm1.weight"), &[vh]);
@@ -75,7 +89,10 @@ pub fn tensor_specs(config: &QwenVlConfig) -> Vec<TensorSpec> {
     add("visual.merger.ln_q.weight".into(), &[vh]);
     add("visual.merger.mlp.0.weight".into(), &[merged, merged]);
     add("visual.merger.mlp.0.bias".into(), &[merged]);
-    add("visual.merger.mlp.2.weight".into(), &[v.out_hidden_size, merged]);
+    add(
+        "visual.merger.mlp.2.weight".into(),
+        &[v.out_hidden_size, merged],
+    );
     add("visual.merger.mlp.2.bias".into(), &[v.out_hidden_size]);
 
     let t = &config.text;
@@ -91,9 +108,15 @@ pub fn tensor_specs(config: &QwenVlConfig) -> Vec<TensorSpec> {
             add(format!("{p}.self_attn.{proj}.bias"), &[out]);
         }
         add(format!("{p}.self_attn.o_proj.weight"), &[h, q]);
-        add(format!("{p}.mlp.gate_proj.weight"), &[t.intermediate_size, h]);
+        add(
+            format!("{p}.mlp.gate_proj.weight"),
+            &[t.intermediate_size, h],
+        );
         add(format!("{p}.mlp.up_proj.weight"), &[t.intermediate_size, h]);
-        add(format!("{p}.mlp.down_proj.weight"), &[h, t.intermediate_size]);
+        add(
+            format!("{p}.mlp.down_proj.weight"),
+            &[h, t.intermediate_size],
+        );
     }
     add("model.norm.weight".into(), &[h]);
     if !t.tie_word_embeddings {
@@ -109,16 +132,27 @@ pub trait TensorSource<B: Backend> {
 }
 
 /// Builds the model by asking `source` for every tensor of [`tensor_specs`].
-pub fn build<B: Backend, S: TensorSource<B>>(config: &QwenVlConfig, source: &mut S) -> Result<QwenVl<B>> {
+pub fn build<B: Backend, S: TensorSource<B>>(
+    config: &QwenVlConfig,
+    source: &mut S,
+) -> Result<QwenVl<B>> {
     let v = &config.vision;
     let (vh, vi) = (v.hidden_size, v.intermediate_size);
-    let linear = |src: &mut S, name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear<B>> {
-        let weight = src.tensor(&format!("{name}.weight"), [out, inp])?;
-        let bias = if bias { Some(src.tensor(&format!("{name}.bias"), [out])?) } else { None };
-        Ok(Linear::new(weight, bias))
-    };
+    let linear =
+        |src: &mut S, name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear<B>> {
+            let weight = src.tensor(&format!("{name}.weight"), [out, inp])?;
+            let bias = if bias {
+                Some(src.tensor(&format!("{name}.bias"), [out])?)
+            } else {
+                None
+            };
+            Ok(Linear::new(weight, bias))
+        };
     let norm = |src: &mut S, name: &str, dim: usize, eps: f64| -> Result<RmsNorm<B>> {
-        Ok(RmsNorm::new(src.tensor(&format!("{name}.weight"), [dim])?, eps))
+        Ok(RmsNorm::new(
+            src.tensor(&format!("{name}.weight"), [dim])?,
+            eps,
+        ))
     };
     let mlp = |src: &mut S, p: &str, h: usize, i: usize, bias: bool| -> Result<Mlp<B>> {
         Ok(Mlp {
@@ -131,7 +165,13 @@ pub fn build<B: Backend, S: TensorSource<B>>(config: &QwenVlConfig, source: &mut
     // Conv3d weight [hidden, C, tp, p, p] flattened to the [hidden, C*tp*p*p] of a patch row.
     let patch: Tensor<B, 5> = source.tensor(
         "visual.patch_embed.proj.weight",
-        [vh, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size],
+        [
+            vh,
+            v.in_channels,
+            v.temporal_patch_size,
+            v.patch_size,
+            v.patch_size,
+        ],
     )?;
     let patch_embed = Linear::new(patch.reshape([vh, v.patch_dim()]), None);
     let mut blocks = Vec::with_capacity(v.depth);
@@ -152,9 +192,20 @@ pub fn build<B: Backend, S: TensorSource<B>>(config: &QwenVlConfig, source: &mut
     let merger = PatchMerger {
         ln_q: norm(source, "visual.merger.ln_q", vh, VISION_RMS_EPS)?,
         fc1: linear(source, "visual.merger.mlp.0", merged, merged, true)?,
-        fc2: linear(source, "visual.merger.mlp.2", v.out_hidden_size, merged, true)?,
+        fc2: linear(
+            source,
+            "visual.merger.mlp.2",
+            v.out_hidden_size,
+            merged,
+            true,
+        )?,
     };
-    let visual = VisionTower { patch_embed, blocks, merger, config: v.clone() };
+    let visual = VisionTower {
+        patch_embed,
+        blocks,
+        merger,
+        config: v.clone(),
+    };
 
     let t = &config.text;
     let (h, hd, eps) = (t.hidden_size, t.head_dim(), t.rms_norm_eps);
@@ -173,13 +224,21 @@ pub fn build<B: Backend, S: TensorSource<B>>(config: &QwenVlConfig, source: &mut
                 num_heads: t.num_attention_heads,
                 num_kv_heads: t.num_key_value_heads,
             },
-            post_attention_layernorm: norm(source, &format!("{p}.post_attention_layernorm"), h, eps)?,
+            post_attention_layernorm: norm(
+                source,
+                &format!("{p}.post_attention_layernorm"),
+                h,
+                eps,
+            )?,
             mlp: mlp(source, &format!("{p}.mlp"), h, t.intermediate_size, false)?,
         });
     }
     let norm_final = norm(source, "model.norm", h, eps)?;
-    let lm_head =
-        if t.tie_word_embeddings { None } else { Some(linear(source, "lm_head", t.vocab_size, h, false)?) };
+    let lm_head = if t.tie_word_embeddings {
+        None
+    } else {
+        Some(linear(source, "lm_head", t.vocab_size, h, false)?)
+    };
     let text = TextModel {
         embed_tokens: burn::module::Param::from_tensor(embed_tokens),
         layers,
@@ -187,7 +246,11 @@ pub fn build<B: Backend, S: TensorSource<B>>(config: &QwenVlConfig, source: &mut
         lm_head,
         config: t.clone(),
     };
-    Ok(QwenVl { visual, text, config: config.clone() })
+    Ok(QwenVl {
+        visual,
+        text,
+        config: config.clone(),
+    })
 }
 
 /// Random weights at the config's real shapes, generated on the device (for benchmarks without a download):
@@ -222,7 +285,8 @@ fn v5_name(name: &str) -> Option<String> {
     if let Some(rest) = name.strip_prefix("visual.") {
         Some(format!("model.visual.{rest}"))
     } else {
-        name.strip_prefix("model.").map(|rest| format!("model.language_model.{rest}"))
+        name.strip_prefix("model.")
+            .map(|rest| format!("model.language_model.{rest}"))
     }
 }
 
@@ -257,12 +321,18 @@ pub struct Checkpoint {
 
 impl std::fmt::Debug for Checkpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Checkpoint").field("files", &self.file_list()).field("tensors", &self.names.len()).finish()
+        f.debug_struct("Checkpoint")
+            .field("files", &self.file_list())
+            .field("tensors", &self.names.len())
+            .finish()
     }
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ModelError + '_ {
-    move |source| ModelError::Io { path: path.to_path_buf(), source }
+    move |source| ModelError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 impl Checkpoint {
@@ -272,11 +342,18 @@ impl Checkpoint {
         let index = dir.join("model.safetensors.index.json");
         let files: Vec<PathBuf> = if index.exists() {
             let text = std::fs::read_to_string(&index).map_err(io_err(&index))?;
-            let parsed: serde_json::Value = serde_json::from_str(&text)
-                .map_err(|e| ModelError::Safetensors { path: index.clone(), reason: e.to_string() })?;
-            let map = parsed.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| {
-                ModelError::Safetensors { path: index.clone(), reason: "no `weight_map` object".into() }
-            })?;
+            let parsed: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| ModelError::Safetensors {
+                    path: index.clone(),
+                    reason: e.to_string(),
+                })?;
+            let map = parsed
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| ModelError::Safetensors {
+                    path: index.clone(),
+                    reason: "no `weight_map` object".into(),
+                })?;
             let shards: BTreeSet<&str> = map.values().filter_map(|v| v.as_str()).collect();
             shards.into_iter().map(|s| dir.join(s)).collect()
         } else {
@@ -291,7 +368,10 @@ impl Checkpoint {
         if files.is_empty() {
             return Err(ModelError::Io {
                 path: dir.to_path_buf(),
-                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no *.safetensors weights in this directory"),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "no *.safetensors weights in this directory",
+                ),
             });
         }
         Self::open_files(&files)
@@ -307,8 +387,11 @@ impl Checkpoint {
             // (as for every safetensors loader: transformers, candle).
             #[allow(unsafe_code)]
             let mmap = unsafe { Mmap::map(&file) }.map_err(io_err(path))?;
-            let (header, metadata) = SafeTensors::read_metadata(&mmap)
-                .map_err(|e| ModelError::Safetensors { path: path.clone(), reason: e.to_string() })?;
+            let (header, metadata) =
+                SafeTensors::read_metadata(&mmap).map_err(|e| ModelError::Safetensors {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                })?;
             let base = 8 + header;
             for (name, info) in metadata.tensors() {
                 let (start, end) = info.data_offsets;
@@ -318,21 +401,40 @@ impl Checkpoint {
                         reason: format!("tensor `{name}` ends past the end of the file"),
                     });
                 }
-                let entry = Entry { file: i, dtype: info.dtype, shape: info.shape.clone(), range: base + start..base + end };
+                let entry = Entry {
+                    file: i,
+                    dtype: info.dtype,
+                    shape: info.shape.clone(),
+                    range: base + start..base + end,
+                };
                 names.insert(name, entry);
             }
-            files.push(MappedFile { path: path.clone(), mmap });
+            files.push(MappedFile {
+                path: path.clone(),
+                mmap,
+            });
         }
-        Ok(Self { files, names, used: BTreeSet::new() })
+        Ok(Self {
+            files,
+            names,
+            used: BTreeSet::new(),
+        })
     }
 
     fn file_list(&self) -> String {
-        self.files.iter().map(|f| f.path.display().to_string()).collect::<Vec<_>>().join(", ")
+        self.files
+            .iter()
+            .map(|f| f.path.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 
     /// Stored names, sorted.
     pub fn names(&self) -> BTreeMap<&str, &Path> {
-        self.names.iter().map(|(n, e)| (n.as_str(), self.files[e.file].path.as_path())).collect()
+        self.names
+            .iter()
+            .map(|(n, e)| (n.as_str(), self.files[e.file].path.as_path()))
+            .collect()
     }
 
     /// Finds `name` (hub-original) under either layout; returns the stored name.
@@ -345,10 +447,12 @@ impl Checkpoint {
 
     /// Reads one tensor as host data in its stored dtype (bf16/f16/f32), checking its shape.
     pub fn read(&mut self, name: &str, shape: &[usize]) -> Result<TensorData> {
-        let stored = self.resolve(name).ok_or_else(|| ModelError::MissingTensor {
-            name: name.to_string(),
-            files: self.file_list(),
-        })?;
+        let stored = self
+            .resolve(name)
+            .ok_or_else(|| ModelError::MissingTensor {
+                name: name.to_string(),
+                files: self.file_list(),
+            })?;
         let entry = &self.names[&stored];
         let file = &self.files[entry.file];
         if entry.shape != shape {
@@ -364,14 +468,21 @@ impl Checkpoint {
             Dtype::F16 => DType::F16,
             Dtype::F32 => DType::F32,
             other => {
-                return Err(ModelError::TensorDtype { name: stored, path: file.path.clone(), dtype: format!("{other:?}") });
+                return Err(ModelError::TensorDtype {
+                    name: stored,
+                    path: file.path.clone(),
+                    dtype: format!("{other:?}"),
+                });
             }
         };
         let bytes = &file.mmap[entry.range.clone()];
         if bytes.len() != shape.iter().product::<usize>() * dtype.size() {
             return Err(ModelError::Safetensors {
                 path: file.path.clone(),
-                reason: format!("tensor `{stored}` has {} bytes for shape {shape:?} of {dtype:?}", bytes.len()),
+                reason: format!(
+                    "tensor `{stored}` has {} bytes for shape {shape:?} of {dtype:?}",
+                    bytes.len()
+                ),
             });
         }
         let data = TensorData::from_bytes_vec(bytes.to_vec(), shape.to_vec(), dtype);
@@ -442,7 +553,9 @@ mod tests {
     use std::collections::BTreeMap;
 
     fn fixture(path: &str) -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures").join(path)
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../fixtures")
+            .join(path)
     }
 
     /// The 7B's tensors as transformers builds them (fixtures/tensor_list.py, meta device) equal our table.
@@ -452,11 +565,16 @@ mod tests {
         assert_eq!(config, QwenVlConfig::qwen2_5_vl_7b());
         let text = std::fs::read_to_string(fixture("configs/qwen2_5_vl_7b_tensors.json")).unwrap();
         let expected: BTreeMap<String, Vec<usize>> = serde_json::from_str(&text).unwrap();
-        let ours: BTreeMap<String, Vec<usize>> =
-            tensor_specs(&config).into_iter().map(|s| (s.name, s.shape)).collect();
+        let ours: BTreeMap<String, Vec<usize>> = tensor_specs(&config)
+            .into_iter()
+            .map(|s| (s.name, s.shape))
+            .collect();
         let missing: Vec<_> = expected.keys().filter(|k| !ours.contains_key(*k)).collect();
         let extra: Vec<_> = ours.keys().filter(|k| !expected.contains_key(*k)).collect();
-        assert!(missing.is_empty() && extra.is_empty(), "missing {missing:?}, extra {extra:?}");
+        assert!(
+            missing.is_empty() && extra.is_empty(),
+            "missing {missing:?}, extra {extra:?}"
+        );
         assert_eq!(ours, expected);
         let params: usize = ours.values().map(|s| s.iter().product::<usize>()).sum();
         assert_eq!(params, 8_292_166_656);
@@ -469,8 +587,15 @@ mod tests {
     }
 
     impl<B: Backend> TensorSource<B> for Recording<'_, B> {
-        fn tensor<const D: usize>(&mut self, name: &str, shape: [usize; D]) -> Result<Tensor<B, D>> {
-            self.asked.push(TensorSpec { name: name.into(), shape: shape.to_vec() });
+        fn tensor<const D: usize>(
+            &mut self,
+            name: &str,
+            shape: [usize; D],
+        ) -> Result<Tensor<B, D>> {
+            self.asked.push(TensorSpec {
+                name: name.into(),
+                shape: shape.to_vec(),
+            });
             Ok(Tensor::zeros(shape, self.device))
         }
     }
@@ -481,7 +606,10 @@ mod tests {
         type B = burn::backend::NdArray<f32>;
         let device = Default::default();
         let config = QwenVlConfig::from_file(&fixture("tiny/hub/config.json")).unwrap();
-        let mut source = Recording::<B> { device: &device, asked: Vec::new() };
+        let mut source = Recording::<B> {
+            device: &device,
+            asked: Vec::new(),
+        };
         build(&config, &mut source).unwrap();
         let mut asked = source.asked;
         asked.sort();
@@ -496,9 +624,13 @@ mod tests {
         type B = burn::backend::NdArray<f32>;
 
         /// Copies the tiny hub checkpoint into a temp dir with `edit` applied to its tensors.
-        fn edited(tag: &str, edit: impl FnOnce(&mut BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)>)) -> PathBuf {
+        fn edited(
+            tag: &str,
+            edit: impl FnOnce(&mut BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)>),
+        ) -> PathBuf {
             let src = fixture("tiny/hub");
-            let dir = std::env::temp_dir().join(format!("medvl-loader-{tag}-{}", std::process::id()));
+            let dir =
+                std::env::temp_dir().join(format!("medvl-loader-{tag}-{}", std::process::id()));
             std::fs::create_dir_all(&dir).unwrap();
             std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
             let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
@@ -511,7 +643,12 @@ mod tests {
             edit(&mut tensors);
             let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
                 .iter()
-                .map(|(n, (d, s, b))| (n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap()))
+                .map(|(n, (d, s, b))| {
+                    (
+                        n.clone(),
+                        safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+                    )
+                })
                 .collect();
             safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
             dir
@@ -530,7 +667,11 @@ mod tests {
                 t.remove("model.layers.1.mlp.up_proj.weight");
             });
             let err = load_err(&dir);
-            assert!(err.contains("model.layers.1.mlp.up_proj.weight") && err.contains("model.safetensors"), "{err}");
+            assert!(
+                err.contains("model.layers.1.mlp.up_proj.weight")
+                    && err.contains("model.safetensors"),
+                "{err}"
+            );
         }
 
         #[test]
@@ -541,13 +682,19 @@ mod tests {
                 e.2.truncate(32 * 4);
             });
             let err = load_err(&dir);
-            assert!(err.contains("model.norm.weight") && err.contains("[64]") && err.contains("[32]"), "{err}");
+            assert!(
+                err.contains("model.norm.weight") && err.contains("[64]") && err.contains("[32]"),
+                "{err}"
+            );
         }
 
         #[test]
         fn extra_tensor_is_named() {
             let dir = edited("extra", |t| {
-                t.insert("model.layers.9.surprise.weight".into(), (Dtype::F32, vec![1], vec![0; 4]));
+                t.insert(
+                    "model.layers.9.surprise.weight".into(),
+                    (Dtype::F32, vec![1], vec![0; 4]),
+                );
             });
             let err = load_err(&dir);
             assert!(err.contains("model.layers.9.surprise.weight"), "{err}");
@@ -578,7 +725,11 @@ mod tests {
                 std::fs::remove_dir_all(&dir).ok();
                 let w: Vec<f32> = model.text.norm.weight.val().into_data().to_vec().unwrap();
                 let mut cp = Checkpoint::open_dir(&fixture("tiny/hub")).unwrap();
-                let orig: Vec<f32> = cp.read("model.norm.weight", &[64]).unwrap().to_vec().unwrap();
+                let orig: Vec<f32> = cp
+                    .read("model.norm.weight", &[64])
+                    .unwrap()
+                    .to_vec()
+                    .unwrap();
                 for (a, b) in w.iter().zip(&orig) {
                     let rounded = match dtype {
                         Dtype::BF16 => half::bf16::from_f32(*b).to_f32(),

@@ -50,7 +50,11 @@ impl<B: Backend> QwenVl<B> {
     }
 
     /// Runs the vision tower over all images of one prompt.
-    pub fn encode_images(&self, images: &[PixelValues], device: &B::Device) -> Result<Option<ImageFeatures<B>>> {
+    pub fn encode_images(
+        &self,
+        images: &[PixelValues],
+        device: &B::Device,
+    ) -> Result<Option<ImageFeatures<B>>> {
         if images.is_empty() {
             return Ok(None);
         }
@@ -71,7 +75,10 @@ impl<B: Backend> QwenVl<B> {
         let _span = tracing::debug_span!("vision", patches = n, images = images.len()).entered();
         let patches = Tensor::<B, 2>::from_data(TensorData::new(rows, [n, dim]), device);
         let grids: Vec<[usize; 3]> = images.iter().map(|i| i.grid_thw).collect();
-        Ok(Some(ImageFeatures { embeds: self.visual.forward(patches, &grids), grids }))
+        Ok(Some(ImageFeatures {
+            embeds: self.visual.forward(patches, &grids),
+            grids,
+        }))
     }
 
     /// Prefill from raw images: vision tower, then [`Self::prefill_with_features`].
@@ -99,13 +106,24 @@ impl<B: Backend> QwenVl<B> {
             return Err(ModelError::Input("empty prompt".into()));
         }
         if !cache.is_empty() {
-            return Err(ModelError::Input(format!("prefill needs an empty cache, this one holds {} tokens", cache.len())));
+            return Err(ModelError::Input(format!(
+                "prefill needs an empty cache, this one holds {} tokens",
+                cache.len()
+            )));
         }
         self.check_ids(ids)?;
         let grids = features.map(|f| f.grids.as_slice()).unwrap_or(&[]);
-        let positions = mrope_positions(ids, grids, &self.config.tokens, self.config.vision.spatial_merge_size)?;
+        let positions = mrope_positions(
+            ids,
+            grids,
+            &self.config.tokens,
+            self.config.vision.spatial_merge_size,
+        )?;
         let l = ids.len();
-        let embeds = self.text.embed(ids_tensor::<B>(ids, device)).reshape([l, self.config.text.hidden_size]);
+        let embeds = self
+            .text
+            .embed(ids_tensor::<B>(ids, device))
+            .reshape([l, self.config.text.hidden_size]);
         let embeds = match features {
             None => embeds,
             Some(f) => {
@@ -129,7 +147,8 @@ impl<B: Backend> QwenVl<B> {
                         "prompt has {k} <|image_pad|> tokens but the images give {rows} features"
                     )));
                 }
-                Tensor::cat(vec![embeds, f.embeds.clone()], 0).select(0, index_tensor::<B>(&index, device))
+                Tensor::cat(vec![embeds, f.embeds.clone()], 0)
+                    .select(0, index_tensor::<B>(&index, device))
             }
         };
         let hidden = self.run_decoder(embeds.unsqueeze_dim::<3>(0), &positions, cache, device);
@@ -138,7 +157,13 @@ impl<B: Backend> QwenVl<B> {
 
     /// Decodes new tokens after a prefill: token `i` of the whole sequence sits at position `i + rope_delta`
     /// on all three axes. Returns the final-normed hidden states `[1, new, hidden]`.
-    pub fn decode(&self, ids: &[u32], rope_delta: i64, cache: &mut KvCache<B>, device: &B::Device) -> Result<Tensor<B, 3>> {
+    pub fn decode(
+        &self,
+        ids: &[u32],
+        rope_delta: i64,
+        cache: &mut KvCache<B>,
+        device: &B::Device,
+    ) -> Result<Tensor<B, 3>> {
         self.check_ids(ids)?;
         let start = cache.len() as i64 + rope_delta;
         let positions = MropePositions::text(start, ids.len());
@@ -158,7 +183,8 @@ impl<B: Backend> QwenVl<B> {
         cache: &mut KvCache<B>,
         device: &B::Device,
     ) -> Tensor<B, 3> {
-        let _span = tracing::debug_span!("decoder", tokens = positions.len(), cached = cache.len()).entered();
+        let _span = tracing::debug_span!("decoder", tokens = positions.len(), cached = cache.len())
+            .entered();
         let (cos, sin) = text_rope(&self.config.text, positions).to_device::<B>(device);
         self.text.forward(embeds, cos, sin, cache)
     }
@@ -166,7 +192,9 @@ impl<B: Backend> QwenVl<B> {
     fn check_ids(&self, ids: &[u32]) -> Result<()> {
         let vocab = self.config.text.vocab_size;
         match ids.iter().find(|&&t| t as usize >= vocab) {
-            Some(t) => Err(ModelError::Input(format!("token id {t} is outside the vocabulary of {vocab}"))),
+            Some(t) => Err(ModelError::Input(format!(
+                "token id {t} is outside the vocabulary of {vocab}"
+            ))),
             None => Ok(()),
         }
     }

@@ -25,7 +25,10 @@ impl MropePositions {
     /// Sequential positions on all axes (a text-only prompt), starting at `start`.
     pub fn text(start: i64, len: usize) -> Self {
         let seq: Vec<i64> = (start..start + len as i64).collect();
-        Self { axes: [seq.clone(), seq.clone(), seq], rope_delta: 0 }
+        Self {
+            axes: [seq.clone(), seq.clone(), seq],
+            rope_delta: 0,
+        }
     }
 
     /// Number of tokens.
@@ -68,7 +71,10 @@ pub fn mrope_positions(
         }
         let run = ids[i..].iter().take_while(|&&t| t == tokens.image).count();
         let &[t, h, w] = images.next().ok_or_else(|| {
-            ModelError::Input(format!("prompt has more <|image_pad|> runs than the {} image(s) given", grids.len()))
+            ModelError::Input(format!(
+                "prompt has more <|image_pad|> runs than the {} image(s) given",
+                grids.len()
+            ))
         })?;
         let (lh, lw) = (h / spatial_merge, w / spatial_merge);
         if run != t * lh * lw {
@@ -97,14 +103,23 @@ pub fn mrope_positions(
             grids.len()
         )));
     }
-    let max = axes.iter().flat_map(|a| a.iter().copied()).max().unwrap_or(-1);
-    Ok(MropePositions { rope_delta: max + 1 - ids.len() as i64, axes })
+    let max = axes
+        .iter()
+        .flat_map(|a| a.iter().copied())
+        .max()
+        .unwrap_or(-1);
+    Ok(MropePositions {
+        rope_delta: max + 1 - ids.len() as i64,
+        axes,
+    })
 }
 
 /// `1 / theta^(2i/dim)` for `i in 0..dim/2`, in f32 as torch computes it.
 pub fn inverse_frequencies(theta: f64, dim: usize) -> Vec<f32> {
     let base = theta as f32;
-    (0..dim / 2).map(|i| 1.0 / base.powf((2 * i) as f32 / dim as f32)).collect()
+    (0..dim / 2)
+        .map(|i| 1.0 / base.powf((2 * i) as f32 / dim as f32))
+        .collect()
 }
 
 /// Host-side cos/sin tables, row-major `[seq_len, head_dim]`.
@@ -130,7 +145,11 @@ impl RopeTables {
                 sin.extend(row.iter().map(|a| a.sin()));
             }
         }
-        Self { cos, sin, dim: half * 2 }
+        Self {
+            cos,
+            sin,
+            dim: half * 2,
+        }
     }
 
     /// Number of rows.
@@ -160,7 +179,15 @@ pub fn text_rope(config: &TextConfig, positions: &MropePositions) -> RopeTables 
     let half = config.head_dim() / 2;
     let inv = inverse_frequencies(config.rope_theta, config.head_dim());
     let [s0, s1, _] = config.mrope_section;
-    let axis_of = |j: usize| if j < s0 { 0 } else if j < s0 + s1 { 1 } else { 2 };
+    let axis_of = |j: usize| {
+        if j < s0 {
+            0
+        } else if j < s0 + s1 {
+            1
+        } else {
+            2
+        }
+    };
     let mut angles = Vec::with_capacity(positions.len() * half);
     for i in 0..positions.len() {
         for (j, f) in inv.iter().enumerate() {
@@ -209,7 +236,11 @@ pub fn vision_rope(head_dim: usize, theta: f64, positions: &[[usize; 2]]) -> Rop
 /// # Shapes
 /// - `x`: `[..., head_dim]`, e.g. `[batch, heads, seq, head_dim]` or `[seq, heads, head_dim]`
 /// - `cos`, `sin`: f32, broadcastable to `x` (`[1, 1, seq, head_dim]` or `[seq, 1, head_dim]`)
-pub fn apply_rope<B: Backend, const D: usize>(x: Tensor<B, D>, cos: &Tensor<B, D>, sin: &Tensor<B, D>) -> Tensor<B, D> {
+pub fn apply_rope<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    cos: &Tensor<B, D>,
+    sin: &Tensor<B, D>,
+) -> Tensor<B, D> {
     let dtype = x.dtype();
     let x = x.cast(burn::tensor::FloatDType::F32);
     let d = x.dims()[D - 1];
@@ -250,11 +281,20 @@ mod tests {
     fn image_count_mismatches_are_errors() {
         let tokens = QwenVlConfig::qwen2_5_vl_7b().tokens;
         let img = tokens.image;
-        let err = mrope_positions(&[img, img], &[[1, 4, 6]], &tokens, 2).unwrap_err().to_string();
-        assert!(err.contains("6 tokens") && err.contains("2 <|image_pad|>"), "{err}");
-        let err = mrope_positions(&[1, 2], &[[1, 2, 2]], &tokens, 2).unwrap_err().to_string();
+        let err = mrope_positions(&[img, img], &[[1, 4, 6]], &tokens, 2)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("6 tokens") && err.contains("2 <|image_pad|>"),
+            "{err}"
+        );
+        let err = mrope_positions(&[1, 2], &[[1, 2, 2]], &tokens, 2)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("1 image(s) given"), "{err}");
-        let err = mrope_positions(&[img], &[], &tokens, 2).unwrap_err().to_string();
+        let err = mrope_positions(&[img], &[], &tokens, 2)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("more <|image_pad|> runs"), "{err}");
     }
 
@@ -274,20 +314,37 @@ mod tests {
         config.hidden_size = 16 * 4;
         config.num_attention_heads = 4; // head_dim 16, 8 frequencies
         config.mrope_section = [2, 3, 3];
-        let positions = MropePositions { axes: [vec![1], vec![2], vec![3]], rope_delta: 0 };
+        let positions = MropePositions {
+            axes: [vec![1], vec![2], vec![3]],
+            rope_delta: 0,
+        };
         let tables = text_rope(&config, &positions);
         let inv = inverse_frequencies(config.rope_theta, 16);
-        let expect: Vec<f32> = (0..8).map(|j| [1.0, 1.0, 2.0, 2.0, 2.0, 3.0, 3.0, 3.0][j] * inv[j]).collect();
-        for j in 0..8 {
-            assert_eq!(tables.cos[j], expect[j].cos());
-            assert_eq!(tables.cos[j + 8], expect[j].cos());
-            assert_eq!(tables.sin[j], expect[j].sin());
+        let expect: Vec<f32> = (0..8)
+            .map(|j| [1.0, 1.0, 2.0, 2.0, 2.0, 3.0, 3.0, 3.0][j] * inv[j])
+            .collect();
+        for (j, angle) in expect.iter().enumerate() {
+            assert_eq!(tables.cos[j], angle.cos());
+            assert_eq!(tables.cos[j + 8], angle.cos());
+            assert_eq!(tables.sin[j], angle.sin());
         }
     }
 
     #[test]
     fn vision_positions_are_block_major() {
         let pos = vision_patch_positions(&[[1, 2, 4]], 2);
-        assert_eq!(pos, vec![[0, 0], [0, 1], [1, 0], [1, 1], [0, 2], [0, 3], [1, 2], [1, 3]]);
+        assert_eq!(
+            pos,
+            vec![
+                [0, 0],
+                [0, 1],
+                [1, 0],
+                [1, 1],
+                [0, 2],
+                [0, 3],
+                [1, 2],
+                [1, 3]
+            ]
+        );
     }
 }

@@ -30,7 +30,10 @@ impl<B: Backend> KvCache<B> {
 
     /// An empty cache for `num_layers` layers.
     pub fn new(num_layers: usize) -> Self {
-        Self { layers: vec![None; num_layers], len: 0 }
+        Self {
+            layers: vec![None; num_layers],
+            len: 0,
+        }
     }
 
     /// Tokens cached so far.
@@ -45,7 +48,12 @@ impl<B: Backend> KvCache<B> {
 
     /// Writes `new` tokens' keys/values of layer `i` after the cached ones, growing the buffers by whole blocks
     /// when needed; returns the buffers (`[batch, kv_heads, capacity, head_dim]`).
-    fn write(&mut self, i: usize, k: Tensor<B, 4>, v: Tensor<B, 4>) -> (Tensor<B, 4>, Tensor<B, 4>) {
+    fn write(
+        &mut self,
+        i: usize,
+        k: Tensor<B, 4>,
+        v: Tensor<B, 4>,
+    ) -> (Tensor<B, 4>, Tensor<B, 4>) {
         let [b, kvh, new, d] = k.dims();
         let end = self.len + new;
         let (mut kb, mut vb) = match self.layers[i].take() {
@@ -108,8 +116,16 @@ impl<B: Backend> TextAttention<B> {
         let d = self.q_proj.shape()[0] / self.num_heads;
         // [batch, seq, heads * head_dim] -> [batch, heads, seq, head_dim]
         let heads = |y: Tensor<B, 3>, n: usize| y.reshape([b, l, n, d]).swap_dims(1, 2);
-        let q = apply_rope(heads(self.q_proj.forward(x.clone()), self.num_heads), cos, sin);
-        let k = apply_rope(heads(self.k_proj.forward(x.clone()), self.num_kv_heads), cos, sin);
+        let q = apply_rope(
+            heads(self.q_proj.forward(x.clone()), self.num_heads),
+            cos,
+            sin,
+        );
+        let k = apply_rope(
+            heads(self.k_proj.forward(x.clone()), self.num_kv_heads),
+            cos,
+            sin,
+        );
         let v = heads(self.v_proj.forward(x), self.num_kv_heads);
         let past = cache.len();
         let (k, v) = cache.write(layer, k, v);
@@ -120,7 +136,8 @@ impl<B: Backend> TextAttention<B> {
             causal_attention(q, k, v, past)
         };
         // [batch, heads, seq, head_dim] -> [batch, seq, heads * head_dim]
-        self.o_proj.forward(out.swap_dims(1, 2).reshape([b, l, self.num_heads * d]))
+        self.o_proj
+            .forward(out.swap_dims(1, 2).reshape([b, l, self.num_heads * d]))
     }
 }
 
@@ -146,7 +163,10 @@ impl<B: Backend> DecoderLayer<B> {
         cache: &mut KvCache<B>,
         layer: usize,
     ) -> Tensor<B, 3> {
-        let h = x.clone() + self.self_attn.forward(self.input_layernorm.forward(x), cos, sin, cache, layer);
+        let h = x.clone()
+            + self
+                .self_attn
+                .forward(self.input_layernorm.forward(x), cos, sin, cache, layer);
         h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
     }
 }

@@ -21,20 +21,26 @@ impl Tokenizer {
 
     /// Parses the bytes of a `tokenizer.json`.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
-        let inner = tokenizers::Tokenizer::from_bytes(bytes).map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+        let inner = tokenizers::Tokenizer::from_bytes(bytes)
+            .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
         Ok(Self { inner })
     }
 
     /// Token ids of `text`; special tokens written in the text (`<|im_start|>`, `<|image_pad|>`) become their ids.
     /// No BOS is added (Qwen has none).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let encoding = self.inner.encode(text, false).map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+        let encoding = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
         Ok(encoding.get_ids().to_vec())
     }
 
     /// Text of `ids`, special tokens skipped when `skip_special`.
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
-        self.inner.decode(ids, skip_special).map_err(|e| ModelError::Tokenizer(e.to_string()))
+        self.inner
+            .decode(ids, skip_special)
+            .map_err(|e| ModelError::Tokenizer(e.to_string()))
     }
 
     /// The id of a token string (special tokens included).
@@ -49,7 +55,13 @@ impl Tokenizer {
 
     /// A streaming decoder over this tokenizer.
     pub fn stream(&self, skip_special: bool) -> StreamDecoder<'_> {
-        StreamDecoder { tokenizer: self, ids: Vec::new(), prefix: 0, read: 0, skip_special }
+        StreamDecoder {
+            tokenizer: self,
+            ids: Vec::new(),
+            prefix: 0,
+            read: 0,
+            skip_special,
+        }
     }
 }
 
@@ -71,9 +83,16 @@ impl StreamDecoder<'_> {
     /// Adds one token; returns the newly completed text, if any.
     pub fn push(&mut self, id: u32) -> Result<Option<String>> {
         self.ids.push(id);
-        let before = self.tokenizer.decode(&self.ids[self.prefix..self.read], self.skip_special)?;
-        let now = self.tokenizer.decode(&self.ids[self.prefix..], self.skip_special)?;
-        if now.len() > before.len() && !now.ends_with('\u{FFFD}') && now.is_char_boundary(before.len()) {
+        let before = self
+            .tokenizer
+            .decode(&self.ids[self.prefix..self.read], self.skip_special)?;
+        let now = self
+            .tokenizer
+            .decode(&self.ids[self.prefix..], self.skip_special)?;
+        if now.len() > before.len()
+            && !now.ends_with('\u{FFFD}')
+            && now.is_char_boundary(before.len())
+        {
             let piece = now[before.len()..].to_string();
             self.prefix = self.read;
             self.read = self.ids.len();
@@ -88,10 +107,17 @@ impl StreamDecoder<'_> {
         if self.read == self.ids.len() {
             return Ok(None);
         }
-        let before = self.tokenizer.decode(&self.ids[self.prefix..self.read], self.skip_special)?;
-        let now = self.tokenizer.decode(&self.ids[self.prefix..], self.skip_special)?;
+        let before = self
+            .tokenizer
+            .decode(&self.ids[self.prefix..self.read], self.skip_special)?;
+        let now = self
+            .tokenizer
+            .decode(&self.ids[self.prefix..], self.skip_special)?;
         self.prefix = self.read;
         self.read = self.ids.len();
-        Ok(now.get(before.len()..).map(str::to_string).filter(|s| !s.is_empty()))
+        Ok(now
+            .get(before.len()..)
+            .map(str::to_string)
+            .filter(|s| !s.is_empty()))
     }
 }

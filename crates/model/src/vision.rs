@@ -60,7 +60,11 @@ impl VisionLayout {
             }
             offset += t * lh * lw;
         }
-        Self { window_index, cu_windows, cu_images }
+        Self {
+            window_index,
+            cu_windows,
+            cu_images,
+        }
     }
 
     /// `argsort(window_index)`: where each merged token landed.
@@ -88,7 +92,13 @@ pub struct VisionAttention<B: Backend> {
 impl<B: Backend> VisionAttention<B> {
     /// # Shapes
     /// - `x`: `[seq, hidden]`; `cos`, `sin`: `[seq, 1, head_dim]` -> `[seq, hidden]`
-    fn forward(&self, x: Tensor<B, 2>, cos: &Tensor<B, 3>, sin: &Tensor<B, 3>, segments: &Segments<B>) -> Tensor<B, 2> {
+    fn forward(
+        &self,
+        x: Tensor<B, 2>,
+        cos: &Tensor<B, 3>,
+        sin: &Tensor<B, 3>,
+        segments: &Segments<B>,
+    ) -> Tensor<B, 2> {
         let [n, c] = x.dims();
         let (h, d) = (self.num_heads, c / self.num_heads);
         // [seq, 3 * hidden] -> [seq, 3, heads, head_dim]
@@ -115,7 +125,13 @@ pub struct VisionBlock<B: Backend> {
 }
 
 impl<B: Backend> VisionBlock<B> {
-    fn forward(&self, x: Tensor<B, 2>, cos: &Tensor<B, 3>, sin: &Tensor<B, 3>, segments: &Segments<B>) -> Tensor<B, 2> {
+    fn forward(
+        &self,
+        x: Tensor<B, 2>,
+        cos: &Tensor<B, 3>,
+        sin: &Tensor<B, 3>,
+        segments: &Segments<B>,
+    ) -> Tensor<B, 2> {
         let x = x.clone() + self.attn.forward(self.norm1.forward(x), cos, sin, segments);
         x.clone() + self.mlp.forward(self.norm2.forward(x))
     }
@@ -176,7 +192,10 @@ impl<B: Backend> VisionTower<B> {
         // Reorder merged units (4 patch rows each) window by window.
         let x = self.patch_embed.forward(patches);
         let c = x.dims()[1];
-        let x = x.reshape([n / unit, unit * c]).select(0, window_index).reshape([n, c]);
+        let x = x
+            .reshape([n / unit, unit * c])
+            .select(0, window_index)
+            .reshape([n, c]);
 
         let positions = vision_patch_positions(grids, config.spatial_merge_size);
         let reordered: Vec<[usize; 2]> = layout
@@ -193,7 +212,11 @@ impl<B: Backend> VisionTower<B> {
         let images = Segments::new(&layout.cu_images, heads, &device);
         let mut x = x;
         for (i, block) in self.blocks.iter().enumerate() {
-            let segments = if config.is_full_attention(i) { &images } else { &windows };
+            let segments = if config.is_full_attention(i) {
+                &images
+            } else {
+                &windows
+            };
             x = block.forward(x, &cos, &sin, segments);
         }
         let merged = self.merger.forward(x);
@@ -225,11 +248,19 @@ mod tests {
         assert_eq!(layout.window_index.len(), 60);
         // First window: rows 0..4, cols 0..4.
         assert_eq!(&layout.window_index[..5], &[0, 1, 2, 3, 10]);
-        let sizes = |l: &VisionLayout| l.cu_windows.windows(2).map(|w| (w[1] - w[0]) / 4).collect::<Vec<_>>();
+        let sizes = |l: &VisionLayout| {
+            l.cu_windows
+                .windows(2)
+                .map(|w| (w[1] - w[0]) / 4)
+                .collect::<Vec<_>>()
+        };
         assert_eq!(sizes(&layout), vec![16, 16, 8, 8, 8, 4]);
         assert_eq!(layout.cu_images, vec![0, 240]);
         // 8x8 merged tokens: a side that is already a multiple of 4 still gets a whole padding window.
-        assert_eq!(sizes(&VisionLayout::new(&[[1, 16, 16]], &config)), vec![16, 16, 0, 16, 16, 0, 0, 0, 0]);
+        assert_eq!(
+            sizes(&VisionLayout::new(&[[1, 16, 16]], &config)),
+            vec![16, 16, 0, 16, 16, 0, 0, 0, 0]
+        );
         let reverse = layout.reverse_index();
         for (slot, &token) in layout.window_index.iter().enumerate() {
             assert_eq!(reverse[token], slot);

@@ -8,12 +8,14 @@
 //!
 //! Regenerate the fixtures with `just golden` (fixtures/README.md).
 
+#![allow(clippy::unwrap_used, missing_docs)]
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use burn::prelude::*;
-use medvl_model::image::{preprocess_bytes, ProcessorConfig};
-use medvl_model::{load_dir, PixelValues, QwenVl};
+use medvl_model::image::{ProcessorConfig, preprocess_bytes};
+use medvl_model::{PixelValues, QwenVl, load_dir};
 use safetensors::SafeTensors;
 
 /// `fixtures/tiny`, or `$MEDVL_FIXTURES` when the test binary runs outside its source tree (the GPU machine).
@@ -32,17 +34,26 @@ struct Reference {
 
 impl Reference {
     fn load() -> Self {
-        let bytes = std::fs::read(fixtures().join("reference.safetensors")).expect("fixtures/tiny/reference.safetensors");
+        let bytes = std::fs::read(fixtures().join("reference.safetensors"))
+            .expect("fixtures/tiny/reference.safetensors");
         let st = SafeTensors::deserialize(&bytes).expect("valid safetensors");
         let (mut f32s, mut i64s, mut u8s) = (HashMap::new(), HashMap::new(), HashMap::new());
         for (name, view) in st.tensors() {
             match view.dtype() {
                 safetensors::Dtype::F32 => {
-                    let v = view.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+                    let v = view
+                        .data()
+                        .chunks_exact(4)
+                        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                        .collect();
                     f32s.insert(name, (v, view.shape().to_vec()));
                 }
                 safetensors::Dtype::I64 => {
-                    let v = view.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect();
+                    let v = view
+                        .data()
+                        .chunks_exact(8)
+                        .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+                        .collect();
                     i64s.insert(name, v);
                 }
                 safetensors::Dtype::U8 => {
@@ -55,18 +66,26 @@ impl Reference {
     }
 
     fn f32(&self, name: &str) -> &(Vec<f32>, Vec<usize>) {
-        self.f32s.get(name).unwrap_or_else(|| panic!("reference has no {name}"))
+        self.f32s
+            .get(name)
+            .unwrap_or_else(|| panic!("reference has no {name}"))
     }
 
     fn i64(&self, name: &str) -> &[i64] {
-        self.i64s.get(name).unwrap_or_else(|| panic!("reference has no {name}"))
+        self.i64s
+            .get(name)
+            .unwrap_or_else(|| panic!("reference has no {name}"))
     }
 }
 
 /// Max |a - b| / max |b|.
 fn max_rel(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "length mismatch");
-    let diff = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
+    let diff = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max);
     diff / b.iter().map(|y| y.abs()).fold(0.0, f32::max)
 }
 
@@ -79,7 +98,10 @@ fn frobenius_rel(a: &[f32], b: &[f32]) -> f32 {
 }
 
 fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
-    t.into_data().convert::<f32>().to_vec::<f32>().expect("f32 data")
+    t.into_data()
+        .convert::<f32>()
+        .to_vec::<f32>()
+        .expect("f32 data")
 }
 
 fn processor() -> ProcessorConfig {
@@ -91,22 +113,46 @@ fn image(name: &str) -> PixelValues {
     preprocess_bytes(&bytes, &processor()).expect("preprocess")
 }
 
-const CASES: [(&str, &[&str]); 3] =
-    [("one_image", &["page"]), ("two_images", &["page", "stamp"]), ("text_only", &[])];
+const CASES: [(&str, &[&str]); 3] = [
+    ("one_image", &["page"]),
+    ("two_images", &["page", "stamp"]),
+    ("text_only", &[]),
+];
 
 /// Greedy decoding through prefill + KV-cache decode steps; the engine's loop does the same.
-fn greedy<B: Backend>(model: &QwenVl<B>, ids: &[u32], images: &[PixelValues], n: usize, device: &B::Device) -> Vec<u32> {
+fn greedy<B: Backend>(
+    model: &QwenVl<B>,
+    ids: &[u32],
+    images: &[PixelValues],
+    n: usize,
+    device: &B::Device,
+) -> Vec<u32> {
     let mut cache = model.new_cache();
-    let prefill = model.prefill(ids, images, &mut cache, device).expect("prefill");
+    let prefill = model
+        .prefill(ids, images, &mut cache, device)
+        .expect("prefill");
     let l = ids.len();
     let last = prefill.hidden.slice(s![.., l - 1..l, ..]);
     let argmax = |logits: Tensor<B, 3>| -> u32 {
         let v = host(logits);
-        v.iter().enumerate().fold((0, f32::MIN), |best, (i, &x)| if x > best.1 { (i, x) } else { best }).0 as u32
+        v.iter()
+            .enumerate()
+            .fold(
+                (0, f32::MIN),
+                |best, (i, &x)| if x > best.1 { (i, x) } else { best },
+            )
+            .0 as u32
     };
     let mut out = vec![argmax(model.logits(last))];
     while out.len() < n {
-        let hidden = model.decode(&[*out.last().unwrap()], prefill.positions.rope_delta, &mut cache, device).expect("decode");
+        let hidden = model
+            .decode(
+                &[*out.last().unwrap()],
+                prefill.positions.rope_delta,
+                &mut cache,
+                device,
+            )
+            .expect("decode");
         out.push(argmax(model.logits(hidden)));
     }
     out
@@ -121,36 +167,61 @@ struct Report {
     expected_greedy: Vec<u32>,
 }
 
-fn run_cases<B: Backend>(model: &QwenVl<B>, reference: &Reference, device: &B::Device) -> Vec<Report> {
+fn run_cases<B: Backend>(
+    model: &QwenVl<B>,
+    reference: &Reference,
+    device: &B::Device,
+) -> Vec<Report> {
     let mut reports = Vec::new();
     let start = std::time::Instant::now();
     // Progress on stderr (seen with --nocapture): on a GPU the first run of each shape compiles kernels.
     let stage = |what: &str| eprintln!("[{:7.2} s] {what}", start.elapsed().as_secs_f64());
     for (case, names) in CASES {
         stage(&format!("{case}: start"));
-        let ids: Vec<u32> = reference.i64(&format!("{case}.input_ids")).iter().map(|&i| i as u32).collect();
+        let ids: Vec<u32> = reference
+            .i64(&format!("{case}.input_ids"))
+            .iter()
+            .map(|&i| i as u32)
+            .collect();
         let images: Vec<PixelValues> = names.iter().map(|n| image(n)).collect();
 
-        let vision_rel = model.encode_images(&images, device).expect("vision").map(|f| {
-            let (expected, shape) = reference.f32(&format!("{case}.image_embeds"));
-            assert_eq!(f.embeds.dims().to_vec(), *shape, "{case}: vision output shape");
-            max_rel(&host(f.embeds), expected)
-        });
+        let vision_rel = model
+            .encode_images(&images, device)
+            .expect("vision")
+            .map(|f| {
+                let (expected, shape) = reference.f32(&format!("{case}.image_embeds"));
+                assert_eq!(
+                    f.embeds.dims().to_vec(),
+                    *shape,
+                    "{case}: vision output shape"
+                );
+                max_rel(&host(f.embeds), expected)
+            });
 
         stage(&format!("{case}: vision done"));
         let mut cache = model.new_cache();
-        let prefill = model.prefill(&ids, &images, &mut cache, device).expect("prefill");
+        let prefill = model
+            .prefill(&ids, &images, &mut cache, device)
+            .expect("prefill");
         let positions = reference.i64(&format!("{case}.position_ids"));
         let flat: Vec<i64> = prefill.positions.axes.iter().flatten().copied().collect();
         assert_eq!(flat, positions, "{case}: position ids");
-        assert_eq!(prefill.positions.rope_delta, reference.i64(&format!("{case}.rope_delta"))[0], "{case}: rope delta");
+        assert_eq!(
+            prefill.positions.rope_delta,
+            reference.i64(&format!("{case}.rope_delta"))[0],
+            "{case}: rope delta"
+        );
 
         let (expected, shape) = reference.f32(&format!("{case}.logits"));
         let logits = model.logits(prefill.hidden);
         assert_eq!(logits.dims()[1..].to_vec(), *shape, "{case}: logits shape");
         let logits = host(logits);
         stage(&format!("{case}: prefill logits done"));
-        let expected_greedy: Vec<u32> = reference.i64(&format!("{case}.greedy")).iter().map(|&i| i as u32).collect();
+        let expected_greedy: Vec<u32> = reference
+            .i64(&format!("{case}.greedy"))
+            .iter()
+            .map(|&i| i as u32)
+            .collect();
         reports.push(Report {
             case,
             vision_rel,
@@ -171,7 +242,11 @@ fn print(reports: &[Report], label: &str) {
             r.vision_rel.map_or("-".into(), |v| format!("{v:.2e}")),
             r.logits_max_rel,
             r.logits_frobenius,
-            r.greedy.iter().zip(&r.expected_greedy).take_while(|(a, b)| a == b).count(),
+            r.greedy
+                .iter()
+                .zip(&r.expected_greedy)
+                .take_while(|(a, b)| a == b)
+                .count(),
             r.expected_greedy.len(),
         );
     }
@@ -185,8 +260,15 @@ fn bicubic_resize_equals_pillow() {
     while let Some((src, shape)) = reference.u8s.get(&format!("resize.{cases}.src")) {
         let (out, out_shape) = &reference.u8s[&format!("resize.{cases}.out")];
         let src = image::RgbImage::from_raw(shape[1] as u32, shape[0] as u32, src.clone()).unwrap();
-        let ours = medvl_model::image::resize_bicubic(&src, out_shape[1] as u32, out_shape[0] as u32);
-        assert_eq!(ours.as_raw(), out, "case {cases}: {:?} -> {:?}", shape, out_shape);
+        let ours =
+            medvl_model::image::resize_bicubic(&src, out_shape[1] as u32, out_shape[0] as u32);
+        assert_eq!(
+            ours.as_raw(),
+            out,
+            "case {cases}: {:?} -> {:?}",
+            shape,
+            out_shape
+        );
         cases += 1;
     }
     assert_eq!(cases, 7);
@@ -197,11 +279,24 @@ fn pixel_values_match_the_pil_processor() {
     let reference = Reference::load();
     for name in ["page", "stamp"] {
         let ours = image(name);
-        let grid: Vec<usize> = reference.i64(&format!("image.{name}.grid_thw")).iter().map(|&g| g as usize).collect();
+        let grid: Vec<usize> = reference
+            .i64(&format!("image.{name}.grid_thw"))
+            .iter()
+            .map(|&g| g as usize)
+            .collect();
         assert_eq!(ours.grid_thw.to_vec(), grid, "{name}: grid_thw");
         let (expected, shape) = reference.f32(&format!("image.{name}.pixel_values"));
-        assert_eq!(vec![ours.num_patches(), ours.patch_dim], *shape, "{name}: shape");
-        let diff = ours.data.iter().zip(expected).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+        assert_eq!(
+            vec![ours.num_patches(), ours.patch_dim],
+            *shape,
+            "{name}: shape"
+        );
+        let diff = ours
+            .data
+            .iter()
+            .zip(expected)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
         assert!(diff <= 1e-5, "{name}: pixel values differ by {diff}");
     }
 }
@@ -223,7 +318,12 @@ mod cpu {
             if let Some(v) = r.vision_rel {
                 assert!(v <= 1e-4, "{}: vision output max rel error {v}", r.case);
             }
-            assert!(r.logits_max_rel <= 1e-4, "{}: logits max rel error {}", r.case, r.logits_max_rel);
+            assert!(
+                r.logits_max_rel <= 1e-4,
+                "{}: logits max rel error {}",
+                r.case,
+                r.logits_max_rel
+            );
             assert_eq!(r.greedy, r.expected_greedy, "{}: greedy tokens", r.case);
         }
     }
@@ -257,8 +357,18 @@ mod gpu {
             // Wall time includes JIT compilation and autotuning of every kernel: information, not a benchmark.
             println!("{label} {dir}: {:.1} s", start.elapsed().as_secs_f64());
             for r in reports {
-                assert!(r.logits_frobenius <= 2e-2, "{}: logits relative Frobenius error {}", r.case, r.logits_frobenius);
-                assert_eq!(r.greedy[..8], r.expected_greedy[..8], "{}: first 8 greedy tokens", r.case);
+                assert!(
+                    r.logits_frobenius <= 2e-2,
+                    "{}: logits relative Frobenius error {}",
+                    r.case,
+                    r.logits_frobenius
+                );
+                assert_eq!(
+                    r.greedy[..8],
+                    r.expected_greedy[..8],
+                    "{}: first 8 greedy tokens",
+                    r.case
+                );
             }
         }
     }
@@ -289,11 +399,20 @@ mod gpu {
         let device = Default::default();
         let reference = Reference::load();
         let model = load_dir::<B>(&fixtures().join("hub"), &device).expect("load");
-        let ids: Vec<u32> = reference.i64("text_only.input_ids").iter().map(|&i| i as u32).collect();
+        let ids: Vec<u32> = reference
+            .i64("text_only.input_ids")
+            .iter()
+            .map(|&i| i as u32)
+            .collect();
         let mut cache = model.new_cache();
-        let prefill = model.prefill(&ids, &[], &mut cache, &device).expect("prefill");
+        let prefill = model
+            .prefill(&ids, &[], &mut cache, &device)
+            .expect("prefill");
         let logits = host(model.logits(prefill.hidden));
-        println!("text-only frobenius {:.2e}", frobenius_rel(&logits, &reference.f32("text_only.logits").0));
+        println!(
+            "text-only frobenius {:.2e}",
+            frobenius_rel(&logits, &reference.f32("text_only.logits").0)
+        );
     }
 
     /// Diagnostic: the vision tower alone under fusion.
@@ -304,8 +423,14 @@ mod gpu {
         let device = Default::default();
         let reference = Reference::load();
         let model = load_dir::<B>(&fixtures().join("hub"), &device).expect("load");
-        let f = model.encode_images(&[image("page")], &device).expect("vision").expect("features");
+        let f = model
+            .encode_images(&[image("page")], &device)
+            .expect("vision")
+            .expect("features");
         let v = host(f.embeds);
-        println!("vision frobenius {:.2e}", frobenius_rel(&v, &reference.f32("one_image.image_embeds").0));
+        println!(
+            "vision frobenius {:.2e}",
+            frobenius_rel(&v, &reference.f32("one_image.image_embeds").0)
+        );
     }
 }

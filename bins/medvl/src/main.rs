@@ -1,0 +1,304 @@
+//! `medvl`: read medical documents with Qwen2.5-VL from the command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use burn::prelude::Backend;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use medvl_engine::{Engine, GenerateParams, ModelSource, Request, SamplingParams};
+use medvl_model::chat::{Message, Part, Role};
+
+mod doctor;
+
+/// The default extraction instruction, with the intent of the reference service's prompt.
+const EXTRACT_PROMPT: &str = "Extract all medical information from this document: diagnoses, medications with dose, \
+route and frequency, lab values with units and reference ranges, vital signs, and procedures. Answer in structured \
+form and only with what the document says.";
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "medvl",
+    version,
+    about = "Read medical documents with Qwen2.5-VL"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Extract the medical content of document images (diagnoses, medications, labs, vitals, procedures).
+    Extract {
+        /// Image files (PNG, JPEG, WebP, TIFF, BMP); several pages go into one prompt.
+        #[arg(required = true)]
+        images: Vec<PathBuf>,
+        #[command(flatten)]
+        run: RunArgs,
+    },
+    /// Ask a question about one or more images.
+    Ask {
+        /// Image files.
+        #[arg(required = true)]
+        images: Vec<PathBuf>,
+        /// The question.
+        #[arg(long, short)]
+        prompt: String,
+        #[command(flatten)]
+        run: RunArgs,
+    },
+    /// Generate with every sampling option; images are optional.
+    Generate {
+        /// An image (repeat for several); none for a text-only prompt.
+        #[arg(long = "image")]
+        images: Vec<PathBuf>,
+        /// The user message.
+        #[arg(long, short)]
+        prompt: String,
+        /// A system message (the template's default otherwise).
+        #[arg(long)]
+        system: Option<String>,
+        #[command(flatten)]
+        sampling: SamplingArgs,
+        /// Stop when the text contains this string (repeatable).
+        #[arg(long)]
+        stop: Vec<String>,
+        /// Generate past end-of-sequence tokens.
+        #[arg(long)]
+        ignore_eos: bool,
+        #[command(flatten)]
+        run: RunArgs,
+    },
+    /// What this machine can run, and what to do about what it cannot.
+    Doctor,
+}
+
+#[derive(Args, Debug, Clone)]
+struct RunArgs {
+    /// A local model directory (config.json, tokenizer.json, safetensors) or a hub repo id.
+    #[arg(
+        long,
+        short,
+        env = "MEDVL_MODEL",
+        default_value = "Qwen/Qwen2.5-VL-7B-Instruct"
+    )]
+    model: String,
+    /// Hub revision (branch, tag or commit).
+    #[arg(long)]
+    revision: Option<String>,
+    /// Where to run.
+    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+    device: DeviceArg,
+    /// Compute dtype (cpu: f32 only; cuda: bf16 or f32).
+    #[arg(long, value_enum)]
+    dtype: Option<DtypeArg>,
+    /// Lower bound on the resized image area in pixels (the model directory's setting otherwise).
+    #[arg(long)]
+    min_pixels: Option<u64>,
+    /// Upper bound on the resized image area in pixels.
+    #[arg(long)]
+    max_pixels: Option<u64>,
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 1024)]
+    max_new_tokens: usize,
+    /// Print one JSON object (text, token ids, token counts, timings) instead of streaming text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+struct SamplingArgs {
+    /// 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Keep the k most likely tokens (0: all).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Nucleus sampling mass (1: off).
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// > 1 discourages repeats (1: off).
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f32,
+    /// Random seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+enum DeviceArg {
+    Cpu,
+    Cuda,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+enum DtypeArg {
+    F32,
+    Bf16,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_env("MEDVL_LOG"))
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse()) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let (images, messages, params, run) = match cli.command {
+        Command::Doctor => return doctor::run(),
+        Command::Extract { images, run } => {
+            let messages = vec![Message::user_with_images(images.len(), EXTRACT_PROMPT)];
+            (
+                images,
+                messages,
+                GenerateParams::greedy(run.max_new_tokens),
+                run,
+            )
+        }
+        Command::Ask {
+            images,
+            prompt,
+            run,
+        } => {
+            let messages = vec![Message::user_with_images(images.len(), prompt)];
+            (
+                images,
+                messages,
+                GenerateParams::greedy(run.max_new_tokens),
+                run,
+            )
+        }
+        Command::Generate {
+            images,
+            prompt,
+            system,
+            sampling,
+            stop,
+            ignore_eos,
+            run,
+        } => {
+            let mut messages = Vec::new();
+            if let Some(system) = system {
+                messages.push(Message::text(Role::System, system));
+            }
+            let mut content = vec![Part::Image; images.len()];
+            content.push(Part::Text { text: prompt });
+            messages.push(Message {
+                role: Role::User,
+                content,
+            });
+            let sampling = SamplingParams {
+                temperature: sampling.temperature,
+                top_k: sampling.top_k,
+                top_p: sampling.top_p,
+                repetition_penalty: sampling.repetition_penalty,
+                seed: sampling.seed,
+            };
+            let params = GenerateParams {
+                sampling,
+                max_new_tokens: run.max_new_tokens,
+                stop,
+                ignore_eos,
+            };
+            (images, messages, params, run)
+        }
+    };
+    let images = images
+        .iter()
+        .map(|p| std::fs::read(p).with_context(|| format!("cannot read image {}", p.display())))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let request = Request {
+        messages,
+        images,
+        params,
+    };
+    let dir = ModelSource::parse(&run.model, run.revision.as_deref())?.resolve()?;
+    match (run.device, run.dtype) {
+        (DeviceArg::Cpu, None | Some(DtypeArg::F32)) => {
+            generate::<medvl_model::backend::Cpu>(&dir, Default::default(), &run, &request)
+        }
+        (DeviceArg::Cpu, Some(DtypeArg::Bf16)) => {
+            bail!("--device cpu computes in f32; use --dtype f32 or --device cuda")
+        }
+        (DeviceArg::Cuda, dtype) => cuda(&dir, dtype, &run, &request),
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda(
+    dir: &std::path::Path,
+    dtype: Option<DtypeArg>,
+    run: &RunArgs,
+    request: &Request,
+) -> anyhow::Result<ExitCode> {
+    match dtype {
+        None | Some(DtypeArg::Bf16) => {
+            generate::<medvl_model::backend::CudaBf16>(dir, Default::default(), run, request)
+        }
+        Some(DtypeArg::F32) => {
+            generate::<burn::backend::Cuda<f32>>(dir, Default::default(), run, request)
+        }
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda(
+    _: &std::path::Path,
+    _: Option<DtypeArg>,
+    _: &RunArgs,
+    _: &Request,
+) -> anyhow::Result<ExitCode> {
+    bail!(
+        "this medvl was built without CUDA support; rebuild with `cargo build --release --features cuda`"
+    )
+}
+
+fn generate<B: Backend>(
+    dir: &std::path::Path,
+    device: B::Device,
+    run: &RunArgs,
+    request: &Request,
+) -> anyhow::Result<ExitCode> {
+    let mut engine =
+        Engine::<B>::load(dir, device).with_context(|| format!("loading {}", dir.display()))?;
+    let processor = engine.processor_mut();
+    if let Some(v) = run.min_pixels {
+        processor.min_pixels = v;
+    }
+    if let Some(v) = run.max_pixels {
+        processor.max_pixels = v;
+    }
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    let json = run.json;
+    let generation = engine.generate(request, |piece| {
+        if !json {
+            // A closed stdout (a pipe to `head`) must not abort generation.
+            let _ = write!(stdout, "{piece}").and_then(|()| stdout.flush());
+        }
+    })?;
+    if json {
+        writeln!(stdout, "{}", serde_json::to_string(&generation)?)?;
+    } else {
+        writeln!(stdout)?;
+        eprintln!(
+            "[{} prompt tokens ({} image), {} generated, prefill {:.2} s, {:.1} tokens/s, {:?}]",
+            generation.prompt_tokens,
+            generation.image_tokens,
+            generation.token_ids.len(),
+            generation.timings.prefill_s,
+            generation.timings.decode_tokens_per_s,
+            generation.finish_reason
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,151 @@
+//! `medvl` end to end on the tiny reference model: the JSON output has the promised fields and the greedy tokens
+//! and text of transformers for the same chat prompt (`fixtures/tiny/ask.json`, made by `fixtures/generate.py`).
+
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/tiny")
+}
+
+fn medvl(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_medvl"))
+        .args(args)
+        .output()
+        .expect("run medvl")
+}
+
+#[derive(serde::Deserialize)]
+struct Expected {
+    prompt: String,
+    prompt_tokens: usize,
+    image_tokens: usize,
+    token_ids: Vec<u32>,
+    text: String,
+}
+
+#[test]
+fn ask_json_equals_transformers() {
+    let expected: Expected =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("ask.json")).unwrap())
+            .unwrap();
+    let page = fixtures().join("page.png");
+    let model = fixtures().join("v5");
+    let out = medvl(&[
+        "ask",
+        page.to_str().unwrap(),
+        "--prompt",
+        &expected.prompt,
+        "--model",
+        model.to_str().unwrap(),
+        "--max-new-tokens",
+        &expected.token_ids.len().to_string(),
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    let ids: Vec<u32> = serde_json::from_value(json["token_ids"].clone()).unwrap();
+    assert_eq!(ids, expected.token_ids);
+    assert_eq!(json["text"], expected.text);
+    assert_eq!(json["prompt_tokens"], expected.prompt_tokens);
+    assert_eq!(json["image_tokens"], expected.image_tokens);
+    for field in [
+        "preprocess_s",
+        "prefill_s",
+        "decode_s",
+        "decode_tokens_per_s",
+    ] {
+        assert!(
+            json[field].as_f64().is_some_and(|v| v >= 0.0),
+            "{field}: {}",
+            json[field]
+        );
+    }
+}
+
+#[test]
+fn streamed_text_equals_json_text() {
+    let expected: Expected =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("ask.json")).unwrap())
+            .unwrap();
+    let page = fixtures().join("page.png");
+    let model = fixtures().join("hub");
+    let out = medvl(&[
+        "ask",
+        page.to_str().unwrap(),
+        "-p",
+        &expected.prompt,
+        "-m",
+        model.to_str().unwrap(),
+        "--max-new-tokens",
+        "32",
+    ]);
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        format!("{}\n", expected.text)
+    );
+}
+
+#[test]
+fn clear_errors() {
+    let page = fixtures().join("page.png");
+    let model = fixtures().join("hub");
+    let out = medvl(&[
+        "ask",
+        page.to_str().unwrap(),
+        "-p",
+        "x",
+        "--model",
+        "/no/such/model/dir",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no such directory"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let out = medvl(&[
+        "ask",
+        "/no/such/page.png",
+        "-p",
+        "x",
+        "--model",
+        model.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read image /no/such/page.png"));
+
+    let not_image = fixtures().join("ask.json");
+    let out = medvl(&[
+        "ask",
+        not_image.to_str().unwrap(),
+        "-p",
+        "x",
+        "--model",
+        model.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("image 1") && err.contains("cannot decode image"),
+        "{err}"
+    );
+
+    let out = medvl(&[
+        "ask",
+        page.to_str().unwrap(),
+        "-p",
+        "x",
+        "--model",
+        fixtures().to_str().unwrap(),
+    ]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("missing config.json"));
+}

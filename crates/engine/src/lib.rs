@@ -1,0 +1,15 @@
+//! Generation for medvl: where a model comes from ([`source`]), how its prompt is built, how tokens are chosen
+//! ([`sampling`]) and the prefill-then-decode loop with streaming and timings ([`generate`]).
+//!
+//! This is the only crate that loops over tokens: the CLI, the server, eval and bench all generate through it.
+//! It depends on `medvl-model` and never on the server or the bins.
+
+pub mod error;
+pub mod generate;
+pub mod sampling;
+pub mod source;
+
+pub use error::{EngineError, Result};
+pub use generate::{Engine, FinishReason, GenerateParams, Generation, Request, Timings};
+pub use sampling::{Sampler, SamplingParams};
+pub use source::ModelSource;
