@@ -149,3 +149,58 @@ fn clear_errors() {
     ]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("missing config.json"));
 }
+
+/// A hub repo id resolves from the HF cache (`HF_HUB_CACHE`, offline mode), by branch and by commit.
+#[test]
+fn hub_repo_from_the_offline_cache() {
+    let expected: Expected =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("ask.json")).unwrap())
+            .unwrap();
+    let cache = std::env::temp_dir().join(format!("medvl-hf-cache-{}", std::process::id()));
+    let commit = "0123456789abcdef0123456789abcdef01234567";
+    let snapshot = cache.join("models--medvl--tiny/snapshots").join(commit);
+    std::fs::create_dir_all(&snapshot).unwrap();
+    std::fs::create_dir_all(cache.join("models--medvl--tiny/refs")).unwrap();
+    std::fs::write(cache.join("models--medvl--tiny/refs/main"), commit).unwrap();
+    for entry in std::fs::read_dir(fixtures().join("v5")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), snapshot.join(entry.file_name())).unwrap();
+    }
+    let page = fixtures().join("page.png");
+    let run = |model: &str, revision: &str| {
+        Command::new(env!("CARGO_BIN_EXE_medvl"))
+            .args([
+                "ask",
+                page.to_str().unwrap(),
+                "-p",
+                &expected.prompt,
+                "--model",
+                model,
+                "--revision",
+                revision,
+            ])
+            .args(["--max-new-tokens", "8", "--json"])
+            .env("HF_HUB_CACHE", &cache)
+            .env("HF_HUB_OFFLINE", "1")
+            .output()
+            .unwrap()
+    };
+    for revision in ["main", commit] {
+        let out = run("medvl/tiny", revision);
+        assert!(
+            out.status.success(),
+            "{revision}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let ids: Vec<u32> = serde_json::from_value(json["token_ids"].clone()).unwrap();
+        assert_eq!(ids, expected.token_ids[..8]);
+    }
+    let out = run("medvl/absent", "main");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("not in the HF cache"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&cache).ok();
+}

@@ -76,6 +76,14 @@ pub fn check_dir(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The hub cache: `HF_HUB_CACHE`, else `HF_HOME/hub`, else `~/.cache/huggingface/hub`.
+fn cache() -> Cache {
+    match std::env::var_os("HF_HUB_CACHE") {
+        Some(dir) => Cache::new(dir.into()),
+        None => Cache::from_env(),
+    }
+}
+
 fn offline() -> bool {
     std::env::var("HF_HUB_OFFLINE")
         .is_ok_and(|v| matches!(v.as_str(), "1" | "true" | "TRUE" | "yes"))
@@ -92,10 +100,21 @@ fn download(repo_id: &str, revision: &str) -> Result<PathBuf> {
     let repo = Repo::with_revision(repo_id.to_string(), RepoType::Model, revision.to_string());
     // Everything lands in one snapshot directory of the cache; its path is the model directory.
     let fetch: Fetch<'_> = if offline() {
-        let cache = Cache::from_env().repo(repo);
-        Box::new(move |file| Ok(cache.get(file)))
+        let cached = cache().repo(repo.clone());
+        // A commit revision has no ref file: its snapshot directory is named after it.
+        let snapshot = cache()
+            .path()
+            .join(repo.folder_name())
+            .join("snapshots")
+            .join(revision);
+        Box::new(move |file| {
+            Ok(cached
+                .get(file)
+                .or_else(|| Some(snapshot.join(file)).filter(|p| p.exists())))
+        })
     } else {
         let api = hf_hub::api::sync::ApiBuilder::from_env()
+            .with_cache_dir(cache().path().clone())
             .with_progress(true)
             .build()
             .map_err(|e| err(format!("cannot reach the hub: {e}")))?
