@@ -11,6 +11,8 @@
 
 use serde::{Deserialize, Serialize};
 
+pub mod bnb;
+
 /// The NF4 code book: `bitsandbytes.functional.get_4bit_type("nf4")`, the normal-float 4-bit values of the QLoRA
 /// paper (Dettmers et al. 2023, appendix E), indexed by the 4-bit code. Digits as printed by bitsandbytes.
 #[allow(clippy::excessive_precision)]
@@ -514,21 +516,25 @@ impl Nf4Tensor {
         } = &self.absmax
             && (nested_code.len() != 256
                 || nested_absmax.len() != codes.len().div_ceil(NESTED_BLOCKSIZE))
-            {
-                return Err(Nf4Error::Inconsistent(format!(
-                    "double quantization with {} nested scales and a {}-entry map for {} blocks",
-                    nested_absmax.len(),
-                    nested_code.len(),
-                    codes.len()
-                )));
-            }
+        {
+            return Err(Nf4Error::Inconsistent(format!(
+                "double quantization with {} nested scales and a {}-entry map for {} blocks",
+                nested_absmax.len(),
+                nested_code.len(),
+                codes.len()
+            )));
+        }
         Ok(())
     }
 
     /// The 4-bit code of value `i`.
     pub fn code(&self, i: usize) -> u8 {
         let byte = self.packed[i / 2];
-        if i.is_multiple_of(2) { byte >> 4 } else { byte & 0x0f }
+        if i.is_multiple_of(2) {
+            byte >> 4
+        } else {
+            byte & 0x0f
+        }
     }
 
     /// Dequantizes to f32 (`NF4_CODE[code] * absmax[block]` in f32, as bitsandbytes).

@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
+use medvl_nf4::bnb::{BnbParts, QuantStateJson};
 use medvl_nf4::{Absmax, DYNAMIC_MAP, NF4_CODE, Nf4Error, Nf4Tensor, quantize};
 use safetensors::{Dtype, SafeTensors};
 
@@ -245,4 +246,43 @@ fn dequant_error_is_within_half_a_code_step() {
     for (i, (a, b)) in q.dequantize().iter().zip(&values).enumerate() {
         assert!((a - b).abs() <= 0.16 * absmax[i / 64], "{i}: {a} vs {b}");
     }
+}
+
+/// The stored parts of bitsandbytes' double-quantized state assemble into a tensor and are written back equal,
+/// the JSON state included.
+#[test]
+fn bnb_parts_round_trip() {
+    let f = fixture();
+    for case in &f.cases {
+        let state_bytes = f.u8s(&format!("{case}.dq.quant_state"));
+        let state: QuantStateJson = serde_json::from_slice(&state_bytes).unwrap();
+        let parts = BnbParts {
+            weight: f.u8s(&format!("{case}.packed")),
+            absmax_u8: Some(f.u8s(&format!("{case}.dq.absmax"))),
+            absmax_f32: None,
+            quant_map: f.f32s(&format!("{case}.dq.quant_map")),
+            nested_absmax: Some(f.f32s(&format!("{case}.dq.nested_absmax"))),
+            nested_quant_map: Some(f.f32s(&format!("{case}.dq.nested_quant_map"))),
+            state,
+        };
+        let tensor = parts.clone().into_tensor().unwrap();
+        let written = BnbParts::from_tensor(&tensor, &parts.state.dtype);
+        assert_eq!(written, parts, "{case}");
+        let ours: serde_json::Value = serde_json::from_slice(&written.state_bytes()).unwrap();
+        let theirs: serde_json::Value = serde_json::from_slice(&state_bytes).unwrap();
+        assert_eq!(ours, theirs, "{case}");
+    }
+    // Missing nested parts are a clear error.
+    let mut broken = BnbParts::from_tensor(
+        &quantize(&[0.5; 128], &[2, 64], 64, true).unwrap(),
+        "float32",
+    );
+    broken.nested_absmax = None;
+    assert!(
+        broken
+            .into_tensor()
+            .unwrap_err()
+            .to_string()
+            .contains("nested_absmax")
+    );
 }
