@@ -86,6 +86,14 @@ pub enum ModelError {
     /// An image could not be turned into model input.
     #[error(transparent)]
     Image(#[from] crate::image::ImageError),
+    /// A weight could not be quantized or a stored quantized weight is malformed.
+    #[error("NF4 weight `{name}`: {reason}")]
+    Quantization {
+        /// Tensor name.
+        name: String,
+        /// What is wrong.
+        reason: String,
+    },
     /// The tokenizer could not be loaded or failed.
     #[error("tokenizer: {0}")]
     Tokenizer(String),

@@ -5,43 +5,118 @@
 
 use burn::module::Param;
 use burn::prelude::*;
-use burn::tensor::FloatDType;
 use burn::tensor::activation::silu;
+use burn::tensor::{FloatDType, Int};
 
 /// A linear layer `y = x W^T + b` with the weight in the PyTorch layout `[out, in]`.
 ///
 /// This is the one linear layer of the model: every projection of the vision tower and the decoder goes
-/// through it, so that quantized and adapted weights change this type, not the model code.
+/// through it, so that quantized (and later adapted) weights change this type, not the model code.
 #[derive(Module, Debug)]
 pub struct Linear<B: Backend> {
-    /// `[out_features, in_features]`.
-    pub weight: Param<Tensor<B, 2>>,
+    /// The weight, dense or quantized.
+    pub weight: LinearWeight<B>,
     /// `[out_features]`, when the layer has a bias.
     pub bias: Option<Param<Tensor<B, 1>>>,
 }
 
+/// How a linear layer stores its weight.
+#[derive(Module, Debug)]
+pub enum LinearWeight<B: Backend> {
+    /// `[out_features, in_features]` in the backend's float dtype.
+    Dense(Param<Tensor<B, 2>>),
+    /// NF4 codes and block scales (bitsandbytes layout), dequantized on the fly.
+    Nf4(Nf4Weight<B>),
+}
+
+/// An NF4 weight on the device: packed codes (two per byte, high nibble first) and one f32 scale per block.
+/// This is the reference path (dequantize with tensor ops, then a dense matmul); the fused CubeCL kernels of
+/// `medvl-kernels` replace it on CUDA.
+#[derive(Module, Debug)]
+pub struct Nf4Weight<B: Backend> {
+    /// `[ceil(out * in / 2)]` packed codes.
+    pub packed: Tensor<B, 1, Int>,
+    /// `[blocks]` scales (double quantization already resolved).
+    pub absmax: Tensor<B, 1>,
+    /// The 16 NF4 values.
+    pub code: Tensor<B, 1>,
+    /// `[out_features, in_features]`.
+    #[module(skip)]
+    pub shape: [usize; 2],
+    /// Values per block.
+    #[module(skip)]
+    pub blocksize: usize,
+}
+
+impl<B: Backend> Nf4Weight<B> {
+    /// Uploads a host NF4 tensor of shape `[out, in]`.
+    pub fn from_host(tensor: &medvl_nf4::Nf4Tensor, device: &B::Device) -> Self {
+        let shape = [tensor.shape[0], tensor.shape[1]];
+        let packed: Vec<i32> = tensor.packed.iter().map(|&b| i32::from(b)).collect();
+        let absmax = tensor.absmax.to_f32();
+        Self {
+            packed: Tensor::from_data(TensorData::new(packed, [tensor.packed.len()]), device),
+            absmax: Tensor::from_data(TensorData::new(absmax.clone(), [absmax.len()]), device),
+            code: Tensor::from_data(TensorData::new(medvl_nf4::NF4_CODE.to_vec(), [16]), device),
+            shape,
+            blocksize: tensor.blocksize,
+        }
+    }
+
+    /// The dense `[out, in]` weight: `code[nibble] * absmax[block]`.
+    pub fn dequantize(&self) -> Tensor<B, 2> {
+        let [out, inp] = self.shape;
+        let n = out * inp;
+        let pairs = self.packed.dims()[0];
+        // [pairs] -> [pairs, 2] (high nibble first) -> [2 * pairs]
+        let hi = self.packed.clone().div_scalar(16);
+        let lo = self.packed.clone().remainder_scalar(16);
+        let codes = Tensor::stack::<2>(vec![hi, lo], 1)
+            .reshape([2 * pairs])
+            .narrow(0, 0, n);
+        let values = self.code.clone().select(0, codes);
+        let blocks = self.absmax.dims()[0];
+        // [blocks] -> [blocks, blocksize] -> [blocks * blocksize] -> first n
+        let scales = self
+            .absmax
+            .clone()
+            .reshape([blocks, 1])
+            .expand([blocks, self.blocksize])
+            .reshape([blocks * self.blocksize]);
+        (values * scales.narrow(0, 0, n)).reshape([out, inp])
+    }
+}
+
 impl<B: Backend> Linear<B> {
-    /// Wraps loaded tensors.
+    /// Wraps loaded dense tensors.
     pub fn new(weight: Tensor<B, 2>, bias: Option<Tensor<B, 1>>) -> Self {
         Self {
-            weight: Param::from_tensor(weight),
+            weight: LinearWeight::Dense(Param::from_tensor(weight)),
             bias: bias.map(Param::from_tensor),
         }
     }
 
     /// `[out_features, in_features]`.
     pub fn shape(&self) -> [usize; 2] {
-        self.weight.val().dims()
+        match &self.weight {
+            LinearWeight::Dense(w) => w.val().dims(),
+            LinearWeight::Nf4(w) => w.shape,
+        }
+    }
+
+    /// True when the weight is quantized.
+    pub fn is_quantized(&self) -> bool {
+        matches!(self.weight, LinearWeight::Nf4(_))
     }
 
     /// # Shapes
     /// - `x`: `[..., in_features]` -> `[..., out_features]`
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        burn::tensor::module::linear(
-            x,
-            self.weight.val().transpose(),
-            self.bias.as_ref().map(|b| b.val()),
-        )
+        let weight = match &self.weight {
+            LinearWeight::Dense(w) => w.val(),
+            LinearWeight::Nf4(w) => w.dequantize(),
+        };
+        burn::tensor::module::linear(x, weight.transpose(), self.bias.as_ref().map(|b| b.val()))
     }
 }
 

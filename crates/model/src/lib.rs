@@ -21,7 +21,7 @@ pub mod vision;
 pub use config::{QwenVlConfig, TextConfig, TokenIds, VisionConfig};
 pub use error::{ModelError, Result};
 pub use image::{PixelValues, ProcessorConfig};
-pub use loader::{Checkpoint, load_dir, random, tensor_specs};
+pub use loader::{Checkpoint, QuantizeOptions, load_dir, load_dir_with, random, tensor_specs};
 pub use model::{ImageFeatures, Prefill, QwenVl};
 pub use text::KvCache;
 pub use tokenizer::{StreamDecoder, Tokenizer};

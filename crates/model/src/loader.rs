@@ -18,7 +18,7 @@ use safetensors::{Dtype, SafeTensors};
 
 use crate::config::QwenVlConfig;
 use crate::error::{ModelError, Result};
-use crate::layers::{Linear, Mlp, RmsNorm};
+use crate::layers::{Linear, LinearWeight, Mlp, Nf4Weight, RmsNorm};
 use crate::model::QwenVl;
 use crate::text::{DecoderLayer, TextAttention, TextModel};
 use crate::vision::{PatchMerger, VISION_RMS_EPS, VisionAttention, VisionBlock, VisionTower};
@@ -125,10 +125,76 @@ pub fn tensor_specs(config: &QwenVlConfig) -> Vec<TensorSpec> {
     specs
 }
 
+/// Quantize dense linear weights to NF4 while loading, one tensor at a time (bitsandbytes' `load_in_4bit`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct QuantizeOptions {
+    /// Values per block (64, as bitsandbytes' default).
+    pub blocksize: usize,
+    /// Quantize the block scales too (bitsandbytes' `bnb_4bit_use_double_quant`).
+    pub double_quant: bool,
+    /// Linear layers whose name contains one of these stay dense (transformers' `llm_int8_skip_modules`).
+    pub skip: Vec<String>,
+}
+
+impl Default for QuantizeOptions {
+    /// What transformers does for Qwen2.5-VL with `load_in_4bit`: every linear layer except `lm_head`.
+    fn default() -> Self {
+        Self {
+            blocksize: 64,
+            double_quant: true,
+            skip: vec!["lm_head".into()],
+        }
+    }
+}
+
+impl QuantizeOptions {
+    /// Also quantize `lm_head` (smaller, slightly less accurate).
+    pub fn with_lm_head(mut self) -> Self {
+        self.skip.retain(|s| s != "lm_head");
+        self
+    }
+
+    fn skips(&self, name: &str) -> bool {
+        self.skip.iter().any(|k| name.contains(k.as_str()))
+    }
+}
+
 /// Where [`build`] gets each tensor from.
 pub trait TensorSource<B: Backend> {
     /// The tensor `name` (hub-original layout) with the stored shape `shape`, on the device.
     fn tensor<const D: usize>(&mut self, name: &str, shape: [usize; D]) -> Result<Tensor<B, D>>;
+
+    /// The weight of linear layer `name` (`[out, in]`): dense by default.
+    fn linear_weight(&mut self, name: &str, out: usize, inp: usize) -> Result<LinearWeight<B>> {
+        Ok(LinearWeight::Dense(burn::module::Param::from_tensor(
+            self.tensor(&format!("{name}.weight"), [out, inp])?,
+        )))
+    }
+}
+
+fn upload_nf4<B: Backend>(tensor: &medvl_nf4::Nf4Tensor, device: &B::Device) -> LinearWeight<B> {
+    LinearWeight::Nf4(Nf4Weight::from_host(tensor, device))
+}
+
+fn quantize_host(
+    name: &str,
+    data: TensorData,
+    shape: [usize; 2],
+    q: &QuantizeOptions,
+) -> Result<medvl_nf4::Nf4Tensor> {
+    let values: Vec<f32> =
+        data.convert::<f32>()
+            .to_vec()
+            .map_err(|e| ModelError::Quantization {
+                name: name.into(),
+                reason: format!("{e:?}"),
+            })?;
+    medvl_nf4::quantize(&values, &shape, q.blocksize, q.double_quant).map_err(|e| {
+        ModelError::Quantization {
+            name: name.into(),
+            reason: e.to_string(),
+        }
+    })
 }
 
 /// Builds the model by asking `source` for every tensor of [`tensor_specs`].
@@ -140,13 +206,15 @@ pub fn build<B: Backend, S: TensorSource<B>>(
     let (vh, vi) = (v.hidden_size, v.intermediate_size);
     let linear =
         |src: &mut S, name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear<B>> {
-            let weight = src.tensor(&format!("{name}.weight"), [out, inp])?;
+            let weight = src.linear_weight(name, out, inp)?;
             let bias = if bias {
-                Some(src.tensor(&format!("{name}.bias"), [out])?)
+                Some(burn::module::Param::from_tensor(
+                    src.tensor(&format!("{name}.bias"), [out])?,
+                ))
             } else {
                 None
             };
-            Ok(Linear::new(weight, bias))
+            Ok(Linear { weight, bias })
         };
     let norm = |src: &mut S, name: &str, dim: usize, eps: f64| -> Result<RmsNorm<B>> {
         Ok(RmsNorm::new(
@@ -258,12 +326,24 @@ pub fn build<B: Backend, S: TensorSource<B>>(
 #[derive(Debug)]
 pub struct RandomSource<'a, B: Backend> {
     device: &'a B::Device,
+    quantize: Option<QuantizeOptions>,
 }
 
 impl<'a, B: Backend> RandomSource<'a, B> {
     /// Random tensors on `device`. Seed the backend (`B::seed`) for reproducible values.
     pub fn new(device: &'a B::Device) -> Self {
-        Self { device }
+        Self {
+            device,
+            quantize: None,
+        }
+    }
+
+    /// Random weights, linear layers quantized to NF4 (on the host, one layer at a time).
+    pub fn quantized(device: &'a B::Device, options: QuantizeOptions) -> Self {
+        Self {
+            device,
+            quantize: Some(options),
+        }
     }
 }
 
@@ -277,6 +357,17 @@ impl<B: Backend> TensorSource<B> for RandomSource<'_, B> {
         } else {
             Tensor::random(shape, Distribution::Normal(0.0, 0.02), self.device)
         })
+    }
+
+    fn linear_weight(&mut self, name: &str, out: usize, inp: usize) -> Result<LinearWeight<B>> {
+        let dense: Tensor<B, 2> = self.tensor(&format!("{name}.weight"), [out, inp])?;
+        match self.quantize.clone() {
+            Some(q) if !q.skips(name) => Ok(upload_nf4(
+                &quantize_host(name, dense.into_data(), [out, inp], &q)?,
+                self.device,
+            )),
+            _ => Ok(LinearWeight::Dense(burn::module::Param::from_tensor(dense))),
+        }
     }
 }
 
@@ -490,6 +581,89 @@ impl Checkpoint {
         Ok(data)
     }
 
+    /// Raw bytes of a stored tensor (any dtype), marked as used.
+    fn raw(&mut self, stored: &str) -> Option<(Dtype, Vec<usize>, Vec<u8>)> {
+        let entry = self.names.get(stored)?.clone();
+        self.used.insert(stored.to_string());
+        Some((
+            entry.dtype,
+            entry.shape.clone(),
+            self.files[entry.file].mmap[entry.range].to_vec(),
+        ))
+    }
+
+    /// Reads a bitsandbytes NF4 weight (`name` plus its `absmax`, `quant_map`, `nested_*` and quant-state keys) when
+    /// the checkpoint holds one under `name`; `None` for a dense weight.
+    pub fn read_bnb_nf4(
+        &mut self,
+        name: &str,
+        shape: [usize; 2],
+    ) -> Result<Option<medvl_nf4::Nf4Tensor>> {
+        let state_key = format!("{name}.{}", medvl_nf4::bnb::QUANT_STATE_KEY);
+        let Some(stored_state) = self.resolve(&state_key) else {
+            return Ok(None);
+        };
+        let stored =
+            &stored_state[..stored_state.len() - medvl_nf4::bnb::QUANT_STATE_KEY.len() - 1];
+        let path = self.files[self.names[&stored_state].file].path.clone();
+        let err = |reason: String| ModelError::Quantization {
+            name: stored.to_string(),
+            reason,
+        };
+        let f32s = |bytes: Vec<u8>| -> Vec<f32> {
+            bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect()
+        };
+        let (_, _, state) = self
+            .raw(&stored_state)
+            .ok_or_else(|| err("no quant state".into()))?;
+        let state: medvl_nf4::bnb::QuantStateJson =
+            serde_json::from_slice(&state).map_err(|e| err(format!("quant state JSON: {e}")))?;
+        if state.shape != shape {
+            return Err(ModelError::TensorShape {
+                name: stored.into(),
+                path,
+                expected: shape.to_vec(),
+                found: state.shape,
+            });
+        }
+        let (_, _, weight) = self
+            .raw(stored)
+            .ok_or_else(|| err("no packed weight".into()))?;
+        let (absmax_dtype, _, absmax) = self
+            .raw(&format!("{stored}.absmax"))
+            .ok_or_else(|| err("no absmax".into()))?;
+        let (_, _, quant_map) = self
+            .raw(&format!("{stored}.quant_map"))
+            .ok_or_else(|| err("no quant_map".into()))?;
+        let nested_absmax = self
+            .raw(&format!("{stored}.nested_absmax"))
+            .map(|(_, _, b)| f32s(b));
+        let nested_quant_map = self
+            .raw(&format!("{stored}.nested_quant_map"))
+            .map(|(_, _, b)| f32s(b));
+        let (absmax_u8, absmax_f32) = match absmax_dtype {
+            Dtype::U8 => (Some(absmax), None),
+            Dtype::F32 => (None, Some(f32s(absmax))),
+            other => return Err(err(format!("absmax of dtype {other:?}"))),
+        };
+        let parts = medvl_nf4::bnb::BnbParts {
+            weight,
+            absmax_u8,
+            absmax_f32,
+            quant_map: f32s(quant_map),
+            nested_absmax,
+            nested_quant_map,
+            state,
+        };
+        parts
+            .into_tensor()
+            .map(Some)
+            .map_err(|e| err(e.to_string()))
+    }
+
     /// Errors if the checkpoint holds tensors that were never read (other than known non-weights).
     pub fn check_all_used(&self) -> Result<()> {
         let mut unused: Vec<(&String, usize)> = self
@@ -516,12 +690,22 @@ pub struct CheckpointSource<'a, B: Backend> {
     /// The checkpoint read from.
     pub checkpoint: Checkpoint,
     device: &'a B::Device,
+    quantize: Option<QuantizeOptions>,
 }
 
 impl<'a, B: Backend> CheckpointSource<'a, B> {
-    /// Reads from `checkpoint` onto `device`.
-    pub fn new(checkpoint: Checkpoint, device: &'a B::Device) -> Self {
-        Self { checkpoint, device }
+    /// Reads from `checkpoint` onto `device`; pre-quantized bitsandbytes weights load as NF4, and with `quantize`
+    /// dense linear weights are quantized as they are read.
+    pub fn new(
+        checkpoint: Checkpoint,
+        device: &'a B::Device,
+        quantize: Option<QuantizeOptions>,
+    ) -> Self {
+        Self {
+            checkpoint,
+            device,
+            quantize,
+        }
     }
 }
 
@@ -530,13 +714,40 @@ impl<B: Backend> TensorSource<B> for CheckpointSource<'_, B> {
         let data = self.checkpoint.read(name, &shape)?;
         Ok(Tensor::from_data(data, self.device))
     }
+
+    fn linear_weight(&mut self, name: &str, out: usize, inp: usize) -> Result<LinearWeight<B>> {
+        let weight = format!("{name}.weight");
+        if let Some(tensor) = self.checkpoint.read_bnb_nf4(&weight, [out, inp])? {
+            return Ok(upload_nf4(&tensor, self.device));
+        }
+        let data = self.checkpoint.read(&weight, &[out, inp])?;
+        match &self.quantize {
+            Some(q) if !q.skips(name) => Ok(upload_nf4(
+                &quantize_host(&weight, data, [out, inp], q)?,
+                self.device,
+            )),
+            _ => Ok(LinearWeight::Dense(burn::module::Param::from_tensor(
+                Tensor::from_data(data, self.device),
+            ))),
+        }
+    }
 }
 
 /// Loads a model directory (`config.json` + safetensors) onto `device`, in the backend's float dtype.
+/// Pre-quantized bitsandbytes NF4 weights load as NF4.
 pub fn load_dir<B: Backend>(dir: &Path, device: &B::Device) -> Result<QwenVl<B>> {
+    load_dir_with(dir, device, None)
+}
+
+/// [`load_dir`], quantizing dense linear weights to NF4 as they are read when `quantize` is given.
+pub fn load_dir_with<B: Backend>(
+    dir: &Path,
+    device: &B::Device,
+    quantize: Option<QuantizeOptions>,
+) -> Result<QwenVl<B>> {
     let config = QwenVlConfig::from_file(&dir.join("config.json"))?;
     let _span = tracing::info_span!("load_weights", dir = %dir.display()).entered();
-    let mut source = CheckpointSource::<B>::new(Checkpoint::open_dir(dir)?, device);
+    let mut source = CheckpointSource::<B>::new(Checkpoint::open_dir(dir)?, device, quantize);
     let model = build(&config, &mut source)?;
     source.checkpoint.check_all_used()?;
     Ok(model)
