@@ -7,6 +7,7 @@ use anyhow::{Context, bail};
 use burn::prelude::Backend;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use medvl_engine::{Engine, GenerateParams, ModelSource, Request, SamplingParams};
+use medvl_model::QuantizeOptions;
 use medvl_model::chat::{Message, Part, Role};
 
 mod doctor;
@@ -72,6 +73,27 @@ enum Command {
     },
     /// What this machine can run, and what to do about what it cannot.
     Doctor,
+    /// Write an NF4 checkpoint (bitsandbytes layout, loadable by transformers + bitsandbytes).
+    Quantize {
+        /// Source model directory or hub repo id.
+        #[arg(long, short)]
+        model: String,
+        /// Hub revision.
+        #[arg(long)]
+        revision: Option<String>,
+        /// Output directory.
+        #[arg(long, short)]
+        out: PathBuf,
+        /// Values per block (a power of two, 32 to 4096).
+        #[arg(long, default_value_t = 64)]
+        blocksize: usize,
+        /// Keep the block scales in f32 (no double quantization).
+        #[arg(long)]
+        no_double_quant: bool,
+        /// Quantize lm_head too.
+        #[arg(long)]
+        quantize_lm_head: bool,
+    },
 }
 
 #[derive(Args, Debug, Clone)]
@@ -105,6 +127,15 @@ struct RunArgs {
     /// Print one JSON object (text, token ids, token counts, timings) instead of streaming text.
     #[arg(long)]
     json: bool,
+    /// Quantize the linear layers while loading (pre-quantized checkpoints are NF4 regardless).
+    #[arg(long, value_enum)]
+    quant: Option<QuantArg>,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+enum QuantArg {
+    /// bitsandbytes NF4, blocksize 64, double quantization, lm_head kept dense.
+    Nf4,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -155,6 +186,34 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let (images, messages, params, run) = match cli.command {
         Command::Doctor => return doctor::run(),
+        Command::Quantize {
+            model,
+            revision,
+            out,
+            blocksize,
+            no_double_quant,
+            quantize_lm_head,
+        } => {
+            let dir = ModelSource::parse(&model, revision.as_deref())?.resolve()?;
+            let mut options = QuantizeOptions {
+                blocksize,
+                double_quant: !no_double_quant,
+                ..Default::default()
+            };
+            if quantize_lm_head {
+                options = options.with_lm_head();
+            }
+            let report = medvl_model::quantize::quantize_dir(&dir, &out, &options)
+                .with_context(|| format!("quantizing {} into {}", dir.display(), out.display()))?;
+            eprintln!(
+                "wrote {}: {} linear layers in NF4, {} tensors kept, {:.1} MB",
+                out.display(),
+                report.quantized,
+                report.kept,
+                report.bytes as f64 / 1e6
+            );
+            return Ok(ExitCode::SUCCESS);
+        }
         Command::Extract { images, run } => {
             let messages = vec![Message::user_with_images(images.len(), EXTRACT_PROMPT)];
             (
@@ -268,8 +327,9 @@ fn generate<B: Backend>(
     run: &RunArgs,
     request: &Request,
 ) -> anyhow::Result<ExitCode> {
-    let mut engine =
-        Engine::<B>::load(dir, device).with_context(|| format!("loading {}", dir.display()))?;
+    let quantize = run.quant.map(|QuantArg::Nf4| QuantizeOptions::default());
+    let mut engine = Engine::<B>::load_with(dir, device, quantize)
+        .with_context(|| format!("loading {}", dir.display()))?;
     let processor = engine.processor_mut();
     if let Some(v) = run.min_pixels {
         processor.min_pixels = v;

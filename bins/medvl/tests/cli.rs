@@ -204,3 +204,57 @@ fn hub_repo_from_the_offline_cache() {
     );
     std::fs::remove_dir_all(&cache).ok();
 }
+
+/// `medvl quantize` writes a bitsandbytes NF4 checkpoint that loads back as NF4 and generates exactly what
+/// quantizing while loading (`--quant nf4`) generates. (fixtures/check_nf4_checkpoint.py checks such a directory
+/// against transformers + bitsandbytes.)
+#[test]
+fn quantize_then_load_equals_quantize_on_load() {
+    let out_dir = std::env::temp_dir().join(format!("medvl-nf4-{}", std::process::id()));
+    let model = fixtures().join("v5");
+    let out = medvl(&[
+        "quantize",
+        "--model",
+        model.to_str().unwrap(),
+        "--out",
+        out_dir.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("43 linear layers in NF4"));
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out_dir.join("config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["quantization_config"]["bnb_4bit_quant_type"], "nf4");
+    assert!(!out_dir.join("model.safetensors.partial").exists());
+    let page = fixtures().join("page.png");
+    let ask = |model: &str, extra: &[&str]| {
+        let mut args = vec![
+            "ask",
+            page.to_str().unwrap(),
+            "-p",
+            "What is the diagnosis?",
+            "-m",
+            model,
+            "--max-new-tokens",
+            "12",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        let out = medvl(&args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["token_ids"].clone()
+    };
+    let saved = ask(out_dir.to_str().unwrap(), &[]);
+    assert_eq!(saved, ask(model.to_str().unwrap(), &["--quant", "nf4"]));
+    // NF4 changes the random tiny model's choices: the dense run differs.
+    assert_ne!(saved, ask(model.to_str().unwrap(), &[]));
+    std::fs::remove_dir_all(&out_dir).ok();
+}

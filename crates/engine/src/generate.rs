@@ -10,7 +10,7 @@ use std::time::Instant;
 use burn::prelude::*;
 use medvl_model::chat::{Message, expand_image_pads, render};
 use medvl_model::image::{PixelValues, ProcessorConfig, preprocess_bytes};
-use medvl_model::{QwenVl, Tokenizer, load_dir};
+use medvl_model::{QuantizeOptions, QwenVl, Tokenizer, load_dir_with};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{EngineError, Result};
@@ -119,9 +119,19 @@ pub struct Engine<B: Backend> {
 impl<B: Backend> Engine<B> {
     /// Loads a model directory (see [`crate::ModelSource`]) onto `device`.
     pub fn load(dir: &Path, device: B::Device) -> Result<Self> {
+        Self::load_with(dir, device, None)
+    }
+
+    /// [`Self::load`], quantizing dense linear weights to NF4 while loading when `quantize` is given
+    /// (pre-quantized bitsandbytes checkpoints load as NF4 either way).
+    pub fn load_with(
+        dir: &Path,
+        device: B::Device,
+        quantize: Option<QuantizeOptions>,
+    ) -> Result<Self> {
         crate::source::check_dir(dir)?;
         let start = Instant::now();
-        let model = load_dir::<B>(dir, &device)?;
+        let model = load_dir_with::<B>(dir, &device, quantize)?;
         let tokenizer = Tokenizer::from_file(&dir.join("tokenizer.json"))?;
         let processor = ProcessorConfig::from_model_dir(dir)?;
         tracing::info!(dir = %dir.display(), seconds = start.elapsed().as_secs_f64(), "model loaded");

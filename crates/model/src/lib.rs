@@ -13,6 +13,7 @@ pub mod image;
 pub mod layers;
 pub mod loader;
 pub mod model;
+pub mod quantize;
 pub mod rope;
 pub mod text;
 pub mod tokenizer;

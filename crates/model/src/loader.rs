@@ -581,6 +581,11 @@ impl Checkpoint {
         Ok(data)
     }
 
+    /// Raw dtype, shape and bytes of a stored tensor under its stored name, marked as used.
+    pub fn raw_tensor(&mut self, stored: &str) -> Option<(Dtype, Vec<usize>, Vec<u8>)> {
+        self.raw(stored)
+    }
+
     /// Raw bytes of a stored tensor (any dtype), marked as used.
     fn raw(&mut self, stored: &str) -> Option<(Dtype, Vec<usize>, Vec<u8>)> {
         let entry = self.names.get(stored)?.clone();
@@ -951,4 +956,22 @@ mod tests {
             }
         }
     }
+}
+
+/// The linear layers of a config: every 2-D weight of [`tensor_specs`] except the token embedding.
+pub fn linear_specs(config: &QwenVlConfig) -> Vec<(String, [usize; 2])> {
+    tensor_specs(config)
+        .into_iter()
+        .filter(|s| {
+            s.shape.len() == 2
+                && s.name.ends_with(".weight")
+                && s.name != "model.embed_tokens.weight"
+        })
+        .map(|s| {
+            (
+                s.name.trim_end_matches(".weight").to_string(),
+                [s.shape[0], s.shape[1]],
+            )
+        })
+        .collect()
 }
