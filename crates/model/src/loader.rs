@@ -763,6 +763,24 @@ pub fn random<B: Backend>(config: &QwenVlConfig, device: &B::Device) -> QwenVl<B
     build(config, &mut RandomSource::new(device)).expect("random weights cannot fail")
 }
 
+/// The linear layers of a config: every 2-D weight of [`tensor_specs`] except the token embedding.
+pub fn linear_specs(config: &QwenVlConfig) -> Vec<(String, [usize; 2])> {
+    tensor_specs(config)
+        .into_iter()
+        .filter(|s| {
+            s.shape.len() == 2
+                && s.name.ends_with(".weight")
+                && s.name != "model.embed_tokens.weight"
+        })
+        .map(|s| {
+            (
+                s.name.trim_end_matches(".weight").to_string(),
+                [s.shape[0], s.shape[1]],
+            )
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -958,20 +976,3 @@ mod tests {
     }
 }
 
-/// The linear layers of a config: every 2-D weight of [`tensor_specs`] except the token embedding.
-pub fn linear_specs(config: &QwenVlConfig) -> Vec<(String, [usize; 2])> {
-    tensor_specs(config)
-        .into_iter()
-        .filter(|s| {
-            s.shape.len() == 2
-                && s.name.ends_with(".weight")
-                && s.name != "model.embed_tokens.weight"
-        })
-        .map(|s| {
-            (
-                s.name.trim_end_matches(".weight").to_string(),
-                [s.shape[0], s.shape[1]],
-            )
-        })
-        .collect()
-}
