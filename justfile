@@ -18,3 +18,4 @@ golden:
     .venv-fixtures/bin/pip install -q -r fixtures/requirements.txt
     .venv-fixtures/bin/python fixtures/generate.py
     .venv-fixtures/bin/python fixtures/tensor_list.py
+    .venv-fixtures/bin/python fixtures/nf4.py
