@@ -26,11 +26,14 @@ struct Expected {
     text: String,
 }
 
+/// The transformers reference for the `ask` prompt (`fixtures/tiny/ask.json`).
+fn expected() -> Expected {
+    serde_json::from_str(&std::fs::read_to_string(fixtures().join("ask.json")).unwrap()).unwrap()
+}
+
 #[test]
 fn ask_json_equals_transformers() {
-    let expected: Expected =
-        serde_json::from_str(&std::fs::read_to_string(fixtures().join("ask.json")).unwrap())
-            .unwrap();
+    let expected = expected();
     let page = fixtures().join("page.png");
     let model = fixtures().join("v5");
     let out = medvl(&[
@@ -71,9 +74,7 @@ fn ask_json_equals_transformers() {
 
 #[test]
 fn streamed_text_equals_json_text() {
-    let expected: Expected =
-        serde_json::from_str(&std::fs::read_to_string(fixtures().join("ask.json")).unwrap())
-            .unwrap();
+    let expected = expected();
     let page = fixtures().join("page.png");
     let model = fixtures().join("hub");
     let out = medvl(&[
@@ -153,9 +154,7 @@ fn clear_errors() {
 /// A hub repo id resolves from the HF cache (`HF_HUB_CACHE`, offline mode), by branch and by commit.
 #[test]
 fn hub_repo_from_the_offline_cache() {
-    let expected: Expected =
-        serde_json::from_str(&std::fs::read_to_string(fixtures().join("ask.json")).unwrap())
-            .unwrap();
+    let expected = expected();
     let cache = std::env::temp_dir().join(format!("medvl-hf-cache-{}", std::process::id()));
     let commit = "0123456789abcdef0123456789abcdef01234567";
     let snapshot = cache.join("models--medvl--tiny/snapshots").join(commit);

@@ -80,15 +80,21 @@ pub struct StreamDecoder<'a> {
 }
 
 impl StreamDecoder<'_> {
-    /// Adds one token; returns the newly completed text, if any.
-    pub fn push(&mut self, id: u32) -> Result<Option<String>> {
-        self.ids.push(id);
+    /// The window's text without and with the tokens not yet emitted.
+    fn decode_window(&self) -> Result<(String, String)> {
         let before = self
             .tokenizer
             .decode(&self.ids[self.prefix..self.read], self.skip_special)?;
         let now = self
             .tokenizer
             .decode(&self.ids[self.prefix..], self.skip_special)?;
+        Ok((before, now))
+    }
+
+    /// Adds one token; returns the newly completed text, if any.
+    pub fn push(&mut self, id: u32) -> Result<Option<String>> {
+        self.ids.push(id);
+        let (before, now) = self.decode_window()?;
         if now.len() > before.len()
             && !now.ends_with('\u{FFFD}')
             && now.is_char_boundary(before.len())
@@ -107,12 +113,7 @@ impl StreamDecoder<'_> {
         if self.read == self.ids.len() {
             return Ok(None);
         }
-        let before = self
-            .tokenizer
-            .decode(&self.ids[self.prefix..self.read], self.skip_special)?;
-        let now = self
-            .tokenizer
-            .decode(&self.ids[self.prefix..], self.skip_special)?;
+        let (before, now) = self.decode_window()?;
         self.prefix = self.read;
         self.read = self.ids.len();
         Ok(now
