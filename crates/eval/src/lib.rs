@@ -1,0 +1,12 @@
+//! Evaluation metrics for medvl, as pure functions plus an aggregator. Never depends on the server or training.
+//!
+//! - [`legacy`]: the reference pipeline's term accuracy, value accuracy and their mean ("combined"), kept
+//!   reproducible for side-by-side tables, with its known blind spots documented.
+//! - [`text`]: normalisation and word-boundary matching (the fix for the legacy metric's "42" inside "142").
+//! - [`vqa`]: PathVQA yes/no accuracy, exact match, token F1, and DocVQA's ANLS.
+//! - [`aggregate`]: means with bootstrap 95% confidence intervals.
+
+pub mod aggregate;
+pub mod legacy;
+pub mod text;
+pub mod vqa;
