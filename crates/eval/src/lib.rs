@@ -3,10 +3,12 @@
 //! - [`legacy`]: the reference pipeline's term accuracy, value accuracy and their mean ("combined"), kept
 //!   reproducible for side-by-side tables, with its known blind spots documented.
 //! - [`text`]: normalisation and word-boundary matching (the fix for the legacy metric's "42" inside "142").
+//! - [`fields`]: field-level precision, recall and F1 per field type, strict and lenient.
 //! - [`vqa`]: PathVQA yes/no accuracy, exact match, token F1, and DocVQA's ANLS.
 //! - [`aggregate`]: means with bootstrap 95% confidence intervals.
 
 pub mod aggregate;
+pub mod fields;
 pub mod legacy;
 pub mod text;
 pub mod vqa;
