@@ -133,9 +133,10 @@ fn synonym(word: &str) -> &str {
 fn number(word: &str) -> String {
     let plain = word.replace(',', "");
     if plain.chars().any(|c| c.is_ascii_digit())
-        && let Ok(v) = plain.parse::<f64>() {
-            return format!("{v}");
-        }
+        && let Ok(v) = plain.parse::<f64>()
+    {
+        return format!("{v}");
+    }
     word.to_string()
 }
 
@@ -209,6 +210,106 @@ pub fn fields_from_json(json: &Value) -> Vec<Field> {
         push(FieldKind::Vital, &name, &value);
     }
     out
+}
+
+/// Sections a free-text answer may be organised in, recognised from its headings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Section {
+    Diagnoses,
+    Medications,
+    Labs,
+    Vitals,
+}
+
+fn heading(line: &str) -> Option<Section> {
+    let h = normalize(
+        line.trim_start_matches(['#', '*', ' '])
+            .trim_end_matches([':', '*', ' ']),
+    );
+    let has = |words: &[&str]| words.iter().any(|w| h.contains(w));
+    if h.split_whitespace().count() > 4 {
+        return None;
+    }
+    if has(&["diagnos", "assessment", "problem"]) {
+        Some(Section::Diagnoses)
+    } else if has(&["medication", "drugs", "prescription"]) {
+        Some(Section::Medications)
+    } else if has(&["lab", "result"]) {
+        Some(Section::Labs)
+    } else if has(&["vital"]) {
+        Some(Section::Vitals)
+    } else {
+        None
+    }
+}
+
+/// Records of a model answer: the JSON object in it when there is one (also inside a ```json fence or surrounded
+/// by prose), otherwise its free text read by headings, bullets and `name: value` lines: diagnoses are whole
+/// lines, medications give their name (the words before the first number), labs and vitals give `name: value`.
+pub fn fields_from_output(output: &str) -> Vec<Field> {
+    if let (Some(start), Some(end)) = (output.find('{'), output.rfind('}'))
+        && start < end
+        && let Ok(json) = serde_json::from_str::<Value>(&output[start..=end])
+    {
+        return fields_from_json(&json);
+    }
+    let mut out = Vec::new();
+    let mut section = None;
+    for raw in output.lines() {
+        let line = raw.trim().trim_start_matches(['-', '*', '•', ' ']).trim();
+        if line.is_empty() {
+            continue;
+        }
+        let (name, rest) = match line.split_once(':') {
+            Some((n, r)) => (n.trim(), r.trim()),
+            None => (line, ""),
+        };
+        if let Some(s) = heading(name) {
+            section = Some(s);
+            if rest.is_empty() {
+                continue;
+            }
+        }
+        let field = |kind, key: &str, value: &str| Field {
+            kind,
+            key: canonical(key),
+            value: canonical(value),
+        };
+        match section {
+            Some(Section::Diagnoses) => out.push(field(
+                FieldKind::Diagnosis,
+                if heading(name).is_some() { rest } else { line },
+                "",
+            )),
+            Some(Section::Medications) => {
+                let text = if heading(name).is_some() { rest } else { line };
+                let drug: String = text
+                    .split_whitespace()
+                    .take_while(|w| !w.starts_with(|c: char| c.is_ascii_digit()))
+                    .collect::<Vec<_>>()
+                    .join(" ");
+                out.push(field(FieldKind::MedicationName, &drug, ""));
+            }
+            Some(Section::Labs) if !rest.is_empty() => {
+                out.push(field(FieldKind::LabValue, name, value_part(rest)))
+            }
+            Some(Section::Vitals) if !rest.is_empty() => {
+                out.push(field(FieldKind::Vital, name, value_part(rest)))
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// The value and unit of "142 mg/dL (70-99) H": everything before a parenthesis or a trailing flag.
+fn value_part(text: &str) -> &str {
+    let cut = text.find(['(', '[']).unwrap_or(text.len());
+    let text = text[..cut].trim();
+    text.strip_suffix(" H")
+        .or_else(|| text.strip_suffix(" L"))
+        .unwrap_or(text)
+        .trim()
 }
 
 /// How values must agree.
@@ -399,6 +500,31 @@ mod tests {
             score(&wrong, &expected, Matching::Lenient)[&FieldKind::LabValue].true_positives,
             0
         );
+    }
+
+    #[test]
+    fn json_in_prose_and_fenced() {
+        let answer = "Here is the extraction:\n```json\n{\"labs\": [{\"name\": \"Glucose\", \"value\": \"142\", \"unit\": \"mg/dL\"}]}\n```";
+        let fields = fields_from_output(answer);
+        assert!(fields.contains(&Field {
+            kind: FieldKind::LabValue,
+            key: "glucose".into(),
+            value: "142 mg/dl".into()
+        }));
+    }
+
+    #[test]
+    fn free_text_by_headings_and_bullets() {
+        let answer = "**Diagnoses:**\n- Type 2 diabetes mellitus\n- Essential hypertension\n\nMedications:\n\
+                      - Metformin 500 mg PO BID\n\nLab results\n- Glucose: 142 mg/dL (70-99) H\n- PT: 14.2 s\n\n\
+                      Vital signs: \n* BP: 142/88 mmHg";
+        let predicted = fields_from_output(answer);
+        let scores = score(&predicted, &truth(), Matching::Strict);
+        assert_eq!(scores[&FieldKind::Diagnosis].true_positives, 2);
+        assert_eq!(scores[&FieldKind::MedicationName].true_positives, 1);
+        assert_eq!(scores[&FieldKind::LabValue].true_positives, 2);
+        assert_eq!(scores[&FieldKind::Vital].true_positives, 1);
+        assert_eq!(scores[&FieldKind::LabValue].false_positives, 0);
     }
 
     #[test]
