@@ -1,0 +1,79 @@
+//! Medical document datasets for medvl: the normalised [`Sample`], deterministic document-level splits
+//! ([`split`]) and the MTSamples transcriptions ([`mtsamples`]). Never depends on the server, training or eval.
+
+pub mod mtsamples;
+pub mod split;
+
+use serde::{Deserialize, Serialize};
+
+/// Errors of the data crate; each names the file and, where there is one, the row.
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    /// A file could not be read.
+    #[error("cannot read {path}: {reason}")]
+    Read {
+        /// The file.
+        path: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// A required column is absent.
+    #[error("{path}: no column `{column}` (found: {found})")]
+    MissingColumn {
+        /// The file.
+        path: String,
+        /// The column.
+        column: String,
+        /// The header as found.
+        found: String,
+    },
+    /// A row is unusable.
+    #[error("{path}, row {row}: {reason}")]
+    BadRow {
+        /// The file.
+        path: String,
+        /// 1-based data row (the header is row 0).
+        row: usize,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// Result with [`DataError`].
+pub type Result<T, E = DataError> = std::result::Result<T, E>;
+
+/// Where a sample comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Source {
+    /// PathVQA.
+    PathVqa,
+    /// MTSamples transcriptions.
+    MtSamples,
+    /// medvl's synthetic clinical forms.
+    Synthetic,
+}
+
+/// One training or evaluation example, whatever its source.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Sample {
+    /// Stable id, unique within the source.
+    pub id: String,
+    /// The document this sample belongs to (splits never separate samples of one document).
+    pub document: String,
+    /// Source dataset.
+    pub source: Source,
+    /// Category (medical specialty, form type, question type).
+    pub category: String,
+    /// The text the page shows (MTSamples), or the question (PathVQA).
+    pub text: String,
+    /// The target answer or extraction.
+    pub target: String,
+}
+
+/// Rows skipped by a `skip_bad` read, with the reason for each; nothing is dropped silently.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Skipped {
+    /// `(row, reason)` pairs.
+    pub rows: Vec<(usize, String)>,
+}
