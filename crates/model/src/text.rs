@@ -56,20 +56,23 @@ impl<B: Backend> KvCache<B> {
     ) -> (Tensor<B, 4>, Tensor<B, 4>) {
         let [b, kvh, new, d] = k.dims();
         let end = self.len + new;
-        let (mut kb, mut vb) = match self.layers[i].take() {
-            Some(buffers) => buffers,
-            None => {
-                let empty = Tensor::zeros([b, kvh, 0, d], &k.device());
-                (empty.clone(), empty)
+        let capacity = end.div_ceil(Self::BLOCK) * Self::BLOCK;
+        let device = k.device();
+        // Buffers are never empty tensors: the first write allocates whole blocks, later ones grow by whole blocks.
+        let (kb, vb) = match self.layers[i].take() {
+            Some((kb, vb)) if kb.dims()[2] >= end => (kb, vb),
+            Some((kb, vb)) => {
+                let zeros = Tensor::zeros([b, kvh, capacity - kb.dims()[2], d], &device);
+                (
+                    Tensor::cat(vec![kb, zeros.clone()], 2),
+                    Tensor::cat(vec![vb, zeros], 2),
+                )
             }
+            None => (
+                Tensor::zeros([b, kvh, capacity, d], &device),
+                Tensor::zeros([b, kvh, capacity, d], &device),
+            ),
         };
-        let capacity = kb.dims()[2];
-        if end > capacity {
-            let grow = end.div_ceil(Self::BLOCK) * Self::BLOCK - capacity;
-            let zeros = Tensor::zeros([b, kvh, grow, d], &k.device());
-            kb = Tensor::cat(vec![kb, zeros.clone()], 2);
-            vb = Tensor::cat(vec![vb, zeros], 2);
-        }
         let kb = kb.slice_assign(s![.., .., self.len..end], k);
         let vb = vb.slice_assign(s![.., .., self.len..end], v);
         self.layers[i] = Some((kb.clone(), vb.clone()));
