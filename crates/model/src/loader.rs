@@ -154,7 +154,7 @@ impl QuantizeOptions {
         self
     }
 
-    fn skips(&self, name: &str) -> bool {
+    pub(crate) fn skips(&self, name: &str) -> bool {
         self.skip.iter().any(|k| name.contains(k.as_str()))
     }
 }
@@ -176,7 +176,7 @@ fn upload_nf4<B: Backend>(tensor: &medvl_nf4::Nf4Tensor, device: &B::Device) -> 
     LinearWeight::Nf4(Nf4Weight::from_host(tensor, device))
 }
 
-fn quantize_host(
+pub(crate) fn quantize_host(
     name: &str,
     data: TensorData,
     shape: [usize; 2],
@@ -372,6 +372,13 @@ impl<B: Backend> TensorSource<B> for RandomSource<'_, B> {
 }
 
 /// Maps a hub-original name to the transformers >= 4.52 layout (`model.language_model.*`, `model.visual.*`).
+/// The inverse of [`v5_name`]: the hub-original name of a stored name in either layout.
+pub(crate) fn hub_name(stored: &str) -> String {
+    stored
+        .replacen("model.language_model.", "model.", 1)
+        .replacen("model.visual.", "visual.", 1)
+}
+
 fn v5_name(name: &str) -> Option<String> {
     if let Some(rest) = name.strip_prefix("visual.") {
         Some(format!("model.visual.{rest}"))
@@ -581,13 +588,8 @@ impl Checkpoint {
         Ok(data)
     }
 
-    /// Raw dtype, shape and bytes of a stored tensor under its stored name, marked as used.
-    pub fn raw_tensor(&mut self, stored: &str) -> Option<(Dtype, Vec<usize>, Vec<u8>)> {
-        self.raw(stored)
-    }
-
-    /// Raw bytes of a stored tensor (any dtype), marked as used.
-    fn raw(&mut self, stored: &str) -> Option<(Dtype, Vec<usize>, Vec<u8>)> {
+    /// Raw dtype, shape and bytes of a stored tensor (any dtype) under its stored name, marked as used.
+    pub fn raw(&mut self, stored: &str) -> Option<(Dtype, Vec<usize>, Vec<u8>)> {
         let entry = self.names.get(stored)?.clone();
         self.used.insert(stored.to_string());
         Some((

@@ -11,7 +11,7 @@ use safetensors::tensor::TensorView;
 
 use crate::config::QwenVlConfig;
 use crate::error::{ModelError, Result};
-use crate::loader::{Checkpoint, QuantizeOptions, linear_specs};
+use crate::loader::{Checkpoint, QuantizeOptions, hub_name, linear_specs, quantize_host};
 
 /// Files copied unchanged from the source directory when present.
 const COPIED: [&str; 5] = [
@@ -57,38 +57,16 @@ pub fn quantize_dir(src: &Path, out: &Path, options: &QuantizeOptions) -> Result
     let mut quantized = 0;
     // The compute dtype recorded for transformers: the dtype the weights came in.
     let mut compute_dtype = "bfloat16";
-    for (stored, _) in checkpoint
-        .names()
-        .into_iter()
-        .map(|(n, p)| (n.to_string(), p.to_path_buf()))
-        .collect::<Vec<_>>()
-    {
-        let base = stored.trim_end_matches(".weight");
+    let stored_names: Vec<String> = checkpoint.names().into_keys().map(str::to_string).collect();
+    for stored in stored_names {
         // Both key layouts map to the same linear names (hub-original in `linear_specs`).
-        let canonical = base
-            .replacen("model.language_model.", "model.", 1)
-            .replacen("model.visual.", "visual.", 1);
+        let canonical = hub_name(stored.trim_end_matches(".weight"));
         match linears.get(&canonical) {
-            Some(&shape)
-                if stored.ends_with(".weight")
-                    && !options.skip.iter().any(|k| canonical.contains(k.as_str())) =>
-            {
-                let data = checkpoint.read(&canonical_weight(&canonical), &shape)?;
+            Some(&shape) if stored.ends_with(".weight") && !options.skips(&canonical) => {
+                let data = checkpoint.read(&format!("{canonical}.weight"), &shape)?;
                 let dtype = dtype_name(data.dtype);
                 compute_dtype = dtype;
-                let values: Vec<f32> =
-                    data.convert::<f32>()
-                        .to_vec()
-                        .map_err(|e| ModelError::Quantization {
-                            name: stored.clone(),
-                            reason: format!("{e:?}"),
-                        })?;
-                let nf4 =
-                    medvl_nf4::quantize(&values, &shape, options.blocksize, options.double_quant)
-                        .map_err(|e| ModelError::Quantization {
-                        name: stored.clone(),
-                        reason: e.to_string(),
-                    })?;
+                let nf4 = quantize_host(&stored, data, shape, options)?;
                 let parts = medvl_nf4::bnb::BnbParts::from_tensor(&nf4, dtype);
                 let n = parts.weight.len();
                 tensors.insert(
@@ -129,7 +107,7 @@ pub fn quantize_dir(src: &Path, out: &Path, options: &QuantizeOptions) -> Result
             _ => {
                 let (dtype, shape, bytes) =
                     checkpoint
-                        .raw_tensor(&stored)
+                        .raw(&stored)
                         .ok_or_else(|| ModelError::MissingTensor {
                             name: stored.clone(),
                             files: src.display().to_string(),
@@ -194,10 +172,6 @@ pub fn quantize_dir(src: &Path, out: &Path, options: &QuantizeOptions) -> Result
         kept,
         bytes,
     })
-}
-
-fn canonical_weight(name: &str) -> String {
-    format!("{name}.weight")
 }
 
 fn dtype_name(dtype: burn::tensor::DType) -> &'static str {

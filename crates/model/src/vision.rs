@@ -6,7 +6,7 @@
 
 use burn::prelude::*;
 use burn::tensor::activation::gelu;
-use burn::tensor::{DType, Int};
+use burn::tensor::Int;
 
 use crate::attention::Segments;
 use crate::config::VisionConfig;
@@ -228,11 +228,6 @@ impl<B: Backend> VisionTower<B> {
 pub(crate) fn index_tensor<B: Backend>(index: &[usize], device: &B::Device) -> Tensor<B, 1, Int> {
     let data: Vec<i64> = index.iter().map(|&i| i as i64).collect();
     Tensor::from_data(TensorData::new(data, [index.len()]), device)
-}
-
-/// The dtype the model computes in on this backend (bf16 on `Cuda<bf16>`, f32 on the CPU).
-pub fn float_dtype<B: Backend>(device: &B::Device) -> DType {
-    Tensor::<B, 1>::zeros([1], device).dtype()
 }
 
 #[cfg(test)]
