@@ -1,16 +1,23 @@
 # medvl recipes. `just --list` shows them.
 
-# CPU tests (what CI runs), with the cuda feature compiled in so that one build serves tests and GPU binaries.
+# CPU tests (what CI runs), with the cuda feature compiled in so that one build serves tests and GPU binaries;
+# the CubeCL kernels run on Mesa's lavapipe (installed by the script when missing).
 test:
-    cargo test --workspace --features cuda
+    scripts/test
 
 # Clippy as CI runs it.
 lint:
-    cargo clippy --workspace --all-targets --features cuda -- -D warnings
+    cargo clippy --workspace --all-targets --features cuda,medvl-kernels/wgpu -- -D warnings
 
-# GPU fidelity: the tiny reference model on CUDA bf16 against transformers (needs an NVIDIA GPU + CUDA 12/13 NVRTC).
+# GPU checks on a machine with an NVIDIA GPU + CUDA 12/13 NVRTC: model fidelity against transformers (bf16) and
+# the NF4 kernels against their host reference.
 test-cuda:
     cargo test -p medvl-model --features cuda --test fidelity -- --ignored --nocapture gpu::cuda_bf16
+    cargo test -p medvl-kernels --features cuda --test nf4_gemv -- --ignored --nocapture
+
+# Kernel benchmark: NF4 GEMV GB/s at the 7B's decode shapes against the card's measured copy bandwidth.
+bench-kernels:
+    cargo run --release -p medvl-bench --features cuda -- kernels --out benchmarks/kernels.json
 
 # Regenerate the reference fixtures with transformers (CPU is enough; installs fixtures/requirements.txt in a venv).
 golden:

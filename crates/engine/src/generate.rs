@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use burn::prelude::*;
-use medvl_model::chat::{Message, expand_image_pads, render};
+use medvl_model::chat::{ChatTemplate, Message, expand_image_pads};
 use medvl_model::image::{PixelValues, ProcessorConfig, preprocess_bytes};
 use medvl_model::{QuantizeOptions, QwenVl, Tokenizer, load_dir_with};
 use serde::{Deserialize, Serialize};
@@ -112,6 +112,7 @@ pub struct Engine<B: Backend> {
     model: QwenVl<B>,
     tokenizer: Tokenizer,
     processor: ProcessorConfig,
+    template: ChatTemplate,
     device: B::Device,
     dir: PathBuf,
 }
@@ -134,11 +135,13 @@ impl<B: Backend> Engine<B> {
         let model = load_dir_with::<B>(dir, &device, quantize)?;
         let tokenizer = Tokenizer::from_file(&dir.join("tokenizer.json"))?;
         let processor = ProcessorConfig::from_model_dir(dir)?;
+        let template = ChatTemplate::from_model_dir(dir)?;
         tracing::info!(dir = %dir.display(), seconds = start.elapsed().as_secs_f64(), "model loaded");
         Ok(Self {
             model,
             tokenizer,
             processor,
+            template,
             device,
             dir: dir.to_path_buf(),
         })
@@ -152,6 +155,11 @@ impl<B: Backend> Engine<B> {
     /// The tokenizer.
     pub fn tokenizer(&self) -> &Tokenizer {
         &self.tokenizer
+    }
+
+    /// The chat template (the model directory's own, or the built-in Qwen2.5-VL one).
+    pub fn chat_template(&self) -> &ChatTemplate {
+        &self.template
     }
 
     /// Image processor settings (from the model directory unless replaced).
@@ -185,7 +193,7 @@ impl<B: Backend> Engine<B> {
             .collect::<Result<_>>()?;
         let merge = self.processor.merge_size;
         let counts: Vec<usize> = pixels.iter().map(|p| p.num_tokens(merge)).collect();
-        let text = render(&request.messages, true);
+        let text = self.template.render(&request.messages, true)?;
         let ids = self.tokenizer.encode(&text)?;
         let ids = expand_image_pads(&ids, self.model.config.tokens.image, &counts)?;
         let preprocess_s = start.elapsed().as_secs_f64();

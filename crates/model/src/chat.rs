@@ -1,14 +1,21 @@
-//! The Qwen2.5-VL chat template, rendered in Rust (no template engine): the model's built-in template, equal to
-//! the Jinja template of the hub's `chat_template.json` for text and image content (checked against transformers'
-//! `apply_chat_template` by `tests/chat_template.rs`).
+//! Chat templates. A model directory's own Jinja template is used when it has one (`chat_template.jinja`,
+//! `chat_template.json` or the `chat_template` of `tokenizer_config.json`, in that order, as transformers reads
+//! them), rendered with `minijinja` and its Python-compatibility methods; otherwise the built-in Qwen2.5-VL
+//! template, rendered in Rust: equal to the Jinja template of the hub's `chat_template.json` for text and image
+//! content (both checked against transformers' `apply_chat_template` by `tests/tokenizer.rs`).
 //!
+//! The built-in template:
 //! ```text
 //! <|im_start|>system\nYou are a helpful assistant.<|im_end|>\n            (when the first message is not a system one)
 //! <|im_start|>{role}\n{text and <|vision_start|><|image_pad|><|vision_end|> parts}<|im_end|>\n   (each message)
 //! <|im_start|>assistant\n                                                  (with add_generation_prompt)
 //! ```
 
+use std::path::{Path, PathBuf};
+
 use serde::{Deserialize, Serialize};
+
+use crate::ModelError;
 
 /// The default system prompt the template inserts.
 pub const DEFAULT_SYSTEM: &str = "You are a helpful assistant.";
@@ -109,6 +116,114 @@ pub fn render(messages: &[Message], add_generation_prompt: bool) -> String {
         out.push_str("<|im_start|>assistant\n");
     }
     out
+}
+
+/// How a conversation becomes prompt text.
+#[derive(Debug, Clone)]
+pub enum ChatTemplate {
+    /// Qwen2.5-VL's template, rendered in Rust ([`render`]).
+    Builtin,
+    /// A Jinja template (Hugging Face's `apply_chat_template` semantics), compiled once.
+    Jinja(JinjaTemplate),
+}
+
+/// A compiled Jinja chat template.
+#[derive(Clone)]
+pub struct JinjaTemplate {
+    env: minijinja::Environment<'static>,
+    file: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for JinjaTemplate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JinjaTemplate").field("file", &self.file).finish_non_exhaustive()
+    }
+}
+
+impl ChatTemplate {
+    /// The template of a model directory: `chat_template.jinja`, then `chat_template.json`
+    /// (`{"chat_template": "..."}`), then `tokenizer_config.json`'s `chat_template` (a string, or a list of
+    /// `{name, template}` of which `default` is taken); the built-in one when none has a template.
+    pub fn from_model_dir(dir: &Path) -> Result<Self, ModelError> {
+        let read = |path: &Path| {
+            std::fs::read_to_string(path).map_err(|source| ModelError::Io {
+                path: path.to_path_buf(),
+                source,
+            })
+        };
+        let jinja = dir.join("chat_template.jinja");
+        if jinja.is_file() {
+            return Self::jinja(read(&jinja)?, Some(jinja));
+        }
+        for name in ["chat_template.json", "tokenizer_config.json"] {
+            let path = dir.join(name);
+            if !path.is_file() {
+                continue;
+            }
+            let json: serde_json::Value =
+                serde_json::from_str(&read(&path)?).map_err(|e| ModelError::ChatTemplate {
+                    source_file: Some(path.clone()),
+                    reason: format!("not valid JSON: {e}"),
+                })?;
+            let template = match &json["chat_template"] {
+                serde_json::Value::String(t) => Some(t.clone()),
+                serde_json::Value::Array(named) => named
+                    .iter()
+                    .find(|t| t["name"] == "default")
+                    .and_then(|t| t["template"].as_str())
+                    .map(str::to_string),
+                _ => None,
+            };
+            if let Some(template) = template {
+                return Self::jinja(template, Some(path));
+            }
+        }
+        Ok(Self::Builtin)
+    }
+
+    /// Compiles a Jinja template; `file` names its origin in errors.
+    pub fn jinja(source: String, file: Option<PathBuf>) -> Result<Self, ModelError> {
+        let mut env = minijinja::Environment::new();
+        // Hugging Face templates call Python string methods (`.strip()`, `.startswith()`, ...).
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function(
+            "raise_exception",
+            |message: String| -> Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    message,
+                ))
+            },
+        );
+        env.add_template_owned("chat", source)
+            .map_err(|e| ModelError::ChatTemplate {
+                source_file: file.clone(),
+                reason: e.to_string(),
+            })?;
+        Ok(Self::Jinja(JinjaTemplate { env, file }))
+    }
+
+    /// Renders a conversation as prompt text with one `<|image_pad|>` per image (for the Qwen2.5-VL templates).
+    pub fn render(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+    ) -> Result<String, ModelError> {
+        let Self::Jinja(JinjaTemplate { env, file }) = self else {
+            return Ok(render(messages, add_generation_prompt));
+        };
+        let fail = |e: minijinja::Error| ModelError::ChatTemplate {
+            source_file: file.clone(),
+            reason: e.to_string(),
+        };
+        env.get_template("chat")
+            .map_err(fail)?
+            .render(minijinja::context! {
+                messages => messages,
+                add_generation_prompt => add_generation_prompt,
+            })
+            .map_err(fail)
+    }
 }
 
 /// Replaces the `k`-th `image_pad` id by `counts[k]` copies of it (each image's token count).

@@ -97,6 +97,14 @@ pub enum ModelError {
     /// The tokenizer could not be loaded or failed.
     #[error("tokenizer: {0}")]
     Tokenizer(String),
+    /// The model's chat template is invalid or failed to render.
+    #[error("chat template{}: {reason}", source_file.as_ref().map(|p| format!(" {}", p.display())).unwrap_or_default())]
+    ChatTemplate {
+        /// Where the template came from, when read from disk.
+        source_file: Option<PathBuf>,
+        /// What went wrong.
+        reason: String,
+    },
     /// Model input is inconsistent (token ids vs images, shapes).
     #[error("invalid input: {0}")]
     Input(String),

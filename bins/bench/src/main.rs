@@ -1,0 +1,287 @@
+//! `medvl-bench`: benchmarks on the GPU.
+//!
+//! `medvl-bench kernels` rates the NF4 decode GEMV at the shapes of Qwen2.5-VL-7B's decoder against the card's
+//! copy bandwidth measured in the same run, and writes the numbers as JSON.
+//!
+//! Two times per case: `kernel_us`, the GPU time of one launch (launches queued behind a long copy so that the
+//! GPU never waits for the host: (wall time of copy + N launches - wall time of the copy) / N), and `launch_us`,
+//! the wall time per launch when launches run back to back from the host (what a decode step built from single
+//! launches pays when the kernel is shorter than the host's launch cost).
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use cubecl::prelude::*;
+use medvl_kernels::nf4::{self, Nf4Matrix};
+use medvl_kernels::{Buffer, probe};
+use medvl_nf4::{Absmax, DYNAMIC_MAP, Nf4Tensor};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::Serialize;
+
+#[derive(Parser)]
+#[command(name = "medvl-bench", version, about = "medvl benchmarks on the GPU")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// NF4 GEMV GB/s per shape and batch against the measured copy bandwidth.
+    Kernels(KernelArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum RuntimeKind {
+    /// NVIDIA GPUs.
+    Cuda,
+    /// wgpu (Vulkan/Metal; a software driver on CPU-only machines: a smoke run, not a measurement).
+    Wgpu,
+}
+
+#[derive(clap::Args)]
+struct KernelArgs {
+    /// Where to run.
+    #[arg(long, value_enum, default_value = "cuda")]
+    runtime: RuntimeKind,
+    /// The card's name, recorded in the report (e.g. from `nvidia-smi --query-gpu=name --format=csv,noheader`).
+    #[arg(long, default_value = "unknown")]
+    card: String,
+    /// The git commit the binary was built from, recorded in the report.
+    #[arg(long, default_value = "unknown")]
+    commit: String,
+    /// Write the report here (JSON).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Bytes the copy probe moves each way (GiB).
+    #[arg(long, default_value_t = 1.0)]
+    copy_gib: f64,
+    /// Launches timed per case.
+    #[arg(long, default_value_t = 100)]
+    launches: usize,
+    /// Only the small shapes (a smoke run).
+    #[arg(long)]
+    quick: bool,
+    /// Activation type (`bf16` as in the model; `f32` where the runtime has no bf16, e.g. wgpu).
+    #[arg(long, value_enum, default_value = "bf16")]
+    activations: ActivationKind,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ActivationKind {
+    Bf16,
+    F32,
+}
+
+/// One measured case.
+#[derive(Serialize)]
+struct Case {
+    name: &'static str,
+    rows: usize,
+    cols: usize,
+    batch: usize,
+    weight_mb: f64,
+    kernel_us: f64,
+    gb_per_s: f64,
+    fraction_of_copy: f64,
+    launch_us: f64,
+}
+
+#[derive(Serialize)]
+struct Report {
+    card: String,
+    runtime: &'static str,
+    activations: &'static str,
+    git_commit: String,
+    copy_gb_per_s: f64,
+    cases: Vec<Case>,
+}
+
+/// The decode-path matrices of Qwen2.5-VL-7B's decoder, `[out, in]`, and the fused ones a decode plan uses.
+const SHAPES: &[(&str, usize, usize)] = &[
+    ("q_proj / o_proj", 3584, 3584),
+    ("k_proj / v_proj", 512, 3584),
+    ("qkv fused", 4608, 3584),
+    ("gate_proj / up_proj", 18944, 3584),
+    ("gate+up fused", 37888, 3584),
+    ("down_proj", 3584, 18944),
+    ("lm_head (NF4)", 152064, 3584),
+];
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(tracing_subscriber::EnvFilter::from_env("MEDVL_LOG"))
+        .init();
+    match Cli::parse().command {
+        Command::Kernels(args) => match args.runtime {
+            #[cfg(feature = "cuda")]
+            RuntimeKind::Cuda => kernels::<cubecl::cuda::CudaRuntime>(&args, "cuda"),
+            #[cfg(feature = "wgpu")]
+            RuntimeKind::Wgpu => kernels::<cubecl::wgpu::WgpuRuntime>(&args, "wgpu"),
+            #[allow(unreachable_patterns)]
+            _ => bail!("this build has no such runtime: rebuild with `--features cuda` or `--features wgpu`"),
+        },
+    }
+}
+
+fn sync<R: Runtime>(client: &ComputeClient<R>) -> Result<()> {
+    cubecl::future::block_on(client.sync()).map_err(|e| anyhow::anyhow!("device sync: {e:?}"))
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// A random NF4 matrix with double-quantized scales (speed does not depend on the values, so no quantization).
+fn random_matrix(rows: usize, cols: usize, rng: &mut ChaCha8Rng) -> Nf4Tensor {
+    let blocks = (rows * cols).div_ceil(64);
+    let mut packed = vec![0u8; (rows * cols).div_ceil(2)];
+    rng.fill(packed.as_mut_slice());
+    let mut codes = vec![0u8; blocks];
+    rng.fill(codes.as_mut_slice());
+    Nf4Tensor {
+        packed,
+        absmax: Absmax::Double {
+            codes,
+            nested_absmax: (0..blocks.div_ceil(256)).map(|_| rng.random_range(0.01..0.1)).collect(),
+            nested_code: DYNAMIC_MAP.to_vec(),
+            offset: 0.05,
+        },
+        blocksize: 64,
+        shape: vec![rows, cols],
+    }
+}
+
+fn kernels<R: Runtime>(args: &KernelArgs, runtime: &'static str) -> Result<()> {
+    match args.activations {
+        ActivationKind::Bf16 => kernels_in::<R, half::bf16>(args, runtime, "bf16"),
+        ActivationKind::F32 => kernels_in::<R, f32>(args, runtime, "f32"),
+    }
+}
+
+fn kernels_in<R: Runtime, F: nf4::Activation>(
+    args: &KernelArgs,
+    runtime: &'static str,
+    activations: &'static str,
+) -> Result<()> {
+    let client = R::client(&Default::default());
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+
+    // Copy bandwidth (read + write counted), and the copy's own time for the queued measurements.
+    let copy_len = ((args.copy_gib * (1u64 << 30) as f64) as usize / 16) * 4;
+    let src = Buffer::<u32>::from_slice(&client, &vec![1u32; copy_len]);
+    let dst = Buffer::<u32>::empty(&client, copy_len);
+    let time_copy = |reps: usize| -> Result<f64> {
+        sync(&client)?;
+        let start = Instant::now();
+        for _ in 0..reps {
+            probe::copy(&client, &src, &dst)?;
+        }
+        sync(&client)?;
+        Ok(start.elapsed().as_secs_f64() / reps as f64)
+    };
+    time_copy(3)?;
+    let copy_s = median((0..5).map(|_| time_copy(4)).collect::<Result<_>>()?);
+    let copy_gb_per_s = 2.0 * (copy_len * 4) as f64 / copy_s / 1e9;
+    println!(
+        "copy probe: {:.2} GiB each way in {:.3} ms = {copy_gb_per_s:.0} GB/s (read + write)",
+        args.copy_gib,
+        copy_s * 1e3
+    );
+
+    let shapes: Vec<_> = if args.quick {
+        SHAPES.iter().filter(|s| s.1 * s.2 < 20_000_000).collect()
+    } else {
+        SHAPES.iter().collect()
+    };
+    let n = args.launches;
+    let mut cases = Vec::new();
+    println!(
+        "| matrix | out x in | batch | weight MB | kernel us | GB/s | of copy | launch us |\n|---|---|---|---|---|---|---|---|"
+    );
+    for &&(name, rows, cols) in &shapes {
+        let matrix = Nf4Matrix::upload(&client, &random_matrix(rows, cols, &mut rng))
+            .with_context(|| format!("upload {rows}x{cols}"))?;
+        for batch in [1usize, 4, 8] {
+            let x = Buffer::<F>::from_slice(&client, &vec![F::from_int(1); batch * cols]);
+            let y = Buffer::<F>::empty(&client, batch * rows);
+            let launch = || nf4::gemv(&client, &x, batch, &matrix, &y);
+            launch()?;
+            sync(&client)?;
+            // Back to back from the host.
+            let start = Instant::now();
+            for _ in 0..n {
+                launch()?;
+            }
+            sync(&client)?;
+            let launch_s = start.elapsed().as_secs_f64() / n as f64;
+            // Queued behind two copies, so that the GPU runs the launches back to back.
+            let queued = (0..5)
+                .map(|_| -> Result<f64> {
+                    sync(&client)?;
+                    let start = Instant::now();
+                    probe::copy(&client, &src, &dst)?;
+                    probe::copy(&client, &src, &dst)?;
+                    for _ in 0..n {
+                        launch()?;
+                    }
+                    sync(&client)?;
+                    Ok((start.elapsed().as_secs_f64() - 2.0 * copy_s) / n as f64)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let kernel_s = median(queued).max(1e-9);
+            let bytes = matrix.weight_bytes() + batch * (rows + cols) * size_of::<F>();
+            let gb_per_s = bytes as f64 / kernel_s / 1e9;
+            let case = Case {
+                name,
+                rows,
+                cols,
+                batch,
+                weight_mb: matrix.weight_bytes() as f64 / 1e6,
+                kernel_us: kernel_s * 1e6,
+                gb_per_s,
+                fraction_of_copy: gb_per_s / copy_gb_per_s,
+                launch_us: launch_s * 1e6,
+            };
+            println!(
+                "| {name} | {rows}x{cols} | {batch} | {:.1} | {:.1} | {:.0} | {:.0}% | {:.1} |",
+                case.weight_mb,
+                case.kernel_us,
+                case.gb_per_s,
+                100.0 * case.fraction_of_copy,
+                case.launch_us
+            );
+            cases.push(case);
+        }
+    }
+
+    let report = Report {
+        card: args.card.clone(),
+        runtime,
+        activations,
+        git_commit: args.commit.clone(),
+        copy_gb_per_s,
+        cases,
+    };
+    if let Some(out) = &args.out {
+        write_atomic(out, &serde_json::to_vec_pretty(&report)?)?;
+        println!("wrote {}", out.display());
+    }
+    Ok(())
+}
+
+/// Writes through a temporary file in the same directory and renames it over `path`.
+fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    }
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, bytes).with_context(|| format!("write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("rename to {}", path.display()))?;
+    Ok(())
+}

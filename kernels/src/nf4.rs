@@ -1,0 +1,364 @@
+//! NF4 matrix-vector products for decode: `y[b, n] = sum_k x[b, k] * W[n, k]` for 1-8 rows of `x`, reading the
+//! bitsandbytes-packed weight once.
+//!
+//! The weight stays in the bitsandbytes layout (two 4-bit codes per byte, high nibble first, over the row-major
+//! flattened matrix; one scale per `blocksize` consecutive values, double-quantized as an 8-bit code into the
+//! dynamic map times a per-256-block f32 scale plus an offset), so a pre-quantized checkpoint is uploaded byte for
+//! byte. Two kernels:
+//! - `gemv_aligned` when `cols % 32 == 0` (every decode-path matrix of Qwen2.5-VL): one plane (warp) per output
+//!   row; each lane loads 16 bytes (32 codes, always inside one block) per step, looks the codes up in a 16-entry
+//!   table in shared memory, multiplies by the activations and applies the block scale once per 32 products; the
+//!   plane then sums its lanes.
+//! - `gemv_any` for other widths (blocks then straddle rows): one code per lane per step, exact but slower.
+
+use cubecl::prelude::*;
+use cubecl::server::Handle;
+use medvl_nf4::{Absmax, NESTED_BLOCKSIZE, NF4_CODE, Nf4Tensor};
+
+use crate::{Buffer, KernelError};
+
+/// Most rows of `x` one launch multiplies (the decode batch is split into launches of at most this many).
+pub const MAX_BATCH: usize = 8;
+
+/// Rows of the output one cube computes (one plane each).
+const ROWS_PER_CUBE: u32 = 4;
+
+/// Block scales on the device.
+enum Scales {
+    /// Double quantization: 8-bit codes (4 per u32), per-256-block f32 scales, the 256-entry map, the offset.
+    Double {
+        codes: Handle,
+        nested: Handle,
+        map: Handle,
+        offset: f32,
+    },
+    /// One f32 per block.
+    Plain(Handle),
+}
+
+/// An NF4 weight matrix `[rows, cols]` (`[out_features, in_features]`) on the device, in the bitsandbytes layout.
+pub struct Nf4Matrix {
+    rows: usize,
+    cols: usize,
+    blocksize: usize,
+    /// The packed codes, zero-padded to a multiple of 16 bytes.
+    packed: Handle,
+    scales: Scales,
+    /// The 16 NF4 code values.
+    codebook: Handle,
+}
+
+/// Bytes padded with zeros to a multiple of `align`.
+fn padded(bytes: &[u8], align: usize) -> Vec<u8> {
+    let mut v = bytes.to_vec();
+    v.resize(bytes.len().div_ceil(align).max(1) * align, 0);
+    v
+}
+
+fn f32_bytes(values: &[f32]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+impl Nf4Matrix {
+    /// Uploads a 2-D NF4 tensor.
+    pub fn upload<R: Runtime>(
+        client: &ComputeClient<R>,
+        tensor: &Nf4Tensor,
+    ) -> Result<Self, KernelError> {
+        tensor.validate()?;
+        let &[rows, cols] = tensor.shape.as_slice() else {
+            return Err(KernelError::Unsupported(format!(
+                "an NF4 matrix must be 2-D, got shape {:?}",
+                tensor.shape
+            )));
+        };
+        if rows * cols >= u32::MAX as usize {
+            return Err(KernelError::Unsupported(format!(
+                "{rows}x{cols} has more values than 32-bit indexing covers"
+            )));
+        }
+        let scales = match &tensor.absmax {
+            Absmax::Plain(v) => Scales::Plain(client.create_from_slice(&f32_bytes(v))),
+            Absmax::Double {
+                codes,
+                nested_absmax,
+                nested_code,
+                offset,
+            } => Scales::Double {
+                codes: client.create_from_slice(&padded(codes, 4)),
+                nested: client.create_from_slice(&f32_bytes(nested_absmax)),
+                map: client.create_from_slice(&f32_bytes(nested_code)),
+                offset: *offset,
+            },
+        };
+        Ok(Self {
+            rows,
+            cols,
+            blocksize: tensor.blocksize,
+            packed: client.create_from_slice(&padded(&tensor.packed, 16)),
+            scales,
+            codebook: client.create_from_slice(&f32_bytes(&NF4_CODE)),
+        })
+    }
+
+    /// Output features.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Input features.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Bytes one product reads from the weight (packed codes and scales).
+    pub fn weight_bytes(&self) -> usize {
+        let blocks = (self.rows * self.cols).div_ceil(self.blocksize);
+        let scales = match self.scales {
+            Scales::Double { .. } => blocks + blocks.div_ceil(NESTED_BLOCKSIZE) * 4 + 256 * 4,
+            Scales::Plain(_) => blocks * 4,
+        };
+        (self.rows * self.cols).div_ceil(2) + scales
+    }
+}
+
+/// Element types the kernels take activations in.
+pub trait Activation: Float + CubeElement {}
+impl Activation for f32 {}
+impl Activation for half::bf16 {}
+impl Activation for half::f16 {}
+
+/// `y = x W^T`: `x` is `[batch, cols]`, `y` is `[batch, rows]`, both row-major in `F`, `batch` in `1..=8`.
+/// Launches one kernel; nothing is read back.
+pub fn gemv<R: Runtime, F: Activation>(
+    client: &ComputeClient<R>,
+    x: &Buffer<F>,
+    batch: usize,
+    weight: &Nf4Matrix,
+    y: &Buffer<F>,
+) -> Result<(), KernelError> {
+    if !(1..=MAX_BATCH).contains(&batch) {
+        return Err(KernelError::Unsupported(format!(
+            "batch {batch}: the NF4 GEMV takes 1 to {MAX_BATCH} rows per launch"
+        )));
+    }
+    x.check("x", batch * weight.cols)?;
+    y.check("y", batch * weight.rows)?;
+    let plane = client.properties().hardware.plane_size_max.max(1);
+    let cube_dim = CubeDim::new_2d(plane, ROWS_PER_CUBE);
+    let cube_count = CubeCount::Static((weight.rows as u32).div_ceil(ROWS_PER_CUBE), 1, 1);
+    let (codes, scales, map, offset, double_quant) = match &weight.scales {
+        Scales::Double {
+            codes,
+            nested,
+            map,
+            offset,
+        } => (codes, nested, map, *offset, true),
+        // The code and map arguments are not read without double quantization.
+        Scales::Plain(absmax) => (&weight.codebook, absmax, &weight.codebook, 0.0, false),
+    };
+    let len = |h: &Handle, elem: usize| (h.size() as usize) / elem;
+    // SAFETY: every array is passed with the element count of its own buffer, and the kernels index only inside
+    // the shapes checked above (`rows`, `cols`, `batch`) plus the scale arrays sized by `Nf4Tensor::validate`.
+    #[allow(unsafe_code)]
+    unsafe {
+        if weight.cols.is_multiple_of(32) {
+            gemv_aligned::launch_unchecked::<F, R>(
+                client,
+                cube_count,
+                cube_dim,
+                4,
+                ArrayArg::from_raw_parts(x.handle().clone(), batch * weight.cols),
+                ArrayArg::from_raw_parts(weight.packed.clone(), len(&weight.packed, 4)),
+                ArrayArg::from_raw_parts(codes.clone(), len(codes, 4)),
+                ArrayArg::from_raw_parts(scales.clone(), len(scales, 4)),
+                ArrayArg::from_raw_parts(map.clone(), len(map, 4)),
+                ArrayArg::from_raw_parts(weight.codebook.clone(), 16),
+                ArrayArg::from_raw_parts(y.handle().clone(), batch * weight.rows),
+                offset,
+                weight.rows as u32,
+                weight.cols as u32,
+                batch,
+                weight.blocksize as u32,
+                double_quant,
+            );
+        } else {
+            gemv_any::launch_unchecked::<F, R>(
+                client,
+                cube_count,
+                cube_dim,
+                ArrayArg::from_raw_parts(x.handle().clone(), batch * weight.cols),
+                ArrayArg::from_raw_parts(weight.packed.clone(), len(&weight.packed, 4)),
+                ArrayArg::from_raw_parts(codes.clone(), len(codes, 4)),
+                ArrayArg::from_raw_parts(scales.clone(), len(scales, 4)),
+                ArrayArg::from_raw_parts(map.clone(), len(map, 4)),
+                ArrayArg::from_raw_parts(weight.codebook.clone(), 16),
+                ArrayArg::from_raw_parts(y.handle().clone(), batch * weight.rows),
+                offset,
+                weight.rows as u32,
+                weight.cols as u32,
+                batch,
+                weight.blocksize as u32,
+                double_quant,
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The scale of block `block`.
+#[cube]
+fn block_scale(
+    block: u32,
+    codes: &Array<u32>,
+    scales: &Array<f32>,
+    map: &Array<f32>,
+    offset: f32,
+    #[comptime] double_quant: bool,
+) -> f32 {
+    if comptime!(double_quant) {
+        let code = (codes[(block / 4) as usize] >> ((block % 4) * 8)) & 0xFF;
+        map[code as usize] * scales[(block / 256) as usize] + offset
+    } else {
+        scales[block as usize]
+    }
+}
+
+/// The 16 NF4 values in shared memory, loaded by the first 16 units of the cube.
+#[cube]
+fn load_codebook(codebook: &Array<f32>) -> SharedMemory<f32> {
+    let mut table = SharedMemory::<f32>::new(16usize);
+    if UNIT_POS < 16 {
+        table[UNIT_POS as usize] = codebook[UNIT_POS as usize];
+    }
+    sync_cube();
+    table
+}
+
+/// Decodes the 8 codes of one little-endian u32 of packed bytes (byte 0 first, high nibble first) into
+/// `values[base..base + 8]`.
+#[cube]
+fn decode_word(word: u32, table: &SharedMemory<f32>, values: &mut Array<f32>, #[comptime] base: usize) {
+    values[base] = table[((word >> 4) & 0xF) as usize];
+    values[base + 1] = table[(word & 0xF) as usize];
+    values[base + 2] = table[((word >> 12) & 0xF) as usize];
+    values[base + 3] = table[((word >> 8) & 0xF) as usize];
+    values[base + 4] = table[((word >> 20) & 0xF) as usize];
+    values[base + 5] = table[((word >> 16) & 0xF) as usize];
+    values[base + 6] = table[((word >> 28) & 0xF) as usize];
+    values[base + 7] = table[((word >> 24) & 0xF) as usize];
+}
+
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+fn gemv_aligned<F: Float, NX: Size>(
+    x: &Array<Vector<F, NX>>,
+    packed: &Array<Vector<u32, Const<4>>>,
+    codes: &Array<u32>,
+    scales: &Array<f32>,
+    map: &Array<f32>,
+    codebook: &Array<f32>,
+    y: &mut Array<F>,
+    offset: f32,
+    rows: u32,
+    cols: u32,
+    #[comptime] batch: usize,
+    #[comptime] blocksize: u32,
+    #[comptime] double_quant: bool,
+) {
+    let table = load_codebook(codebook);
+    let row = CUBE_POS_X * CUBE_DIM_Y + UNIT_POS_Y;
+    if row < rows {
+        let nx = NX::value();
+        let vectors = comptime!(32 / nx);
+        let chunks = cols / 32;
+        let mut acc = Array::<f32>::new(batch);
+        #[unroll]
+        for b in 0..batch {
+            acc[b] = 0.0;
+        }
+        let mut values = Array::<f32>::new(32usize);
+        for chunk in range_stepped(UNIT_POS_X, chunks, CUBE_DIM_X) {
+            let words = packed[(row * chunks + chunk) as usize];
+            let scale = block_scale(
+                (row * cols + chunk * 32) / blocksize,
+                codes,
+                scales,
+                map,
+                offset,
+                double_quant,
+            );
+            decode_word(words[0], &table, &mut values, 0usize);
+            decode_word(words[1], &table, &mut values, 8usize);
+            decode_word(words[2], &table, &mut values, 16usize);
+            decode_word(words[3], &table, &mut values, 24usize);
+            #[unroll]
+            for b in 0..batch {
+                let base = (b * cols as usize + chunk as usize * 32) / nx;
+                let mut dot = 0.0f32;
+                #[unroll]
+                for v in 0..vectors {
+                    let xv = x[base + v];
+                    #[unroll]
+                    for e in 0..nx {
+                        dot += f32::cast_from(xv[e]) * values[v * nx + e];
+                    }
+                }
+                acc[b] += dot * scale;
+            }
+        }
+        #[unroll]
+        for b in 0..batch {
+            let total = plane_sum(acc[b]);
+            if UNIT_POS_X == 0 {
+                y[b * rows as usize + row as usize] = F::cast_from(total);
+            }
+        }
+    }
+}
+
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+fn gemv_any<F: Float>(
+    x: &Array<F>,
+    packed: &Array<u32>,
+    codes: &Array<u32>,
+    scales: &Array<f32>,
+    map: &Array<f32>,
+    codebook: &Array<f32>,
+    y: &mut Array<F>,
+    offset: f32,
+    rows: u32,
+    cols: u32,
+    #[comptime] batch: usize,
+    #[comptime] blocksize: u32,
+    #[comptime] double_quant: bool,
+) {
+    let table = load_codebook(codebook);
+    let row = CUBE_POS_X * CUBE_DIM_Y + UNIT_POS_Y;
+    if row < rows {
+        let mut acc = Array::<f32>::new(batch);
+        #[unroll]
+        for b in 0..batch {
+            acc[b] = 0.0;
+        }
+        for col in range_stepped(UNIT_POS_X, cols, CUBE_DIM_X) {
+            let index = row * cols + col;
+            let byte = (packed[(index / 8) as usize] >> (((index / 2) % 4) * 8)) & 0xFF;
+            let code = if index % 2 == 0 { byte >> 4 } else { byte & 0xF };
+            let scale = block_scale(index / blocksize, codes, scales, map, offset, double_quant);
+            let w = table[code as usize] * scale;
+            #[unroll]
+            for b in 0..batch {
+                acc[b] += w * f32::cast_from(x[b * cols as usize + col as usize]);
+            }
+        }
+        #[unroll]
+        for b in 0..batch {
+            let total = plane_sum(acc[b]);
+            if UNIT_POS_X == 0 {
+                y[b * rows as usize + row as usize] = F::cast_from(total);
+            }
+        }
+    }
+}

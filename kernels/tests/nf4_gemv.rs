@@ -1,0 +1,236 @@
+//! The NF4 GEMV kernels against the plain host reference (`medvl_kernels::reference::nf4_gemv`), over the decode
+//! shapes of Qwen2.5-VL-7B, odd shapes, batch sizes 1-8, block sizes, plain and double-quantized scales, and f32/bf16
+//! activations.
+//!
+//! Runs on whichever CubeCL runtime the features enable: `wgpu` (CI: Mesa's lavapipe, a software Vulkan driver,
+//! f32 activations only since WGSL has no bf16) and `cuda` (`--ignored` on the GPU machine).
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use cubecl::prelude::*;
+use half::bf16;
+use medvl_kernels::nf4::{self, Activation, Nf4Matrix};
+use medvl_kernels::{Buffer, KernelError, probe, reference};
+use medvl_nf4::{Nf4Tensor, quantize};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// Activation types as the host sees them.
+trait Host: Activation + Copy {
+    fn host_from(v: f32) -> Self;
+    fn host_to(self) -> f32;
+    /// Relative precision of one stored value.
+    const EPS: f32;
+}
+impl Host for f32 {
+    fn host_from(v: f32) -> Self {
+        v
+    }
+    fn host_to(self) -> f32 {
+        self
+    }
+    const EPS: f32 = f32::EPSILON;
+}
+impl Host for bf16 {
+    fn host_from(v: f32) -> Self {
+        bf16::from_f32(v)
+    }
+    fn host_to(self) -> f32 {
+        bf16::to_f32(self)
+    }
+    const EPS: f32 = 1.0 / 128.0;
+}
+
+fn random_weight(rows: usize, cols: usize, blocksize: usize, double: bool, seed: u64) -> Nf4Tensor {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    // A few large values so that block scales differ widely, as in real weights.
+    let values: Vec<f32> = (0..rows * cols)
+        .map(|i| {
+            let v: f32 = rng.random_range(-0.05..0.05);
+            if i % 997 == 0 { v * 20.0 } else { v }
+        })
+        .collect();
+    quantize(&values, &[rows, cols], blocksize, double).unwrap()
+}
+
+/// Runs the kernel and checks every output against the reference; returns the worst error in units of the
+/// tolerance (<= 1 passes).
+fn check<R: Runtime, F: Host>(
+    client: &ComputeClient<R>,
+    weight: &Nf4Tensor,
+    batch: usize,
+    seed: u64,
+) -> f32 {
+    let (rows, cols) = (weight.shape[0], weight.shape[1]);
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let x: Vec<F> = (0..batch * cols)
+        .map(|_| F::host_from(rng.random_range(-1.0..1.0)))
+        .collect();
+    let x_f32: Vec<f32> = x.iter().map(|v| v.host_to()).collect();
+    let expected = reference::nf4_gemv(&x_f32, batch, weight);
+
+    let matrix = Nf4Matrix::upload(client, weight).unwrap();
+    let x_dev = Buffer::from_slice(client, &x);
+    let y_dev = Buffer::<F>::empty(client, batch * rows);
+    nf4::gemv(client, &x_dev, batch, &matrix, &y_dev).unwrap();
+    let got = y_dev.read(client).unwrap();
+
+    // Tolerance: f32 accumulation over `cols` products, plus one rounding of the output to F.
+    let w = weight.dequantize();
+    let mut worst = 0.0f32;
+    for b in 0..batch {
+        for n in 0..rows {
+            let magnitude: f32 = (0..cols)
+                .map(|k| (x_f32[b * cols + k] * w[n * cols + k]).abs())
+                .sum();
+            let e = expected[b * rows + n];
+            let tol = 1e-5 * magnitude + F::EPS * e.abs() + 1e-6;
+            let err = (got[b * rows + n].host_to() - e).abs() / tol;
+            assert!(
+                err <= 1.0,
+                "{rows}x{cols} batch {batch} block {}: y[{b},{n}] = {} expected {e} (tolerance {tol})",
+                weight.blocksize,
+                got[b * rows + n].host_to()
+            );
+            worst = worst.max(err);
+        }
+    }
+    worst
+}
+
+/// Shapes `[out, in]`: the 7B decoder's q/o, k/v, gate/up and down projections, the vision MLP's, and odd ones
+/// (rows not a multiple of the 4 rows a cube computes; widths that are not a multiple of 32, where blocks straddle
+/// rows and the general kernel runs).
+const SHAPES: &[(usize, usize)] = &[
+    (3584, 3584),
+    (512, 3584),
+    (18944, 3584),
+    (3584, 18944),
+    (3420, 1280),
+    (1280, 3420),
+    (5, 96),
+    (7, 100),
+    (3, 33),
+    (1, 64),
+];
+
+fn shapes_and_batches<R: Runtime, F: Host>(client: &ComputeClient<R>) {
+    for (i, &(rows, cols)) in SHAPES.iter().enumerate() {
+        let weight = random_weight(rows, cols, 64, true, i as u64);
+        // Every batch size on the small shapes; 1 and 8 on the large ones (the host reference is slow).
+        let batches: &[usize] = if rows * cols < 1 << 20 { &[1, 2, 3, 4, 5, 6, 7, 8] } else { &[1, 8] };
+        for &batch in batches {
+            let worst = check::<R, F>(client, &weight, batch, 100 + batch as u64);
+            eprintln!("{rows}x{cols} batch {batch}: worst error {worst:.3} of tolerance");
+        }
+    }
+}
+
+fn block_sizes_and_plain_scales<R: Runtime, F: Host>(client: &ComputeClient<R>) {
+    for blocksize in [32, 64, 128, 256, 4096] {
+        for double in [true, false] {
+            for (rows, cols) in [(40, 256), (9, 100)] {
+                let weight = random_weight(rows, cols, blocksize, double, blocksize as u64);
+                check::<R, F>(client, &weight, 3, 7);
+            }
+        }
+    }
+}
+
+fn rejects_bad_launches<R: Runtime>(client: &ComputeClient<R>) {
+    let weight = random_weight(8, 64, 64, true, 1);
+    let matrix = Nf4Matrix::upload(client, &weight).unwrap();
+    let x = Buffer::<f32>::empty(client, 9 * 64);
+    let y = Buffer::<f32>::empty(client, 9 * 8);
+    for batch in [0, 9] {
+        let err = nf4::gemv(client, &x, batch, &matrix, &y).unwrap_err();
+        assert!(matches!(err, KernelError::Unsupported(_)), "{err}");
+    }
+    let small = Buffer::<f32>::empty(client, 7);
+    let err = nf4::gemv(client, &x, 1, &matrix, &small).unwrap_err();
+    assert!(
+        matches!(err, KernelError::BufferTooSmall { what: "y", needed: 8, .. }),
+        "{err}"
+    );
+    let three_d = quantize(&[0.5; 8], &[2, 2, 2], 64, true).unwrap();
+    assert!(matches!(
+        Nf4Matrix::upload(client, &three_d),
+        Err(KernelError::Unsupported(_))
+    ));
+}
+
+fn copy_probe_copies<R: Runtime>(client: &ComputeClient<R>) {
+    // More vectors than one grid covers, so the grid-stride loop runs several rounds.
+    let values: Vec<u32> = (0..4 * 256 * 4096 * 2 + 8).map(|i| i * 7 + 1).collect();
+    let src = Buffer::from_slice(client, &values);
+    let dst = Buffer::<u32>::empty(client, values.len());
+    probe::copy(client, &src, &dst).unwrap();
+    assert!(dst.read(client).unwrap() == values, "copy differs");
+    let odd = Buffer::from_slice(client, &[1u32, 2, 3]);
+    assert!(probe::copy(client, &odd, &odd).is_err());
+}
+
+#[cfg(feature = "wgpu")]
+mod wgpu {
+    use super::*;
+    use cubecl::wgpu::{WgpuDevice, WgpuRuntime};
+
+    fn client() -> ComputeClient<WgpuRuntime> {
+        WgpuRuntime::client(&WgpuDevice::default())
+    }
+
+    #[test]
+    fn shapes_and_batches_f32() {
+        shapes_and_batches::<WgpuRuntime, f32>(&client());
+    }
+
+    #[test]
+    fn block_sizes_and_plain_scales_f32() {
+        block_sizes_and_plain_scales::<WgpuRuntime, f32>(&client());
+    }
+
+    #[test]
+    fn rejects_bad_launches_wgpu() {
+        rejects_bad_launches::<WgpuRuntime>(&client());
+    }
+
+    #[test]
+    fn copy_probe_wgpu() {
+        copy_probe_copies::<WgpuRuntime>(&client());
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use super::*;
+    use cubecl::cuda::{CudaDevice, CudaRuntime};
+
+    fn client() -> ComputeClient<CudaRuntime> {
+        CudaRuntime::client(&CudaDevice::default())
+    }
+
+    #[test]
+    #[ignore = "needs an NVIDIA GPU"]
+    fn cuda_shapes_and_batches() {
+        shapes_and_batches::<CudaRuntime, f32>(&client());
+        shapes_and_batches::<CudaRuntime, bf16>(&client());
+    }
+
+    #[test]
+    #[ignore = "needs an NVIDIA GPU"]
+    fn cuda_block_sizes_and_plain_scales() {
+        block_sizes_and_plain_scales::<CudaRuntime, f32>(&client());
+        block_sizes_and_plain_scales::<CudaRuntime, bf16>(&client());
+    }
+
+    #[test]
+    #[ignore = "needs an NVIDIA GPU"]
+    fn cuda_rejects_bad_launches() {
+        rejects_bad_launches::<CudaRuntime>(&client());
+    }
+
+    #[test]
+    #[ignore = "needs an NVIDIA GPU"]
+    fn cuda_copy_probe() {
+        copy_probe_copies::<CudaRuntime>(&client());
+    }
+}

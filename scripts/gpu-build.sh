@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Builds, on this (CPU) machine, everything scripts/gpu-check.sh runs on the GPU machine (which has no Rust), with
+# the same features as the README's test command so one build serves both, and packs it into .gpu/bin.tar.xz
+# (stripped, xz-compressed: the device tool carries at most 64 MiB). Then: run `scripts/gpu-check.sh` there with
+# `.gpu` carried.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+features=cuda,medvl-kernels/wgpu
+mkdir -p .gpu/bin
+{ cargo build --workspace --features "$features" --message-format=json 2>/dev/null
+  cargo test --workspace --features "$features" --no-run --message-format=json 2>/dev/null; } \
+  | jq -r 'select(.reason == "compiler-artifact" and .executable != null)
+           | select(.target.name == "fidelity" or .target.name == "nf4_gemv" or .target.name == "medvl"
+                    or .target.name == "medvl-bench") | "\(.target.name) \(.executable)"' \
+  | while read -r name exe; do
+      # Test binaries and bins can share a target name (medvl): keep bins under their own name.
+      case "$exe" in */deps/*) dst=".gpu/bin/test-$name" ;; *) dst=".gpu/bin/$name" ;; esac
+      cp "$exe" "$dst" && strip "$dst"
+    done
+git rev-parse --short HEAD > .gpu/COMMIT
+git diff --quiet HEAD || echo "+dirty" >> .gpu/COMMIT
+ls -la .gpu/bin
+tar -C .gpu -cJf .gpu/bin.tar.xz bin
+ls -la .gpu/bin.tar.xz

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Every GPU check and benchmark in one run on the GPU machine (binaries from scripts/gpu-build.sh in .gpu/).
+# Writes full logs and the kernel benchmark JSON under $OUT and prints a short summary last.
+#   1. the kernel benchmark (alone on the card, first);
+#   2. the NF4 GEMV kernel tests, CUDA (f32 and bf16 activations);
+#   3. model fidelity on CUDA (bf16 fused, bf16 unfused, f32), each in its own process, in parallel: on a fresh
+#      machine every kernel and autotune candidate is JIT-compiled, which takes minutes;
+#   4. `medvl ask` on CUDA against the transformers greedy tokens (fixtures/tiny/ask.json).
+set -u
+OUT=${OUT:-/tmp/medvl-gpu}
+mkdir -p "$OUT"
+tar -C .gpu -xJf .gpu/bin.tar.xz
+bin=.gpu/bin
+nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
+card=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
+commit=$(cat .gpu/COMMIT 2>/dev/null | tr -d '\n' || echo unknown)
+export MEDVL_FIXTURES=$PWD/fixtures/tiny RUST_BACKTRACE=0 CUBECL_AUTOTUNE_LEVEL=${CUBECL_AUTOTUNE_LEVEL:-minimal}
+budget=${GPU_CHECK_SECONDS:-540}
+start=$(date +%s)
+
+timeout 150 $bin/medvl-bench kernels --card "$card" --commit "$commit" --out "$OUT/kernels.json" \
+  > "$OUT/bench.log" 2>&1; echo "bench exit $?" >> "$OUT/bench.log"
+
+left=$(( budget - ($(date +%s) - start) - 20 ))
+for t in gpu::cuda_bf16_matches_transformers gpu::cuda_bf16_unfused_matches_transformers gpu::cuda_f32_matches_transformers; do
+  ( timeout $left $bin/test-fidelity --ignored --exact "$t" --nocapture > "$OUT/${t#gpu::}.log" 2>&1
+    echo "exit $?" >> "$OUT/${t#gpu::}.log" ) &
+done
+( timeout $left $bin/test-nf4_gemv --ignored --nocapture --test-threads 1 > "$OUT/kernels-test.log" 2>&1
+  echo "exit $?" >> "$OUT/kernels-test.log" ) &
+( timeout $left $bin/medvl ask fixtures/tiny/page.png --prompt "What is the diagnosis?" --model fixtures/tiny/v5 \
+    --device cuda --max-new-tokens 32 --json > "$OUT/ask-cuda.json" 2> "$OUT/ask-cuda.log"
+  echo "exit $?" >> "$OUT/ask-cuda.log" ) &
+wait
+
+echo "== $card ($commit), $(( $(date +%s) - start )) s"
+grep -E "copy probe|^\|" "$OUT/bench.log"; tail -1 "$OUT/bench.log"
+grep -E "^test |test result|panicked|worst error" "$OUT/kernels-test.log" | grep -v "worst error 0\.00" | tail -12
+for f in "$OUT"/cuda_*.log; do echo "-- $(basename "$f")"; grep -E "vision max rel|: [0-9.]+ s$|panicked|test result|^exit" "$f" | tail -12; done
+python3 - "$OUT/ask-cuda.json" <<'PY'
+import json, sys
+ref = json.load(open("fixtures/tiny/ask.json"))
+try:
+    got = json.load(open(sys.argv[1]))
+except Exception as e:
+    print("ask on cuda: no JSON:", e); sys.exit()
+same = sum(1 for _ in __import__("itertools").takewhile(lambda p: p[0] == p[1], zip(got["token_ids"], ref["token_ids"])))
+print(f"ask on cuda: {same}/{len(ref['token_ids'])} greedy tokens equal transformers; text equal: {got['text'] == ref['text']}; "
+      f"prefill {got.get('prefill_s')} s, decode {got.get('decode_tokens_per_s')} tok/s")
+PY
+tail -2 "$OUT/ask-cuda.log"
