@@ -18,34 +18,41 @@ export MEDVL_FIXTURES=$PWD/fixtures/tiny RUST_BACKTRACE=0 CUBECL_AUTOTUNE_LEVEL=
 budget=${GPU_CHECK_SECONDS:-540}
 start=$(date +%s)
 
-timeout 150 $bin/medvl-bench kernels --card "$card" --commit "$commit" --out "$OUT/kernels.json" \
-  > "$OUT/bench.log" 2>&1; echo "bench exit $?" >> "$OUT/bench.log"
+for act in bf16 f32; do
+  timeout 120 $bin/medvl-bench kernels --activations $act --card "$card" --commit "$commit" \
+    --out "$OUT/kernels-$act.json" >> "$OUT/bench.log" 2>&1; echo "bench $act exit $?" >> "$OUT/bench.log"
+done
 
 left=$(( budget - ($(date +%s) - start) - 20 ))
-for t in gpu::cuda_bf16_matches_transformers gpu::cuda_bf16_unfused_matches_transformers gpu::cuda_f32_matches_transformers; do
-  ( timeout $left $bin/test-fidelity --ignored --exact "$t" --nocapture > "$OUT/${t#gpu::}.log" 2>&1
-    echo "exit $?" >> "$OUT/${t#gpu::}.log" ) &
+# Fidelity runs as ATTENTION:TEST (MEDVL_ATTENTION: flash = burn's flash attention, naive = softmax(QK^T)V).
+runs=${FIDELITY_RUNS:-"flash:cuda_bf16_matches_transformers naive:cuda_bf16_matches_transformers flash:cuda_f32_matches_transformers naive:cuda_f32_matches_transformers"}
+for run in $runs; do
+  att=${run%%:*} t=${run#*:}
+  ( MEDVL_ATTENTION=$att timeout $left $bin/test-fidelity --ignored --exact "gpu::$t" --nocapture \
+      > "$OUT/$t-$att.log" 2>&1; echo "exit $?" >> "$OUT/$t-$att.log" ) &
 done
 ( timeout $left $bin/test-nf4_gemv --ignored --nocapture --test-threads 1 > "$OUT/kernels-test.log" 2>&1
   echo "exit $?" >> "$OUT/kernels-test.log" ) &
-( timeout $left $bin/medvl ask fixtures/tiny/page.png --prompt "What is the diagnosis?" --model fixtures/tiny/v5 \
-    --device cuda --max-new-tokens 32 --json > "$OUT/ask-cuda.json" 2> "$OUT/ask-cuda.log"
-  echo "exit $?" >> "$OUT/ask-cuda.log" ) &
+for att in ${ASK_ATTENTION:-naive}; do
+  ( MEDVL_ATTENTION=$att timeout $left $bin/medvl ask fixtures/tiny/page.png --prompt "What is the diagnosis?" \
+      --model fixtures/tiny/v5 --device cuda --max-new-tokens 32 --json > "$OUT/ask-cuda-$att.json" 2> "$OUT/ask-cuda-$att.log"
+    echo "exit $?" >> "$OUT/ask-cuda-$att.log" ) &
+done
 wait
 
 echo "== $card ($commit), $(( $(date +%s) - start )) s"
-grep -E "copy probe|^\|" "$OUT/bench.log"; tail -1 "$OUT/bench.log"
+grep -E "copy probe|^\| [a-z]|exit" "$OUT/bench.log"
 grep -E "^test |test result|panicked|worst error" "$OUT/kernels-test.log" | grep -v "worst error 0\.00" | tail -12
-for f in "$OUT"/cuda_*.log; do echo "-- $(basename "$f")"; grep -E "vision max rel|: [0-9.]+ s$|panicked|test result|^exit" "$f" | tail -12; done
-python3 - "$OUT/ask-cuda.json" <<'PY'
-import json, sys
+for f in "$OUT"/cuda_*.log; do echo "-- $(basename "$f")"; grep -E "vision max rel|: [0-9.]+ s$|panicked at crates|^exit" "$f" | tail -8; done
+python3 - "$OUT"/ask-cuda-*.json <<'PY'
+import itertools, json, sys
 ref = json.load(open("fixtures/tiny/ask.json"))
-try:
-    got = json.load(open(sys.argv[1]))
-except Exception as e:
-    print("ask on cuda: no JSON:", e); sys.exit()
-same = sum(1 for _ in __import__("itertools").takewhile(lambda p: p[0] == p[1], zip(got["token_ids"], ref["token_ids"])))
-print(f"ask on cuda: {same}/{len(ref['token_ids'])} greedy tokens equal transformers; text equal: {got['text'] == ref['text']}; "
-      f"prefill {got.get('prefill_s')} s, decode {got.get('decode_tokens_per_s')} tok/s")
+for path in sys.argv[1:]:
+    try:
+        got = json.load(open(path))
+    except Exception as e:
+        print(path, "no JSON:", e); continue
+    same = sum(1 for _ in itertools.takewhile(lambda p: p[0] == p[1], zip(got["token_ids"], ref["token_ids"])))
+    print(f"{path.rsplit('/', 1)[-1]}: {same}/{len(ref['token_ids'])} greedy tokens equal transformers; "
+          f"text equal: {got['text'] == ref['text']}; prefill {got.get('prefill_s')} s")
 PY
-tail -2 "$OUT/ask-cuda.log"

@@ -6,9 +6,9 @@
 //! dynamic map times a per-256-block f32 scale plus an offset), so a pre-quantized checkpoint is uploaded byte for
 //! byte. Two kernels:
 //! - `gemv_aligned` when `cols % 32 == 0` (every decode-path matrix of Qwen2.5-VL): one plane (warp) per output
-//!   row; each lane loads 16 bytes (32 codes, always inside one block) per step, looks the codes up in a 16-entry
-//!   table in shared memory, multiplies by the activations and applies the block scale once per 32 products; the
-//!   plane then sums its lanes.
+//!   row; each lane issues 4 loads of 16 bytes (32 codes each, always inside one block) before using them, looks
+//!   the codes up in a 16-entry table in shared memory, multiplies by the activations (16-byte loads) and applies
+//!   the block scale once per 32 products; the plane then sums its lanes.
 //! - `gemv_any` for other widths (blocks then straddle rows): one code per lane per step, exact but slower.
 
 use cubecl::prelude::*;
@@ -19,6 +19,9 @@ use crate::{Buffer, KernelError};
 
 /// Most rows of `x` one launch multiplies (the decode batch is split into launches of at most this many).
 pub const MAX_BATCH: usize = 8;
+
+/// 16-byte weight loads each lane has in flight in the aligned kernel.
+const UNROLL: usize = 4;
 
 /// Rows of the output one cube computes (one plane each).
 const ROWS_PER_CUBE: u32 = 4;
@@ -167,7 +170,7 @@ pub fn gemv<R: Runtime, F: Activation>(
                 client,
                 cube_count,
                 cube_dim,
-                4,
+                16 / size_of::<F>(),
                 ArrayArg::from_raw_parts(x.handle().clone(), batch * weight.cols),
                 ArrayArg::from_raw_parts(weight.packed.clone(), len(&weight.packed, 4)),
                 ArrayArg::from_raw_parts(codes.clone(), len(codes, 4)),
@@ -181,6 +184,7 @@ pub fn gemv<R: Runtime, F: Activation>(
                 batch,
                 weight.blocksize as u32,
                 double_quant,
+                UNROLL,
             );
         } else {
             gemv_any::launch_unchecked::<F, R>(
@@ -265,6 +269,7 @@ fn gemv_aligned<F: Float, NX: Size>(
     #[comptime] batch: usize,
     #[comptime] blocksize: u32,
     #[comptime] double_quant: bool,
+    #[comptime] unroll: usize,
 ) {
     let table = load_codebook(codebook);
     let row = CUBE_POS_X * CUBE_DIM_Y + UNIT_POS_Y;
@@ -278,33 +283,50 @@ fn gemv_aligned<F: Float, NX: Size>(
             acc[b] = 0.0;
         }
         let mut values = Array::<f32>::new(32usize);
-        for chunk in range_stepped(UNIT_POS_X, chunks, CUBE_DIM_X) {
-            let words = packed[(row * chunks + chunk) as usize];
-            let scale = block_scale(
-                (row * cols + chunk * 32) / blocksize,
-                codes,
-                scales,
-                map,
-                offset,
-                double_quant,
-            );
-            decode_word(words[0], &table, &mut values, 0usize);
-            decode_word(words[1], &table, &mut values, 8usize);
-            decode_word(words[2], &table, &mut values, 16usize);
-            decode_word(words[3], &table, &mut values, 24usize);
+        let mut words = Array::<Vector<u32, Const<4>>>::new(unroll);
+        let mut block_scales = Array::<f32>::new(unroll);
+        // Each step, lane `i` takes chunks `first + u * plane + i` for `u < unroll`: every load of the step is
+        // issued before any is used, so `unroll` 16-byte loads per lane are in flight.
+        for first in range_stepped(0, chunks, CUBE_DIM_X * comptime!(unroll as u32)) {
             #[unroll]
-            for b in 0..batch {
-                let base = (b * cols as usize + chunk as usize * 32) / nx;
-                let mut dot = 0.0f32;
-                #[unroll]
-                for v in 0..vectors {
-                    let xv = x[base + v];
+            for u in 0..unroll {
+                let chunk = first + CUBE_DIM_X * comptime!(u as u32) + UNIT_POS_X;
+                if chunk < chunks {
+                    words[u] = packed[(row * chunks + chunk) as usize];
+                    block_scales[u] = block_scale(
+                        (row * cols + chunk * 32) / blocksize,
+                        codes,
+                        scales,
+                        map,
+                        offset,
+                        double_quant,
+                    );
+                }
+            }
+            #[unroll]
+            for u in 0..unroll {
+                let chunk = first + CUBE_DIM_X * comptime!(u as u32) + UNIT_POS_X;
+                if chunk < chunks {
+                    let w = words[u];
+                    decode_word(w[0], &table, &mut values, 0usize);
+                    decode_word(w[1], &table, &mut values, 8usize);
+                    decode_word(w[2], &table, &mut values, 16usize);
+                    decode_word(w[3], &table, &mut values, 24usize);
                     #[unroll]
-                    for e in 0..nx {
-                        dot += f32::cast_from(xv[e]) * values[v * nx + e];
+                    for b in 0..batch {
+                        let base = (b * cols as usize + chunk as usize * 32) / nx;
+                        let mut dot = 0.0f32;
+                        #[unroll]
+                        for v in 0..vectors {
+                            let xv = x[base + v];
+                            #[unroll]
+                            for e in 0..nx {
+                                dot += f32::cast_from(xv[e]) * values[v * nx + e];
+                            }
+                        }
+                        acc[b] += dot * block_scales[u];
                     }
                 }
-                acc[b] += dot * scale;
             }
         }
         #[unroll]

@@ -1,11 +1,24 @@
 //! Scaled dot-product attention in the two forms the model needs: causal over a KV cache (decoder), and
 //! non-causal within segments of a packed sequence (vision windows and whole images, transformers' `cu_seqlens`).
-//! Both go through burn's `attention` op (flash attention on the CubeCL backends).
+//! Both go through burn's `attention` op: flash attention on the CubeCL backends, or, with `MEDVL_ATTENTION=naive`,
+//! burn's plain softmax(QK^T / sqrt(d)) V (selected by passing the scale explicitly), for diagnosis.
 
 use burn::prelude::*;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, Int};
+
+/// Options for burn's attention op; the scale is given explicitly (which makes the CubeCL backends take the plain
+/// path instead of flash attention) when `MEDVL_ATTENTION=naive`.
+fn options(is_causal: bool, head_dim: usize) -> AttentionModuleOptions {
+    static NAIVE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let naive = *NAIVE.get_or_init(|| std::env::var("MEDVL_ATTENTION").is_ok_and(|v| v == "naive"));
+    AttentionModuleOptions {
+        scale: naive.then(|| 1.0 / (head_dim as f64).sqrt()),
+        softcap: None,
+        is_causal,
+    }
+}
 
 /// Repeats each key/value head `groups` times (grouped-query attention).
 ///
@@ -43,14 +56,10 @@ pub fn causal_attention<B: Backend>(
         past + l <= s,
         "attention over {s} key slots for {past} cached + {l} new tokens"
     );
+    let d = q.dims()[3];
     let (k, v) = (repeat_kv(k, h / kvh), repeat_kv(v, h / kvh));
-    let options = |is_causal| AttentionModuleOptions {
-        scale: None,
-        softcap: None,
-        is_causal,
-    };
     if past == 0 && l == s {
-        return attention(q, k, v, None, None, options(true));
+        return attention(q, k, v, None, None, options(true, d));
     }
     let mask: Vec<bool> = (0..l)
         .flat_map(|i| (0..s).map(move |j| j > past + i))
@@ -58,7 +67,7 @@ pub fn causal_attention<B: Backend>(
     let mask = Tensor::<B, 2, Bool>::from_data(TensorData::new(mask, [l, s]), &q.device())
         .reshape([1, 1, l, s])
         .expand([b, h, l, s]);
-    attention(q, k, v, Some(mask), None, options(false))
+    attention(q, k, v, Some(mask), None, options(false, d))
 }
 
 /// Non-causal attention restricted to segments of a packed sequence, precomputed once per batch of images and
@@ -138,11 +147,7 @@ impl<B: Backend> Segments<B> {
     pub fn attend(&self, q: Tensor<B, 3>, k: Tensor<B, 3>, v: Tensor<B, 3>) -> Tensor<B, 3> {
         let [n, h, d] = q.dims();
         debug_assert_eq!(n, self.len);
-        let options = AttentionModuleOptions {
-            scale: None,
-            softcap: None,
-            is_causal: false,
-        };
+        let options = options(false, d);
         let Some(p) = &self.padded else {
             // [1, heads, seq, head_dim]
             let to_heads = |x: Tensor<B, 3>| x.swap_dims(0, 1).unsqueeze_dim::<4>(0);

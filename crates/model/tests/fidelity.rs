@@ -3,8 +3,9 @@
 //!
 //! CPU (NdArray f32, run by CI): pixel values <= 1e-5, identical grids and position ids, vision output and logits
 //! within 1e-4 relative error, identical 16 greedy tokens, for both key layouts.
-//! CUDA (bf16, `#[ignore]`, run with `just test-cuda` on a GPU): relative Frobenius error <= 2e-2 on logits and
-//! the first 8 greedy tokens identical.
+//! Both: teacher-forced KV-cache decode steps give the logits a one-pass prefill gives (<= 1e-5 on CPU).
+//! CUDA (bf16, `#[ignore]`, run with `just test-cuda` on a GPU): relative Frobenius error <= 2e-2 on logits and on
+//! decode vs prefill, the first greedy token identical, the number of equal greedy tokens reported.
 //!
 //! Regenerate the fixtures with `just golden` (fixtures/README.md).
 
@@ -158,8 +159,41 @@ fn greedy<B: Backend>(
     out
 }
 
+/// Teacher-forced decode against one-pass prefill on the same backend: the KV-cache decode steps' logits for the
+/// reference's greedy tokens, and the prefill path's logits for the whole sequence at the same positions; relative
+/// Frobenius error. Separates a decode-path error from precision noise that flips a near-tie greedy choice.
+fn decode_vs_prefill<B: Backend>(
+    model: &QwenVl<B>,
+    ids: &[u32],
+    images: &[PixelValues],
+    tokens: &[u32],
+    device: &B::Device,
+) -> f32 {
+    let steps = &tokens[..tokens.len() - 1];
+    let mut cache = model.new_cache();
+    let prefill = model
+        .prefill(ids, images, &mut cache, device)
+        .expect("prefill");
+    let mut stepped = Vec::new();
+    for &t in steps {
+        let hidden = model
+            .decode(&[t], prefill.positions.rope_delta, &mut cache, device)
+            .expect("decode");
+        stepped.extend(host(model.logits(hidden)));
+    }
+    let full_ids: Vec<u32> = ids.iter().chain(steps).copied().collect();
+    let mut cache = model.new_cache();
+    let full = model
+        .prefill(&full_ids, images, &mut cache, device)
+        .expect("prefill");
+    let l = ids.len();
+    let expected = host(model.logits(full.hidden.slice(s![.., l..l + steps.len(), ..])));
+    frobenius_rel(&stepped, &expected)
+}
+
 struct Report {
     case: &'static str,
+    decode_vs_prefill: f32,
     vision_rel: Option<f32>,
     logits_max_rel: f32,
     logits_frobenius: f32,
@@ -224,6 +258,7 @@ fn run_cases<B: Backend>(
             .collect();
         reports.push(Report {
             case,
+            decode_vs_prefill: decode_vs_prefill(model, &ids, &images, &expected_greedy, device),
             vision_rel,
             logits_max_rel: max_rel(&logits, expected),
             logits_frobenius: frobenius_rel(&logits, expected),
@@ -237,11 +272,12 @@ fn run_cases<B: Backend>(
 fn print(reports: &[Report], label: &str) {
     for r in reports {
         println!(
-            "{label} {:<10} vision max rel {:>9} | logits max rel {:.2e} frobenius {:.2e} | greedy {}/{} equal",
+            "{label} {:<10} vision max rel {:>9} | logits max rel {:.2e} frobenius {:.2e} | decode vs prefill {:.2e} | greedy {}/{} equal",
             r.case,
             r.vision_rel.map_or("-".into(), |v| format!("{v:.2e}")),
             r.logits_max_rel,
             r.logits_frobenius,
+            r.decode_vs_prefill,
             r.greedy
                 .iter()
                 .zip(&r.expected_greedy)
@@ -325,6 +361,12 @@ mod cpu {
                 r.logits_max_rel
             );
             assert_eq!(r.greedy, r.expected_greedy, "{}: greedy tokens", r.case);
+            assert!(
+                r.decode_vs_prefill <= 1e-5,
+                "{}: decode vs prefill {}",
+                r.case,
+                r.decode_vs_prefill
+            );
         }
     }
 
@@ -363,12 +405,15 @@ mod gpu {
                     r.case,
                     r.logits_frobenius
                 );
-                assert_eq!(
-                    r.greedy[..8],
-                    r.expected_greedy[..8],
-                    "{}: first 8 greedy tokens",
-                    r.case
+                // The decode path computes what the prefill path computes; greedy tokens are reported, and only the
+                // first is asserted: on a random model near-ties let bf16 rounding pick another token later.
+                assert!(
+                    r.decode_vs_prefill <= 2e-2,
+                    "{}: decode vs prefill relative Frobenius error {}",
+                    r.case,
+                    r.decode_vs_prefill
                 );
+                assert_eq!(r.greedy[0], r.expected_greedy[0], "{}: first greedy token", r.case);
             }
         }
     }
