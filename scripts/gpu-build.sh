@@ -14,7 +14,11 @@ mkdir -p .gpu/bin
                     or .target.name == "medvl-bench") | "\(.target.name) \(.executable)"' \
   | while read -r name exe; do
       # Test binaries and bins can share a target name (medvl): keep bins under their own name.
-      case "$exe" in */deps/*) dst=".gpu/bin/test-$name" ;; *) dst=".gpu/bin/$name" ;; esac
+      case "$exe" in
+        */deps/medvl-*) continue ;;  # the bins' own unit tests
+        */deps/*) dst=".gpu/bin/test-$name" ;;
+        *) dst=".gpu/bin/$name" ;;
+      esac
       cp "$exe" "$dst" && strip "$dst"
     done
 git rev-parse --short HEAD > .gpu/COMMIT

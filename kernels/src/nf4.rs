@@ -5,10 +5,11 @@
 //! flattened matrix; one scale per `blocksize` consecutive values, double-quantized as an 8-bit code into the
 //! dynamic map times a per-256-block f32 scale plus an offset), so a pre-quantized checkpoint is uploaded byte for
 //! byte. Two kernels:
-//! - `gemv_aligned` when `cols % 32 == 0` (every decode-path matrix of Qwen2.5-VL): one plane (warp) per output
-//!   row; each lane issues 4 loads of 16 bytes (32 codes each, always inside one block) before using them, looks
-//!   the codes up in a 16-entry table in shared memory, multiplies by the activations (16-byte loads) and applies
-//!   the block scale once per 32 products; the plane then sums its lanes.
+//! - `gemv_aligned` when `cols % 32 == 0` (every decode-path matrix of Qwen2.5-VL): one plane (warp) per 1-4
+//!   output rows ([`GemvTiling`]); each lane issues several 16-byte loads (32 codes each, always inside one
+//!   block) before using them, looks the codes up in a 16-entry table in shared memory, multiplies them by the
+//!   activations (16-byte loads, each used for all the plane's rows) and applies the block scale once per 32
+//!   products; the plane then sums its lanes.
 //! - `gemv_any` for other widths (blocks then straddle rows): one code per lane per step, exact but slower.
 
 use cubecl::prelude::*;
@@ -20,11 +21,8 @@ use crate::{Buffer, KernelError};
 /// Most rows of `x` one launch multiplies (the decode batch is split into launches of at most this many).
 pub const MAX_BATCH: usize = 8;
 
-/// 16-byte weight loads each lane has in flight in the aligned kernel.
-const UNROLL: usize = 4;
-
-/// Rows of the output one cube computes (one plane each).
-const ROWS_PER_CUBE: u32 = 4;
+/// Planes (warps) per cube.
+const PLANES_PER_CUBE: u32 = 4;
 
 /// Block scales on the device.
 enum Scales {
@@ -131,6 +129,27 @@ impl Activation for f32 {}
 impl Activation for half::bf16 {}
 impl Activation for half::f16 {}
 
+/// How the aligned GEMV kernel splits its work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GemvTiling {
+    /// Output rows one plane (warp) computes, sharing each activation load between them.
+    pub rows_per_plane: usize,
+    /// Chunks of 32 codes per row each lane loads before using them.
+    pub unroll: usize,
+}
+
+impl GemvTiling {
+    /// The tiling [`gemv`] uses for a matrix of `rows` output rows.
+    pub fn for_rows(rows: usize) -> Self {
+        // Enough planes to fill the GPU on small matrices; activation reuse on large ones.
+        let rows_per_plane = if rows >= 16384 { 4 } else if rows >= 4096 { 2 } else { 1 };
+        Self {
+            rows_per_plane,
+            unroll: 4 / rows_per_plane,
+        }
+    }
+}
+
 /// `y = x W^T`: `x` is `[batch, cols]`, `y` is `[batch, rows]`, both row-major in `F`, `batch` in `1..=8`.
 /// Launches one kernel; nothing is read back.
 pub fn gemv<R: Runtime, F: Activation>(
@@ -140,16 +159,33 @@ pub fn gemv<R: Runtime, F: Activation>(
     weight: &Nf4Matrix,
     y: &Buffer<F>,
 ) -> Result<(), KernelError> {
+    gemv_tiled(client, x, batch, weight, y, GemvTiling::for_rows(weight.rows))
+}
+
+/// [`gemv`] with an explicit tiling (for benchmarks; the general kernel for widths not a multiple of 32 ignores it).
+pub fn gemv_tiled<R: Runtime, F: Activation>(
+    client: &ComputeClient<R>,
+    x: &Buffer<F>,
+    batch: usize,
+    weight: &Nf4Matrix,
+    y: &Buffer<F>,
+    tiling: GemvTiling,
+) -> Result<(), KernelError> {
     if !(1..=MAX_BATCH).contains(&batch) {
         return Err(KernelError::Unsupported(format!(
             "batch {batch}: the NF4 GEMV takes 1 to {MAX_BATCH} rows per launch"
         )));
     }
+    if !(1..=8).contains(&tiling.rows_per_plane) || !(1..=8).contains(&tiling.unroll) {
+        return Err(KernelError::Unsupported(format!("tiling {tiling:?}: 1 to 8 each")));
+    }
     x.check("x", batch * weight.cols)?;
     y.check("y", batch * weight.rows)?;
     let plane = client.properties().hardware.plane_size_max.max(1);
-    let cube_dim = CubeDim::new_2d(plane, ROWS_PER_CUBE);
-    let cube_count = CubeCount::Static((weight.rows as u32).div_ceil(ROWS_PER_CUBE), 1, 1);
+    let aligned = weight.cols.is_multiple_of(32);
+    let rows_per_cube = PLANES_PER_CUBE * if aligned { tiling.rows_per_plane as u32 } else { 1 };
+    let cube_dim = CubeDim::new_2d(plane, PLANES_PER_CUBE);
+    let cube_count = CubeCount::Static((weight.rows as u32).div_ceil(rows_per_cube), 1, 1);
     let (codes, scales, map, offset, double_quant) = match &weight.scales {
         Scales::Double {
             codes,
@@ -165,7 +201,7 @@ pub fn gemv<R: Runtime, F: Activation>(
     // the shapes checked above (`rows`, `cols`, `batch`) plus the scale arrays sized by `Nf4Tensor::validate`.
     #[allow(unsafe_code)]
     unsafe {
-        if weight.cols.is_multiple_of(32) {
+        if aligned {
             gemv_aligned::launch_unchecked::<F, R>(
                 client,
                 cube_count,
@@ -184,7 +220,8 @@ pub fn gemv<R: Runtime, F: Activation>(
                 batch,
                 weight.blocksize as u32,
                 double_quant,
-                UNROLL,
+                tiling.rows_per_plane,
+                tiling.unroll,
             );
         } else {
             gemv_any::launch_unchecked::<F, R>(
@@ -269,71 +306,103 @@ fn gemv_aligned<F: Float, NX: Size>(
     #[comptime] batch: usize,
     #[comptime] blocksize: u32,
     #[comptime] double_quant: bool,
+    #[comptime] rows_per_plane: usize,
     #[comptime] unroll: usize,
 ) {
     let table = load_codebook(codebook);
-    let row = CUBE_POS_X * CUBE_DIM_Y + UNIT_POS_Y;
-    if row < rows {
+    let first_row = (CUBE_POS_X * CUBE_DIM_Y + UNIT_POS_Y) * comptime!(rows_per_plane as u32);
+    if first_row < rows {
         let nx = NX::value();
-        let vectors = comptime!(32 / nx);
+        let per_word = comptime!(8 / nx);
         let chunks = cols / 32;
-        let mut acc = Array::<f32>::new(batch);
+        let slots = comptime!(rows_per_plane * unroll);
+        let mut acc = Array::<f32>::new(batch * rows_per_plane);
         #[unroll]
-        for b in 0..batch {
-            acc[b] = 0.0;
+        for i in 0..batch * rows_per_plane {
+            acc[i] = 0.0;
         }
-        let mut values = Array::<f32>::new(32usize);
-        let mut words = Array::<Vector<u32, Const<4>>>::new(unroll);
-        let mut block_scales = Array::<f32>::new(unroll);
-        // Each step, lane `i` takes chunks `first + u * plane + i` for `u < unroll`: every load of the step is
-        // issued before any is used, so `unroll` 16-byte loads per lane are in flight.
+        let mut words = Array::<Vector<u32, Const<4>>>::new(slots);
+        let mut block_scales = Array::<f32>::new(slots);
+        let mut values = Array::<f32>::new(8 * rows_per_plane);
+        let mut dots = Array::<f32>::new(batch * rows_per_plane);
+        // Each step, lane `i` takes chunks `first + u * plane + i` (`u < unroll`) of each of the plane's rows, and
+        // issues every load of the step before using any. Rows past the end re-read the last row; their sums are
+        // not written.
         for first in range_stepped(0, chunks, CUBE_DIM_X * comptime!(unroll as u32)) {
             #[unroll]
             for u in 0..unroll {
                 let chunk = first + CUBE_DIM_X * comptime!(u as u32) + UNIT_POS_X;
                 if chunk < chunks {
-                    words[u] = packed[(row * chunks + chunk) as usize];
-                    block_scales[u] = block_scale(
-                        (row * cols + chunk * 32) / blocksize,
-                        codes,
-                        scales,
-                        map,
-                        offset,
-                        double_quant,
-                    );
+                    #[unroll]
+                    for r in 0..rows_per_plane {
+                        let candidate = first_row + comptime!(r as u32);
+                        let row = if candidate < rows { candidate } else { rows - 1 };
+                        words[u * rows_per_plane + r] = packed[(row * chunks + chunk) as usize];
+                        block_scales[u * rows_per_plane + r] = block_scale(
+                            (row * cols + chunk * 32) / blocksize,
+                            codes,
+                            scales,
+                            map,
+                            offset,
+                            double_quant,
+                        );
+                    }
                 }
             }
             #[unroll]
             for u in 0..unroll {
                 let chunk = first + CUBE_DIM_X * comptime!(u as u32) + UNIT_POS_X;
                 if chunk < chunks {
-                    let w = words[u];
-                    decode_word(w[0], &table, &mut values, 0usize);
-                    decode_word(w[1], &table, &mut values, 8usize);
-                    decode_word(w[2], &table, &mut values, 16usize);
-                    decode_word(w[3], &table, &mut values, 24usize);
                     #[unroll]
-                    for b in 0..batch {
-                        let base = (b * cols as usize + chunk as usize * 32) / nx;
-                        let mut dot = 0.0f32;
+                    for i in 0..batch * rows_per_plane {
+                        dots[i] = 0.0;
+                    }
+                    // Word `w` of the chunk holds codes `8w..8w + 8`: decode it for every row, then multiply by
+                    // the matching 8 activations of each batch row (loaded once for all the plane's rows).
+                    #[unroll]
+                    for w in 0..4usize {
                         #[unroll]
-                        for v in 0..vectors {
-                            let xv = x[base + v];
+                        for r in 0..rows_per_plane {
+                            let word = words[u * rows_per_plane + r];
+                            decode_word(word[w], &table, &mut values, r * 8);
+                        }
+                        #[unroll]
+                        for b in 0..batch {
+                            let base = (b * cols as usize + chunk as usize * 32 + w * 8) / nx;
                             #[unroll]
-                            for e in 0..nx {
-                                dot += f32::cast_from(xv[e]) * values[v * nx + e];
+                            for v in 0..per_word {
+                                let xv = x[base + v];
+                                #[unroll]
+                                for e in 0..nx {
+                                    let xe = f32::cast_from(xv[e]);
+                                    #[unroll]
+                                    for r in 0..rows_per_plane {
+                                        dots[b * rows_per_plane + r] += xe * values[r * 8 + v * nx + e];
+                                    }
+                                }
                             }
                         }
-                        acc[b] += dot * block_scales[u];
+                    }
+                    #[unroll]
+                    for b in 0..batch {
+                        #[unroll]
+                        for r in 0..rows_per_plane {
+                            acc[b * rows_per_plane + r] +=
+                                dots[b * rows_per_plane + r] * block_scales[u * rows_per_plane + r];
+                        }
                     }
                 }
             }
         }
         #[unroll]
         for b in 0..batch {
-            let total = plane_sum(acc[b]);
-            if UNIT_POS_X == 0 {
-                y[b * rows as usize + row as usize] = F::cast_from(total);
+            #[unroll]
+            for r in 0..rows_per_plane {
+                let total = plane_sum(acc[b * rows_per_plane + r]);
+                let row = first_row + comptime!(r as u32);
+                if UNIT_POS_X == 0 && row < rows {
+                    y[b * rows as usize + row as usize] = F::cast_from(total);
+                }
             }
         }
     }

@@ -8,7 +8,7 @@
 
 use cubecl::prelude::*;
 use half::bf16;
-use medvl_kernels::nf4::{self, Activation, Nf4Matrix};
+use medvl_kernels::nf4::{self, Activation, GemvTiling, Nf4Matrix};
 use medvl_kernels::{Buffer, KernelError, probe, reference};
 use medvl_nf4::{Nf4Tensor, quantize};
 use rand::{Rng, SeedableRng};
@@ -60,6 +60,16 @@ fn check<R: Runtime, F: Host>(
     batch: usize,
     seed: u64,
 ) -> f32 {
+    check_with::<R, F>(client, weight, batch, seed, None)
+}
+
+fn check_with<R: Runtime, F: Host>(
+    client: &ComputeClient<R>,
+    weight: &Nf4Tensor,
+    batch: usize,
+    seed: u64,
+    tiling: Option<GemvTiling>,
+) -> f32 {
     let (rows, cols) = (weight.shape[0], weight.shape[1]);
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let x: Vec<F> = (0..batch * cols)
@@ -71,7 +81,10 @@ fn check<R: Runtime, F: Host>(
     let matrix = Nf4Matrix::upload(client, weight).unwrap();
     let x_dev = Buffer::from_slice(client, &x);
     let y_dev = Buffer::<F>::empty(client, batch * rows);
-    nf4::gemv(client, &x_dev, batch, &matrix, &y_dev).unwrap();
+    match tiling {
+        Some(tiling) => nf4::gemv_tiled(client, &x_dev, batch, &matrix, &y_dev, tiling).unwrap(),
+        None => nf4::gemv(client, &x_dev, batch, &matrix, &y_dev).unwrap(),
+    }
     let got = y_dev.read(client).unwrap();
 
     // Tolerance: f32 accumulation over `cols` products, plus one rounding of the output to F.
@@ -87,7 +100,7 @@ fn check<R: Runtime, F: Host>(
             let err = (got[b * rows + n].host_to() - e).abs() / tol;
             assert!(
                 err <= 1.0,
-                "{rows}x{cols} batch {batch} block {}: y[{b},{n}] = {} expected {e} (tolerance {tol})",
+                "{rows}x{cols} batch {batch} block {} {tiling:?}: y[{b},{n}] = {} expected {e} (tolerance {tol})",
                 weight.blocksize,
                 got[b * rows + n].host_to()
             );
@@ -121,6 +134,21 @@ fn shapes_and_batches<R: Runtime, F: Host>(client: &ComputeClient<R>) {
         for &batch in batches {
             let worst = check::<R, F>(client, &weight, batch, 100 + batch as u64);
             eprintln!("{rows}x{cols} batch {batch}: worst error {worst:.3} of tolerance");
+        }
+    }
+}
+
+/// Every tiling of the aligned kernel, on row counts that are and are not multiples of the rows per cube.
+fn every_tiling<R: Runtime, F: Host>(client: &ComputeClient<R>) {
+    for (rows, cols) in [(37, 320), (64, 1024), (5, 96)] {
+        let weight = random_weight(rows, cols, 64, true, rows as u64);
+        for rows_per_plane in [1, 2, 3, 4] {
+            for unroll in [1, 2, 4] {
+                for batch in [1, 3, 8] {
+                    let tiling = GemvTiling { rows_per_plane, unroll };
+                    check_with::<R, F>(client, &weight, batch, 9, Some(tiling));
+                }
+            }
         }
     }
 }
@@ -194,6 +222,11 @@ mod wgpu {
     }
 
     #[test]
+    fn every_tiling_f32() {
+        every_tiling::<WgpuRuntime, f32>(&client());
+    }
+
+    #[test]
     fn copy_probe_wgpu() {
         copy_probe_copies::<WgpuRuntime>(&client());
     }
@@ -226,6 +259,13 @@ mod cuda {
     #[ignore = "needs an NVIDIA GPU"]
     fn cuda_rejects_bad_launches() {
         rejects_bad_launches::<CudaRuntime>(&client());
+    }
+
+    #[test]
+    #[ignore = "needs an NVIDIA GPU"]
+    fn cuda_every_tiling() {
+        every_tiling::<CudaRuntime, f32>(&client());
+        every_tiling::<CudaRuntime, bf16>(&client());
     }
 
     #[test]

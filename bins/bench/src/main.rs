@@ -14,7 +14,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use cubecl::prelude::*;
-use medvl_kernels::nf4::{self, Nf4Matrix};
+use medvl_kernels::nf4::{self, GemvTiling, Nf4Matrix};
 use medvl_kernels::{Buffer, probe};
 use medvl_nf4::{Absmax, DYNAMIC_MAP, Nf4Tensor};
 use rand::{Rng, SeedableRng};
@@ -83,6 +83,9 @@ struct Case {
     rows: usize,
     cols: usize,
     batch: usize,
+    rows_per_plane: usize,
+    unroll: usize,
+    default_tiling: bool,
     weight_mb: f64,
     kernel_us: f64,
     gb_per_s: f64,
@@ -126,6 +129,19 @@ fn main() -> Result<()> {
             _ => bail!("this build has no such runtime: rebuild with `--features cuda` or `--features wgpu`"),
         },
     }
+}
+
+/// The tilings measured per case: the default one first, then the others.
+fn tilings(rows: usize) -> Vec<GemvTiling> {
+    let default = GemvTiling::for_rows(rows);
+    let mut all = vec![default];
+    for (rows_per_plane, unroll) in [(1, 4), (2, 2), (4, 1), (4, 2), (8, 1)] {
+        let t = GemvTiling { rows_per_plane, unroll };
+        if !all.contains(&t) {
+            all.push(t);
+        }
+    }
+    all
 }
 
 fn sync<R: Runtime>(client: &ComputeClient<R>) -> Result<()> {
@@ -202,15 +218,18 @@ fn kernels_in<R: Runtime, F: nf4::Activation>(
     let n = args.launches;
     let mut cases = Vec::new();
     println!(
-        "| matrix | out x in | batch | weight MB | kernel us | GB/s | of copy | launch us |\n|---|---|---|---|---|---|---|---|"
+        "| matrix | out x in | batch | rows/plane x unroll | weight MB | kernel us | GB/s | of copy | launch us |\n|---|---|---|---|---|---|---|---|---|"
     );
     for &&(name, rows, cols) in &shapes {
         let matrix = Nf4Matrix::upload(&client, &random_matrix(rows, cols, &mut rng))
             .with_context(|| format!("upload {rows}x{cols}"))?;
-        for batch in [1usize, 4, 8] {
+        for (batch, tiling) in [1usize, 4, 8]
+            .into_iter()
+            .flat_map(|b| tilings(rows).into_iter().map(move |t| (b, t)))
+        {
             let x = Buffer::<F>::from_slice(&client, &vec![F::from_int(1); batch * cols]);
             let y = Buffer::<F>::empty(&client, batch * rows);
-            let launch = || nf4::gemv(&client, &x, batch, &matrix, &y);
+            let launch = || nf4::gemv_tiled(&client, &x, batch, &matrix, &y, tiling);
             launch()?;
             sync(&client)?;
             // Back to back from the host.
@@ -242,6 +261,9 @@ fn kernels_in<R: Runtime, F: nf4::Activation>(
                 rows,
                 cols,
                 batch,
+                rows_per_plane: tiling.rows_per_plane,
+                unroll: tiling.unroll,
+                default_tiling: tiling == GemvTiling::for_rows(rows),
                 weight_mb: matrix.weight_bytes() as f64 / 1e6,
                 kernel_us: kernel_s * 1e6,
                 gb_per_s,
@@ -249,7 +271,10 @@ fn kernels_in<R: Runtime, F: nf4::Activation>(
                 launch_us: launch_s * 1e6,
             };
             println!(
-                "| {name} | {rows}x{cols} | {batch} | {:.1} | {:.1} | {:.0} | {:.0}% | {:.1} |",
+                "| {name} | {rows}x{cols} | {batch} | {}x{}{} | {:.1} | {:.1} | {:.0} | {:.0}% | {:.1} |",
+                tiling.rows_per_plane,
+                tiling.unroll,
+                if case.default_tiling { " (default)" } else { "" },
                 case.weight_mb,
                 case.kernel_us,
                 case.gb_per_s,

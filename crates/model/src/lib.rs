@@ -41,4 +41,12 @@ pub mod backend {
     #[cfg(feature = "cuda")]
     pub type CudaBf16Unfused =
         burn_cubecl::CubeBackend<cubecl::cuda::CudaRuntime, burn::tensor::bf16, i32, u8>;
+
+    /// CUDA with kernel fusion, f32.
+    #[cfg(feature = "cuda")]
+    pub type CudaF32 = burn::backend::Cuda<f32>;
+
+    /// CUDA without kernel fusion, f32.
+    #[cfg(feature = "cuda")]
+    pub type CudaF32Unfused = burn_cubecl::CubeBackend<cubecl::cuda::CudaRuntime, f32, i32, u8>;
 }

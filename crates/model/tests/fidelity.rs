@@ -433,7 +433,13 @@ mod gpu {
     #[test]
     #[ignore = "needs an NVIDIA GPU: diagnostic"]
     fn cuda_f32_matches_transformers() {
-        check::<burn::backend::Cuda<f32>>("cuda-f32", &["hub"]);
+        check::<medvl_model::backend::CudaF32>("cuda-f32", &["hub"]);
+    }
+
+    #[test]
+    #[ignore = "needs an NVIDIA GPU: diagnostic"]
+    fn cuda_f32_unfused_matches_transformers() {
+        check::<medvl_model::backend::CudaF32Unfused>("cuda-f32-unfused", &["hub"]);
     }
 
     /// Diagnostic: the decoder alone (text-only prompt) under fusion.
