@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 features=cuda,medvl-kernels/wgpu
-mkdir -p .gpu/bin
+rm -rf .gpu/bin && mkdir -p .gpu/bin
 { cargo build --workspace --features "$features" --message-format=json 2>/dev/null
   cargo test --workspace --features "$features" --no-run --message-format=json 2>/dev/null; } \
   | jq -r 'select(.reason == "compiler-artifact" and .executable != null)
@@ -15,7 +15,7 @@ mkdir -p .gpu/bin
   | while read -r name exe; do
       # Test binaries and bins can share a target name (medvl): keep bins under their own name.
       case "$exe" in
-        */deps/medvl-*) continue ;;  # the bins' own unit tests
+        */deps/medvl-*|*/deps/medvl_*) continue ;;  # the bins' own unit tests
         */deps/*) dst=".gpu/bin/test-$name" ;;
         *) dst=".gpu/bin/$name" ;;
       esac
