@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark in one run on the GPU machine (binaries from scripts/gpu-build.sh in .gpu/).
 # Writes full logs and the kernel benchmark JSON under $OUT and prints a short summary last.
-#   1. the kernel benchmark (alone on the card, first);
+#   1. the kernel benchmark, bf16 and f32 activations (alone on the card, first; BENCH_FLAGS=--sweep for every
+#      tiling);
 #   2. the NF4 GEMV kernel tests, CUDA (f32 and bf16 activations);
-#   3. model fidelity on CUDA (bf16 fused, bf16 unfused, f32), each in its own process, in parallel: on a fresh
-#      machine every kernel and autotune candidate is JIT-compiled, which takes minutes;
-#   4. `medvl ask` on CUDA against the transformers greedy tokens (fixtures/tiny/ask.json).
+#   3. model fidelity on CUDA (FIDELITY_RUNS: bf16 and f32 by default), each in its own process, in parallel: on a
+#      fresh machine every kernel and autotune candidate is JIT-compiled, which takes minutes;
+#   4. `medvl ask` on CUDA (bf16, f32) against the transformers greedy tokens (fixtures/tiny/ask.json).
 set -u
 OUT=${OUT:-/tmp/medvl-gpu}
 mkdir -p "$OUT"
@@ -18,14 +19,14 @@ export MEDVL_FIXTURES=$PWD/fixtures/tiny RUST_BACKTRACE=0 CUBECL_AUTOTUNE_LEVEL=
 budget=${GPU_CHECK_SECONDS:-540}
 start=$(date +%s)
 
-for act in ${BENCH_ACTIVATIONS:-bf16}; do
-  timeout 240 $bin/medvl-bench kernels --activations $act --card "$card" --commit "$commit" \
+for act in ${BENCH_ACTIVATIONS:-bf16 f32}; do
+  timeout 240 $bin/medvl-bench kernels ${BENCH_FLAGS:-} --activations $act --card "$card" --commit "$commit" \
     --out "$OUT/kernels-$act.json" >> "$OUT/bench.log" 2>&1; echo "bench $act exit $?" >> "$OUT/bench.log"
 done
 
 left=$(( budget - ($(date +%s) - start) - 20 ))
 # Fidelity runs as ATTENTION:TEST (MEDVL_ATTENTION: flash = burn's flash attention, naive = softmax(QK^T)V).
-runs=${FIDELITY_RUNS:-"flash:cuda_bf16_unfused_matches_transformers naive:cuda_bf16_unfused_matches_transformers flash:cuda_f32_unfused_matches_transformers naive:cuda_f32_unfused_matches_transformers"}
+runs=${FIDELITY_RUNS:-"flash:cuda_bf16_matches_transformers flash:cuda_f32_matches_transformers"}
 for run in $runs; do
   att=${run%%:*} t=${run#*:}
   ( MEDVL_ATTENTION=$att timeout $left $bin/test-fidelity --ignored --exact "gpu::$t" --nocapture \
@@ -33,20 +34,19 @@ for run in $runs; do
 done
 ( timeout $left $bin/test-nf4_gemv --ignored --nocapture --test-threads 1 > "$OUT/kernels-test.log" 2>&1
   echo "exit $?" >> "$OUT/kernels-test.log" ) &
-# `medvl ask` runs as ATTENTION:FUSION (FUSION: on, or off for --no-fusion).
-for run in ${ASK_RUNS:-"naive:off flash:off"}; do
-  att=${run%%:*} fusion=${run#*:}
-  flag=$([ "$fusion" = off ] && echo --no-fusion)
-  ( MEDVL_ATTENTION=$att timeout $left $bin/medvl ask fixtures/tiny/page.png --prompt "What is the diagnosis?" \
-      --model fixtures/tiny/v5 --device cuda $flag --max-new-tokens 32 --json \
-      > "$OUT/ask-cuda-$att-fusion-$fusion.json" 2> "$OUT/ask-cuda-$att-fusion-$fusion.log"
-    echo "exit $?" >> "$OUT/ask-cuda-$att-fusion-$fusion.log" ) &
+# `medvl ask` on CUDA in each dtype.
+for dtype in ${ASK_DTYPES:-bf16 f32}; do
+  ( timeout $left $bin/medvl ask fixtures/tiny/page.png --prompt "What is the diagnosis?" --model fixtures/tiny/v5 \
+      --device cuda --dtype $dtype --max-new-tokens 32 --json > "$OUT/ask-cuda-$dtype.json" 2> "$OUT/ask-cuda-$dtype.log"
+    echo "exit $?" >> "$OUT/ask-cuda-$dtype.log" ) &
 done
-# The CUDA source CubeCL generates for the NF4 kernels (compilation log), for reading off the GPU machine.
-( mkdir -p /tmp/kernel-source && cd /tmp/kernel-source \
-  && printf '[compilation]\nlogger = { level = "full", file = "/tmp/kernel-source/compile.log" }\n' > cubecl.toml \
-  && timeout $left "$OLDPWD/$bin/test-nf4_gemv" --ignored --exact cuda::cuda_every_tiling > /dev/null 2>&1
-  gzip -c /tmp/kernel-source/compile.log > "$OUT/kernel-source.log.gz" ) &
+# With KERNEL_SOURCE=1: the CUDA source CubeCL generates for the NF4 kernels (its compilation log).
+if [ -n "${KERNEL_SOURCE:-}" ]; then
+  ( mkdir -p /tmp/kernel-source && cd /tmp/kernel-source \
+    && printf '[compilation]\nlogger = { level = "full", file = "/tmp/kernel-source/compile.log" }\n' > cubecl.toml \
+    && timeout $left "$OLDPWD/$bin/test-nf4_gemv" --ignored --exact cuda::cuda_every_tiling > /dev/null 2>&1
+    gzip -c /tmp/kernel-source/compile.log > "$OUT/kernel-source.log.gz" ) &
+fi
 wait
 
 echo "== $card ($commit), $(( $(date +%s) - start )) s"

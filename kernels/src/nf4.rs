@@ -139,13 +139,20 @@ pub struct GemvTiling {
 }
 
 impl GemvTiling {
-    /// The tiling [`gemv`] uses for a matrix of `rows` output rows.
-    pub fn for_rows(rows: usize) -> Self {
-        // Enough planes to fill the GPU on small matrices; activation reuse on large ones.
-        let rows_per_plane = if rows >= 16384 { 4 } else if rows >= 4096 { 2 } else { 1 };
+    /// The tiling [`gemv`] uses for `rows` output rows and `batch` activation rows: the best of the sweep
+    /// `medvl-bench kernels` measured on an H100 (docs/KERNELS.md). Small matrices need one row per plane to fill
+    /// the GPU; larger batches gain most from sharing each activation load between 4 rows; batch 1 from having 4
+    /// loads in flight per lane.
+    pub fn for_shape(rows: usize, batch: usize) -> Self {
+        let (rows_per_plane, unroll) = match (rows, batch) {
+            (..1024, _) => (1, 4),
+            (_, 4..) => (4, 1),
+            (16384.., _) => (4, 2),
+            _ => (2, 2),
+        };
         Self {
             rows_per_plane,
-            unroll: 4 / rows_per_plane,
+            unroll,
         }
     }
 }
@@ -159,7 +166,7 @@ pub fn gemv<R: Runtime, F: Activation>(
     weight: &Nf4Matrix,
     y: &Buffer<F>,
 ) -> Result<(), KernelError> {
-    gemv_tiled(client, x, batch, weight, y, GemvTiling::for_rows(weight.rows))
+    gemv_tiled(client, x, batch, weight, y, GemvTiling::for_shape(weight.rows, batch))
 }
 
 /// [`gemv`] with an explicit tiling (for benchmarks; the general kernel for widths not a multiple of 32 ignores it).

@@ -65,6 +65,9 @@ struct KernelArgs {
     /// Only the small shapes (a smoke run).
     #[arg(long)]
     quick: bool,
+    /// Measure every candidate tiling of the aligned kernel, not just the one `gemv` picks.
+    #[arg(long)]
+    sweep: bool,
     /// Activation type (`bf16` as in the model; `f32` where the runtime has no bf16, e.g. wgpu).
     #[arg(long, value_enum, default_value = "bf16")]
     activations: ActivationKind,
@@ -132,8 +135,8 @@ fn main() -> Result<()> {
 }
 
 /// The tilings measured per case: the default one first, then the others.
-fn tilings(rows: usize) -> Vec<GemvTiling> {
-    let default = GemvTiling::for_rows(rows);
+fn tilings(rows: usize, batch: usize) -> Vec<GemvTiling> {
+    let default = GemvTiling::for_shape(rows, batch);
     let mut all = vec![default];
     for (rows_per_plane, unroll) in [(1, 4), (2, 2), (4, 1), (4, 2), (8, 1)] {
         let t = GemvTiling { rows_per_plane, unroll };
@@ -225,7 +228,11 @@ fn kernels_in<R: Runtime, F: nf4::Activation>(
             .with_context(|| format!("upload {rows}x{cols}"))?;
         for (batch, tiling) in [1usize, 4, 8]
             .into_iter()
-            .flat_map(|b| tilings(rows).into_iter().map(move |t| (b, t)))
+            .flat_map(|b| {
+                let mut t = tilings(rows, b);
+                t.truncate(if args.sweep { t.len() } else { 1 });
+                t.into_iter().map(move |t| (b, t))
+            })
         {
             let x = Buffer::<F>::from_slice(&client, &vec![F::from_int(1); batch * cols]);
             let y = Buffer::<F>::empty(&client, batch * rows);
@@ -263,7 +270,7 @@ fn kernels_in<R: Runtime, F: nf4::Activation>(
                 batch,
                 rows_per_plane: tiling.rows_per_plane,
                 unroll: tiling.unroll,
-                default_tiling: tiling == GemvTiling::for_rows(rows),
+                default_tiling: tiling == GemvTiling::for_shape(rows, batch),
                 weight_mb: matrix.weight_bytes() as f64 / 1e6,
                 kernel_us: kernel_s * 1e6,
                 gb_per_s,

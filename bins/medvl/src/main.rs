@@ -115,9 +115,6 @@ struct RunArgs {
     /// Compute dtype (cpu: f32 only; cuda: bf16 or f32).
     #[arg(long, value_enum)]
     dtype: Option<DtypeArg>,
-    /// Run burn's CUDA backend without kernel fusion (every op its own kernel).
-    #[arg(long)]
-    no_fusion: bool,
     /// Lower bound on the resized image area in pixels (the model directory's setting otherwise).
     #[arg(long)]
     min_pixels: Option<u64>,
@@ -302,13 +299,10 @@ fn cuda(
     run: &RunArgs,
     request: &Request,
 ) -> anyhow::Result<ExitCode> {
-    use medvl_model::backend::{CudaBf16, CudaBf16Unfused, CudaF32, CudaF32Unfused};
-    let device = Default::default();
-    match (dtype.unwrap_or(DtypeArg::Bf16), run.no_fusion) {
-        (DtypeArg::Bf16, false) => generate::<CudaBf16>(dir, device, run, request),
-        (DtypeArg::Bf16, true) => generate::<CudaBf16Unfused>(dir, device, run, request),
-        (DtypeArg::F32, false) => generate::<CudaF32>(dir, device, run, request),
-        (DtypeArg::F32, true) => generate::<CudaF32Unfused>(dir, device, run, request),
+    use medvl_model::backend::{CudaBf16, CudaF32};
+    match dtype.unwrap_or(DtypeArg::Bf16) {
+        DtypeArg::Bf16 => generate::<CudaBf16>(dir, Default::default(), run, request),
+        DtypeArg::F32 => generate::<CudaF32>(dir, Default::default(), run, request),
     }
 }
 
