@@ -166,7 +166,14 @@ pub fn gemv<R: Runtime, F: Activation>(
     weight: &Nf4Matrix,
     y: &Buffer<F>,
 ) -> Result<(), KernelError> {
-    gemv_tiled(client, x, batch, weight, y, GemvTiling::for_shape(weight.rows, batch))
+    gemv_tiled(
+        client,
+        x,
+        batch,
+        weight,
+        y,
+        GemvTiling::for_shape(weight.rows, batch),
+    )
 }
 
 /// [`gemv`] with an explicit tiling (for benchmarks; the general kernel for widths not a multiple of 32 ignores it).
@@ -184,13 +191,20 @@ pub fn gemv_tiled<R: Runtime, F: Activation>(
         )));
     }
     if !(1..=8).contains(&tiling.rows_per_plane) || !(1..=8).contains(&tiling.unroll) {
-        return Err(KernelError::Unsupported(format!("tiling {tiling:?}: 1 to 8 each")));
+        return Err(KernelError::Unsupported(format!(
+            "tiling {tiling:?}: 1 to 8 each"
+        )));
     }
     x.check("x", batch * weight.cols)?;
     y.check("y", batch * weight.rows)?;
     let plane = client.properties().hardware.plane_size_max.max(1);
     let aligned = weight.cols.is_multiple_of(32);
-    let rows_per_cube = PLANES_PER_CUBE * if aligned { tiling.rows_per_plane as u32 } else { 1 };
+    let rows_per_cube = PLANES_PER_CUBE
+        * if aligned {
+            tiling.rows_per_plane as u32
+        } else {
+            1
+        };
     let cube_dim = CubeDim::new_2d(plane, PLANES_PER_CUBE);
     let cube_count = CubeCount::Static((weight.rows as u32).div_ceil(rows_per_cube), 1, 1);
     let (codes, scales, map, offset, double_quant) = match &weight.scales {
@@ -286,7 +300,12 @@ fn load_codebook(codebook: &Array<f32>) -> SharedMemory<f32> {
 /// Decodes the 8 codes of one little-endian u32 of packed bytes (byte 0 first, high nibble first) into
 /// `values[base..base + 8]`.
 #[cube]
-fn decode_word(word: u32, table: &SharedMemory<f32>, values: &mut Array<f32>, #[comptime] base: usize) {
+fn decode_word(
+    word: u32,
+    table: &SharedMemory<f32>,
+    values: &mut Array<f32>,
+    #[comptime] base: usize,
+) {
     values[base] = table[((word >> 4) & 0xF) as usize];
     values[base + 1] = table[(word & 0xF) as usize];
     values[base + 2] = table[((word >> 12) & 0xF) as usize];
@@ -343,7 +362,11 @@ fn gemv_aligned<F: Float, NX: Size>(
                     #[unroll]
                     for r in 0..rows_per_plane {
                         let candidate = first_row + comptime!(r as u32);
-                        let row = if candidate < rows { candidate } else { rows - 1 };
+                        let row = if candidate < rows {
+                            candidate
+                        } else {
+                            rows - 1
+                        };
                         words[u * rows_per_plane + r] = packed[(row * chunks + chunk) as usize];
                         block_scales[u * rows_per_plane + r] = block_scale(
                             (row * cols + chunk * 32) / blocksize,
@@ -384,7 +407,8 @@ fn gemv_aligned<F: Float, NX: Size>(
                                     let xe = f32::cast_from(xv[e]);
                                     #[unroll]
                                     for r in 0..rows_per_plane {
-                                        dots[b * rows_per_plane + r] += xe * values[r * 8 + v * nx + e];
+                                        dots[b * rows_per_plane + r] +=
+                                            xe * values[r * 8 + v * nx + e];
                                     }
                                 }
                             }
@@ -443,7 +467,11 @@ fn gemv_any<F: Float>(
         for col in range_stepped(UNIT_POS_X, cols, CUBE_DIM_X) {
             let index = row * cols + col;
             let byte = (packed[(index / 8) as usize] >> (((index / 2) % 4) * 8)) & 0xFF;
-            let code = if index % 2 == 0 { byte >> 4 } else { byte & 0xF };
+            let code = if (index & 1) == 0 {
+                byte >> 4
+            } else {
+                byte & 0xF
+            };
             let scale = block_scale(index / blocksize, codes, scales, map, offset, double_quant);
             let w = table[code as usize] * scale;
             #[unroll]

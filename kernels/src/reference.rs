@@ -13,7 +13,11 @@ pub fn nf4_gemv(x: &[f32], batch: usize, weight: &Nf4Tensor) -> Vec<f32> {
         let xb = &x[b * cols..(b + 1) * cols];
         for n in 0..rows {
             let wn = &w[n * cols..(n + 1) * cols];
-            let dot: f64 = xb.iter().zip(wn).map(|(&a, &b)| f64::from(a) * f64::from(b)).sum();
+            let dot: f64 = xb
+                .iter()
+                .zip(wn)
+                .map(|(&a, &b)| f64::from(a) * f64::from(b))
+                .sum();
             y[b * rows + n] = dot as f32;
         }
     }

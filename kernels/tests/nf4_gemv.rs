@@ -130,7 +130,11 @@ fn shapes_and_batches<R: Runtime, F: Host>(client: &ComputeClient<R>) {
     for (i, &(rows, cols)) in SHAPES.iter().enumerate() {
         let weight = random_weight(rows, cols, 64, true, i as u64);
         // Every batch size on the small shapes; 1 and 8 on the large ones (the host reference is slow).
-        let batches: &[usize] = if rows * cols < 1 << 20 { &[1, 2, 3, 4, 5, 6, 7, 8] } else { &[1, 8] };
+        let batches: &[usize] = if rows * cols < 1 << 20 {
+            &[1, 2, 3, 4, 5, 6, 7, 8]
+        } else {
+            &[1, 8]
+        };
         for &batch in batches {
             let worst = check::<R, F>(client, &weight, batch, 100 + batch as u64);
             eprintln!("{rows}x{cols} batch {batch}: worst error {worst:.3} of tolerance");
@@ -145,7 +149,10 @@ fn every_tiling<R: Runtime, F: Host>(client: &ComputeClient<R>) {
         for rows_per_plane in [1, 2, 3, 4] {
             for unroll in [1, 2, 4] {
                 for batch in [1, 3, 8] {
-                    let tiling = GemvTiling { rows_per_plane, unroll };
+                    let tiling = GemvTiling {
+                        rows_per_plane,
+                        unroll,
+                    };
                     check_with::<R, F>(client, &weight, batch, 9, Some(tiling));
                 }
             }
@@ -176,7 +183,14 @@ fn rejects_bad_launches<R: Runtime>(client: &ComputeClient<R>) {
     let small = Buffer::<f32>::empty(client, 7);
     let err = nf4::gemv(client, &x, 1, &matrix, &small).unwrap_err();
     assert!(
-        matches!(err, KernelError::BufferTooSmall { what: "y", needed: 8, .. }),
+        matches!(
+            err,
+            KernelError::BufferTooSmall {
+                what: "y",
+                needed: 8,
+                ..
+            }
+        ),
         "{err}"
     );
     let three_d = quantize(&[0.5; 8], &[2, 2, 2], 64, true).unwrap();

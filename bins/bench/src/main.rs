@@ -129,7 +129,9 @@ fn main() -> Result<()> {
             #[cfg(feature = "wgpu")]
             RuntimeKind::Wgpu => kernels::<cubecl::wgpu::WgpuRuntime>(&args, "wgpu"),
             #[allow(unreachable_patterns)]
-            _ => bail!("this build has no such runtime: rebuild with `--features cuda` or `--features wgpu`"),
+            _ => bail!(
+                "this build has no such runtime: rebuild with `--features cuda` or `--features wgpu`"
+            ),
         },
     }
 }
@@ -139,7 +141,10 @@ fn tilings(rows: usize, batch: usize) -> Vec<GemvTiling> {
     let default = GemvTiling::for_shape(rows, batch);
     let mut all = vec![default];
     for (rows_per_plane, unroll) in [(1, 4), (2, 2), (4, 1), (4, 2), (8, 1)] {
-        let t = GemvTiling { rows_per_plane, unroll };
+        let t = GemvTiling {
+            rows_per_plane,
+            unroll,
+        };
         if !all.contains(&t) {
             all.push(t);
         }
@@ -167,7 +172,9 @@ fn random_matrix(rows: usize, cols: usize, rng: &mut ChaCha8Rng) -> Nf4Tensor {
         packed,
         absmax: Absmax::Double {
             codes,
-            nested_absmax: (0..blocks.div_ceil(256)).map(|_| rng.random_range(0.01..0.1)).collect(),
+            nested_absmax: (0..blocks.div_ceil(256))
+                .map(|_| rng.random_range(0.01..0.1))
+                .collect(),
             nested_code: DYNAMIC_MAP.to_vec(),
             offset: 0.05,
         },
@@ -226,14 +233,11 @@ fn kernels_in<R: Runtime, F: nf4::Activation>(
     for &&(name, rows, cols) in &shapes {
         let matrix = Nf4Matrix::upload(&client, &random_matrix(rows, cols, &mut rng))
             .with_context(|| format!("upload {rows}x{cols}"))?;
-        for (batch, tiling) in [1usize, 4, 8]
-            .into_iter()
-            .flat_map(|b| {
-                let mut t = tilings(rows, b);
-                t.truncate(if args.sweep { t.len() } else { 1 });
-                t.into_iter().map(move |t| (b, t))
-            })
-        {
+        for (batch, tiling) in [1usize, 4, 8].into_iter().flat_map(|b| {
+            let mut t = tilings(rows, b);
+            t.truncate(if args.sweep { t.len() } else { 1 });
+            t.into_iter().map(move |t| (b, t))
+        }) {
             let x = Buffer::<F>::from_slice(&client, &vec![F::from_int(1); batch * cols]);
             let y = Buffer::<F>::empty(&client, batch * rows);
             let launch = || nf4::gemv_tiled(&client, &x, batch, &matrix, &y, tiling);
@@ -281,7 +285,11 @@ fn kernels_in<R: Runtime, F: nf4::Activation>(
                 "| {name} | {rows}x{cols} | {batch} | {}x{}{} | {:.1} | {:.1} | {:.0} | {:.0}% | {:.1} |",
                 tiling.rows_per_plane,
                 tiling.unroll,
-                if case.default_tiling { " (default)" } else { "" },
+                if case.default_tiling {
+                    " (default)"
+                } else {
+                    ""
+                },
                 case.weight_mb,
                 case.kernel_us,
                 case.gb_per_s,

@@ -124,7 +124,7 @@ pub enum ChatTemplate {
     /// Qwen2.5-VL's template, rendered in Rust ([`render`]).
     Builtin,
     /// A Jinja template (Hugging Face's `apply_chat_template` semantics), compiled once.
-    Jinja(JinjaTemplate),
+    Jinja(Box<JinjaTemplate>),
 }
 
 /// A compiled Jinja chat template.
@@ -136,7 +136,9 @@ pub struct JinjaTemplate {
 
 impl std::fmt::Debug for JinjaTemplate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("JinjaTemplate").field("file", &self.file).finish_non_exhaustive()
+        f.debug_struct("JinjaTemplate")
+            .field("file", &self.file)
+            .finish_non_exhaustive()
     }
 }
 
@@ -200,7 +202,7 @@ impl ChatTemplate {
                 source_file: file.clone(),
                 reason: e.to_string(),
             })?;
-        Ok(Self::Jinja(JinjaTemplate { env, file }))
+        Ok(Self::Jinja(Box::new(JinjaTemplate { env, file })))
     }
 
     /// Renders a conversation as prompt text with one `<|image_pad|>` per image (for the Qwen2.5-VL templates).
@@ -209,9 +211,10 @@ impl ChatTemplate {
         messages: &[Message],
         add_generation_prompt: bool,
     ) -> Result<String, ModelError> {
-        let Self::Jinja(JinjaTemplate { env, file }) = self else {
+        let Self::Jinja(template) = self else {
             return Ok(render(messages, add_generation_prompt));
         };
+        let JinjaTemplate { env, file } = template.as_ref();
         let fail = |e: minijinja::Error| ModelError::ChatTemplate {
             source_file: file.clone(),
             reason: e.to_string(),

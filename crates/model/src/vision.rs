@@ -5,8 +5,8 @@
 //! (`get_vision_window_index`, `get_vision_cu_seqlens`).
 
 use burn::prelude::*;
-use burn::tensor::activation::gelu;
 use burn::tensor::Int;
+use burn::tensor::activation::gelu;
 
 use crate::attention::Segments;
 use crate::config::VisionConfig;

@@ -413,7 +413,11 @@ mod gpu {
                     r.case,
                     r.decode_vs_prefill
                 );
-                assert_eq!(r.greedy[0], r.expected_greedy[0], "{}: first greedy token", r.case);
+                assert_eq!(
+                    r.greedy[0], r.expected_greedy[0],
+                    "{}: first greedy token",
+                    r.case
+                );
             }
         }
     }

@@ -121,9 +121,16 @@ fn model_dir_jinja_template_equals_transformers() {
     .unwrap();
     for dir in ["hub", "v5"] {
         let template = ChatTemplate::from_model_dir(&fixtures().join("tiny").join(dir)).unwrap();
-        assert!(matches!(template, ChatTemplate::Jinja(_)), "{dir}: {template:?}");
+        assert!(
+            matches!(template, ChatTemplate::Jinja(_)),
+            "{dir}: {template:?}"
+        );
         for (name, case) in &cases {
-            assert_eq!(template.render(&case.messages, true).unwrap(), case.text, "{dir} {name}");
+            assert_eq!(
+                template.render(&case.messages, true).unwrap(),
+                case.text,
+                "{dir} {name}"
+            );
         }
     }
 }
@@ -159,17 +166,31 @@ fn model_dir_template_is_used_and_builtin_is_the_fallback() {
     .unwrap();
     let template = ChatTemplate::from_model_dir(&dir).unwrap();
     assert_eq!(
-        template.render(&[Message::text(medvl_model::chat::Role::User, "  bid  ")], false).unwrap(),
+        template
+            .render(
+                &[Message::text(medvl_model::chat::Role::User, "  bid  ")],
+                false
+            )
+            .unwrap(),
         "BID"
     );
     let err = template
-        .render(&[Message::text(medvl_model::chat::Role::System, "x")], false)
+        .render(
+            &[Message::text(medvl_model::chat::Role::System, "x")],
+            false,
+        )
         .unwrap_err()
         .to_string();
-    assert!(err.contains("no system role") && err.contains("chat_template.jinja"), "{err}");
+    assert!(
+        err.contains("no system role") && err.contains("chat_template.jinja"),
+        "{err}"
+    );
 
     let empty = temp_dir("none");
-    assert!(matches!(ChatTemplate::from_model_dir(&empty).unwrap(), ChatTemplate::Builtin));
+    assert!(matches!(
+        ChatTemplate::from_model_dir(&empty).unwrap(),
+        ChatTemplate::Builtin
+    ));
     std::fs::remove_dir_all(dir).unwrap();
     std::fs::remove_dir_all(empty).unwrap();
 }
@@ -178,7 +199,11 @@ fn model_dir_template_is_used_and_builtin_is_the_fallback() {
 #[test]
 fn broken_template_names_its_file() {
     let dir = temp_dir("broken");
-    std::fs::write(dir.join("chat_template.json"), r#"{"chat_template": "{% for m in messages %}"}"#).unwrap();
+    std::fs::write(
+        dir.join("chat_template.json"),
+        r#"{"chat_template": "{% for m in messages %}"}"#,
+    )
+    .unwrap();
     let err = ChatTemplate::from_model_dir(&dir).unwrap_err().to_string();
     assert!(err.contains("chat_template.json"), "{err}");
     std::fs::remove_dir_all(dir).unwrap();
