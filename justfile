@@ -12,7 +12,7 @@ lint:
 # GPU checks on a machine with an NVIDIA GPU + CUDA 12/13 NVRTC: model fidelity against transformers (bf16) and
 # the NF4 kernels against their host reference.
 test-cuda:
-    cargo test -p medvl-model --features cuda --test fidelity -- --ignored --nocapture gpu::cuda_bf16
+    cargo test -p medvl-model --features cuda --test fidelity -- --ignored --nocapture --exact gpu::cuda_bf16_matches_transformers gpu::cuda_f32_matches_transformers
     cargo test -p medvl-kernels --features cuda --test nf4_gemv -- --ignored --nocapture
 
 # Kernel benchmark: NF4 GEMV GB/s at the 7B's decode shapes against the card's measured copy bandwidth.

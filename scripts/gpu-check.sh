@@ -4,9 +4,10 @@
 #   1. the kernel benchmark, bf16 and f32 activations (alone on the card, first; BENCH_FLAGS=--sweep for every
 #      tiling);
 #   2. the NF4 GEMV kernel tests, CUDA (f32 and bf16 activations);
-#   3. model fidelity on CUDA (FIDELITY_RUNS: bf16 and f32 by default), each in its own process, in parallel: on a
-#      fresh machine every kernel and autotune candidate is JIT-compiled, which takes minutes;
-#   4. `medvl ask` on CUDA (bf16, f32) against the transformers greedy tokens (fixtures/tiny/ask.json).
+#   3. model fidelity on CUDA (FIDELITY_RUNS: bf16 and f32 by default, empty for none), each in its own process,
+#      in parallel: on a fresh machine every kernel and autotune candidate is JIT-compiled, which takes minutes;
+#   4. `medvl ask` on CUDA (ASK_DTYPES: bf16 f32 by default, empty for none) against the transformers greedy
+#      tokens (fixtures/tiny/ask.json).
 set -u
 OUT=${OUT:-/tmp/medvl-gpu}
 mkdir -p "$OUT"
@@ -26,7 +27,7 @@ done
 
 left=$(( budget - ($(date +%s) - start) - 20 ))
 # Fidelity runs as ATTENTION:TEST (MEDVL_ATTENTION: flash = burn's flash attention, naive = softmax(QK^T)V).
-runs=${FIDELITY_RUNS:-"flash:cuda_bf16_matches_transformers flash:cuda_f32_matches_transformers"}
+runs=${FIDELITY_RUNS-"flash:cuda_bf16_matches_transformers flash:cuda_f32_matches_transformers"}
 for run in $runs; do
   att=${run%%:*} t=${run#*:}
   ( MEDVL_ATTENTION=$att timeout $left $bin/test-fidelity --ignored --exact "gpu::$t" --nocapture \
@@ -35,7 +36,7 @@ done
 ( timeout $left $bin/test-nf4_gemv --ignored --nocapture --test-threads 1 > "$OUT/kernels-test.log" 2>&1
   echo "exit $?" >> "$OUT/kernels-test.log" ) &
 # `medvl ask` on CUDA in each dtype.
-for dtype in ${ASK_DTYPES:-bf16 f32}; do
+for dtype in ${ASK_DTYPES-bf16 f32}; do
   ( timeout $left $bin/medvl ask fixtures/tiny/page.png --prompt "What is the diagnosis?" --model fixtures/tiny/v5 \
       --device cuda --dtype $dtype --max-new-tokens 32 --json > "$OUT/ask-cuda-$dtype.json" 2> "$OUT/ask-cuda-$dtype.log"
     echo "exit $?" >> "$OUT/ask-cuda-$dtype.log" ) &

@@ -136,6 +136,8 @@ pub struct GemvTiling {
     pub rows_per_plane: usize,
     /// Chunks of 32 codes per row each lane loads before using them.
     pub unroll: usize,
+    /// Planes sharing the same rows, each over part of the width (split-K inside a cube); 1 for none.
+    pub split: usize,
 }
 
 impl GemvTiling {
@@ -153,6 +155,7 @@ impl GemvTiling {
         Self {
             rows_per_plane,
             unroll,
+            split: 1,
         }
     }
 }
@@ -190,7 +193,10 @@ pub fn gemv_tiled<R: Runtime, F: Activation>(
             "batch {batch}: the NF4 GEMV takes 1 to {MAX_BATCH} rows per launch"
         )));
     }
-    if !(1..=8).contains(&tiling.rows_per_plane) || !(1..=8).contains(&tiling.unroll) {
+    if ![tiling.rows_per_plane, tiling.unroll, tiling.split]
+        .iter()
+        .all(|v| (1..=8).contains(v))
+    {
         return Err(KernelError::Unsupported(format!(
             "tiling {tiling:?}: 1 to 8 each"
         )));
@@ -199,13 +205,14 @@ pub fn gemv_tiled<R: Runtime, F: Activation>(
     y.check("y", batch * weight.rows)?;
     let plane = client.properties().hardware.plane_size_max.max(1);
     let aligned = weight.cols.is_multiple_of(32);
-    let rows_per_cube = PLANES_PER_CUBE
-        * if aligned {
-            tiling.rows_per_plane as u32
-        } else {
-            1
-        };
-    let cube_dim = CubeDim::new_2d(plane, PLANES_PER_CUBE);
+    let split = aligned && tiling.split > 1;
+    let rows_per_cube = match (aligned, split) {
+        (false, _) => PLANES_PER_CUBE,
+        (true, false) => PLANES_PER_CUBE * tiling.rows_per_plane as u32,
+        (true, true) => tiling.rows_per_plane as u32,
+    };
+    let planes = if split { tiling.split as u32 } else { PLANES_PER_CUBE };
+    let cube_dim = CubeDim::new_2d(plane, planes);
     let cube_count = CubeCount::Static((weight.rows as u32).div_ceil(rows_per_cube), 1, 1);
     let (codes, scales, map, offset, double_quant) = match &weight.scales {
         Scales::Double {
@@ -243,6 +250,7 @@ pub fn gemv_tiled<R: Runtime, F: Activation>(
                 double_quant,
                 tiling.rows_per_plane,
                 tiling.unroll,
+                if split { tiling.split } else { 1 },
             );
         } else {
             gemv_any::launch_unchecked::<F, R>(
@@ -334,9 +342,24 @@ fn gemv_aligned<F: Float, NX: Size>(
     #[comptime] double_quant: bool,
     #[comptime] rows_per_plane: usize,
     #[comptime] unroll: usize,
+    #[comptime] split: usize,
 ) {
     let table = load_codebook(codebook);
-    let first_row = (CUBE_POS_X * CUBE_DIM_Y + UNIT_POS_Y) * comptime!(rows_per_plane as u32);
+    // Without split-K each plane of the cube has rows of its own; with it, the cube's planes share the same rows
+    // and each takes every `split`-th group of chunks.
+    let (first_row, lane, width) = if comptime!(split == 1) {
+        (
+            (CUBE_POS_X * CUBE_DIM_Y + UNIT_POS_Y) * comptime!(rows_per_plane as u32),
+            UNIT_POS_X,
+            CUBE_DIM_X,
+        )
+    } else {
+        (
+            CUBE_POS_X * comptime!(rows_per_plane as u32),
+            UNIT_POS_Y * CUBE_DIM_X + UNIT_POS_X,
+            CUBE_DIM_X * CUBE_DIM_Y,
+        )
+    };
     if first_row < rows {
         let nx = NX::value();
         let per_word = comptime!(8 / nx);
@@ -354,10 +377,10 @@ fn gemv_aligned<F: Float, NX: Size>(
         // Each step, lane `i` takes chunks `first + u * plane + i` (`u < unroll`) of each of the plane's rows, and
         // issues every load of the step before using any. Rows past the end re-read the last row; their sums are
         // not written.
-        for first in range_stepped(0, chunks, CUBE_DIM_X * comptime!(unroll as u32)) {
+        for first in range_stepped(0, chunks, width * comptime!(unroll as u32)) {
             #[unroll]
             for u in 0..unroll {
-                let chunk = first + CUBE_DIM_X * comptime!(u as u32) + UNIT_POS_X;
+                let chunk = first + width * comptime!(u as u32) + lane;
                 if chunk < chunks {
                     #[unroll]
                     for r in 0..rows_per_plane {
@@ -381,7 +404,7 @@ fn gemv_aligned<F: Float, NX: Size>(
             }
             #[unroll]
             for u in 0..unroll {
-                let chunk = first + CUBE_DIM_X * comptime!(u as u32) + UNIT_POS_X;
+                let chunk = first + width * comptime!(u as u32) + lane;
                 if chunk < chunks {
                     #[unroll]
                     for i in 0..batch * rows_per_plane {
@@ -425,14 +448,45 @@ fn gemv_aligned<F: Float, NX: Size>(
                 }
             }
         }
-        #[unroll]
-        for b in 0..batch {
+        if comptime!(split == 1) {
             #[unroll]
-            for r in 0..rows_per_plane {
-                let total = plane_sum(acc[b * rows_per_plane + r]);
-                let row = first_row + comptime!(r as u32);
-                if UNIT_POS_X == 0 && row < rows {
-                    y[b * rows as usize + row as usize] = F::cast_from(total);
+            for b in 0..batch {
+                #[unroll]
+                for r in 0..rows_per_plane {
+                    let total = plane_sum(acc[b * rows_per_plane + r]);
+                    let row = first_row + comptime!(r as u32);
+                    if UNIT_POS_X == 0 && row < rows {
+                        y[b * rows as usize + row as usize] = F::cast_from(total);
+                    }
+                }
+            }
+        } else {
+            // Each plane's sums through shared memory; the first unit adds the planes' and writes.
+            let outputs = comptime!(batch * rows_per_plane);
+            let mut partial = SharedMemory::<f32>::new(comptime!(split * batch * rows_per_plane));
+            #[unroll]
+            for i in 0..outputs {
+                let total = plane_sum(acc[i]);
+                if UNIT_POS_X == 0 {
+                    partial[UNIT_POS_Y as usize * outputs + i] = total;
+                }
+            }
+            sync_cube();
+            if UNIT_POS == 0 {
+                #[unroll]
+                for b in 0..batch {
+                    #[unroll]
+                    for r in 0..rows_per_plane {
+                        let mut total = 0.0f32;
+                        #[unroll]
+                        for p in 0..split {
+                            total += partial[p * outputs + b * rows_per_plane + r];
+                        }
+                        let row = first_row + comptime!(r as u32);
+                        if row < rows {
+                            y[b * rows as usize + row as usize] = F::cast_from(total);
+                        }
+                    }
                 }
             }
         }

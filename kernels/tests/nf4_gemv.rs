@@ -146,14 +146,17 @@ fn shapes_and_batches<R: Runtime, F: Host>(client: &ComputeClient<R>) {
 fn every_tiling<R: Runtime, F: Host>(client: &ComputeClient<R>) {
     for (rows, cols) in [(37, 320), (64, 1024), (5, 96)] {
         let weight = random_weight(rows, cols, 64, true, rows as u64);
-        for rows_per_plane in [1, 2, 3, 4] {
-            for unroll in [1, 2, 4] {
-                for batch in [1, 3, 8] {
-                    let tiling = GemvTiling {
-                        rows_per_plane,
-                        unroll,
-                    };
-                    check_with::<R, F>(client, &weight, batch, 9, Some(tiling));
+        for rows_per_plane in [1, 3, 4] {
+            for unroll in [1, 4] {
+                for split in [1, 4] {
+                    for batch in [1, 3, 8] {
+                        let tiling = GemvTiling {
+                            rows_per_plane,
+                            unroll,
+                            split,
+                        };
+                        check_with::<R, F>(client, &weight, batch, 9, Some(tiling));
+                    }
                 }
             }
         }

@@ -88,6 +88,7 @@ struct Case {
     batch: usize,
     rows_per_plane: usize,
     unroll: usize,
+    split: usize,
     default_tiling: bool,
     weight_mb: f64,
     kernel_us: f64,
@@ -140,10 +141,21 @@ fn main() -> Result<()> {
 fn tilings(rows: usize, batch: usize) -> Vec<GemvTiling> {
     let default = GemvTiling::for_shape(rows, batch);
     let mut all = vec![default];
-    for (rows_per_plane, unroll) in [(1, 4), (2, 2), (4, 1), (4, 2), (8, 1)] {
+    for (rows_per_plane, unroll, split) in [
+        (1, 4, 1),
+        (2, 2, 1),
+        (4, 1, 1),
+        (4, 2, 1),
+        (1, 2, 4),
+        (2, 1, 4),
+        (2, 2, 4),
+        (4, 1, 4),
+        (4, 2, 2),
+    ] {
         let t = GemvTiling {
             rows_per_plane,
             unroll,
+            split,
         };
         if !all.contains(&t) {
             all.push(t);
@@ -228,7 +240,7 @@ fn kernels_in<R: Runtime, F: nf4::Activation>(
     let n = args.launches;
     let mut cases = Vec::new();
     println!(
-        "| matrix | out x in | batch | rows/plane x unroll | weight MB | kernel us | GB/s | of copy | launch us |\n|---|---|---|---|---|---|---|---|---|"
+        "| matrix | out x in | batch | rows/plane x unroll / split | weight MB | kernel us | GB/s | of copy | launch us |\n|---|---|---|---|---|---|---|---|---|"
     );
     for &&(name, rows, cols) in &shapes {
         let matrix = Nf4Matrix::upload(&client, &random_matrix(rows, cols, &mut rng))
@@ -274,6 +286,7 @@ fn kernels_in<R: Runtime, F: nf4::Activation>(
                 batch,
                 rows_per_plane: tiling.rows_per_plane,
                 unroll: tiling.unroll,
+                split: tiling.split,
                 default_tiling: tiling == GemvTiling::for_shape(rows, batch),
                 weight_mb: matrix.weight_bytes() as f64 / 1e6,
                 kernel_us: kernel_s * 1e6,
@@ -282,9 +295,10 @@ fn kernels_in<R: Runtime, F: nf4::Activation>(
                 launch_us: launch_s * 1e6,
             };
             println!(
-                "| {name} | {rows}x{cols} | {batch} | {}x{}{} | {:.1} | {:.1} | {:.0} | {:.0}% | {:.1} |",
+                "| {name} | {rows}x{cols} | {batch} | {}x{}/{}{} | {:.1} | {:.1} | {:.0} | {:.0}% | {:.1} |",
                 tiling.rows_per_plane,
                 tiling.unroll,
+                tiling.split,
                 if case.default_tiling {
                     " (default)"
                 } else {

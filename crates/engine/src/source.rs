@@ -9,11 +9,13 @@ use hf_hub::{Cache, Repo, RepoType};
 use crate::error::{EngineError, Result};
 
 /// Files a model directory may hold besides the weights; only `config.json` and `tokenizer.json` are required.
-const OPTIONAL_FILES: [&str; 4] = [
+const OPTIONAL_FILES: [&str; 6] = [
     "preprocessor_config.json",
     "processor_config.json",
     "generation_config.json",
+    "chat_template.jinja",
     "chat_template.json",
+    "tokenizer_config.json",
 ];
 
 /// A model to load.
