@@ -142,20 +142,20 @@ pub struct GemvTiling {
 
 impl GemvTiling {
     /// The tiling [`gemv`] uses for `rows` output rows and `batch` activation rows: the best of the sweep
-    /// `medvl-bench kernels` measured on an H100 (docs/KERNELS.md). Small matrices need one row per plane to fill
-    /// the GPU; larger batches gain most from sharing each activation load between 4 rows; batch 1 from having 4
-    /// loads in flight per lane.
+    /// `medvl-bench kernels --sweep` measured on an H100 (docs/KERNELS.md). Matrices with few rows need split-K to
+    /// fill the GPU; larger batches gain most from sharing each activation load between 4 rows; batch 1 on large
+    /// matrices from having 8 loads in flight per lane.
     pub fn for_shape(rows: usize, batch: usize) -> Self {
-        let (rows_per_plane, unroll) = match (rows, batch) {
-            (..1024, _) => (1, 4),
-            (_, 4..) => (4, 1),
-            (16384.., _) => (4, 2),
-            _ => (2, 2),
+        let (rows_per_plane, unroll, split) = match (rows, batch) {
+            (..1024, _) => (2, 1, 4),
+            (_, 4..) => (4, 1, 1),
+            (16384.., _) => (4, 2, 1),
+            _ => (4, 1, 4),
         };
         Self {
             rows_per_plane,
             unroll,
-            split: 1,
+            split,
         }
     }
 }
@@ -211,7 +211,11 @@ pub fn gemv_tiled<R: Runtime, F: Activation>(
         (true, false) => PLANES_PER_CUBE * tiling.rows_per_plane as u32,
         (true, true) => tiling.rows_per_plane as u32,
     };
-    let planes = if split { tiling.split as u32 } else { PLANES_PER_CUBE };
+    let planes = if split {
+        tiling.split as u32
+    } else {
+        PLANES_PER_CUBE
+    };
     let cube_dim = CubeDim::new_2d(plane, planes);
     let cube_count = CubeCount::Static((weight.rows as u32).div_ceil(rows_per_cube), 1, 1);
     let (codes, scales, map, offset, double_quant) = match &weight.scales {
