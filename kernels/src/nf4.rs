@@ -28,13 +28,13 @@ const PLANES_PER_CUBE: u32 = 4;
 enum Scales {
     /// Double quantization: 8-bit codes (4 per u32), per-256-block f32 scales, the 256-entry map, the offset.
     Double {
-        codes: Handle,
-        nested: Handle,
-        map: Handle,
+        codes: Buffer<u32>,
+        nested: Buffer<f32>,
+        map: Buffer<f32>,
         offset: f32,
     },
     /// One f32 per block.
-    Plain(Handle),
+    Plain(Buffer<f32>),
 }
 
 /// An NF4 weight matrix `[rows, cols]` (`[out_features, in_features]`) on the device, in the bitsandbytes layout.
@@ -42,22 +42,21 @@ pub struct Nf4Matrix {
     rows: usize,
     cols: usize,
     blocksize: usize,
-    /// The packed codes, zero-padded to a multiple of 16 bytes.
-    packed: Handle,
+    /// The packed codes as little-endian words, zero-padded to a multiple of 16 bytes.
+    packed: Buffer<u32>,
     scales: Scales,
     /// The 16 NF4 code values.
-    codebook: Handle,
+    codebook: Buffer<f32>,
 }
 
-/// Bytes padded with zeros to a multiple of `align`.
-fn padded(bytes: &[u8], align: usize) -> Vec<u8> {
-    let mut v = bytes.to_vec();
-    v.resize(bytes.len().div_ceil(align).max(1) * align, 0);
-    v
-}
-
-fn f32_bytes(values: &[f32]) -> Vec<u8> {
-    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+/// Bytes as little-endian u32 words, zero-padded to a multiple of `align` bytes (at least one word).
+fn words(bytes: &[u8], align: usize) -> Vec<u32> {
+    let mut padded = bytes.to_vec();
+    padded.resize(bytes.len().div_ceil(align).max(1) * align, 0);
+    padded
+        .chunks_exact(4)
+        .map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]]))
+        .collect()
 }
 
 impl Nf4Matrix {
@@ -79,16 +78,16 @@ impl Nf4Matrix {
             )));
         }
         let scales = match &tensor.absmax {
-            Absmax::Plain(v) => Scales::Plain(client.create_from_slice(&f32_bytes(v))),
+            Absmax::Plain(v) => Scales::Plain(Buffer::from_slice(client, v)),
             Absmax::Double {
                 codes,
                 nested_absmax,
                 nested_code,
                 offset,
             } => Scales::Double {
-                codes: client.create_from_slice(&padded(codes, 4)),
-                nested: client.create_from_slice(&f32_bytes(nested_absmax)),
-                map: client.create_from_slice(&f32_bytes(nested_code)),
+                codes: Buffer::from_slice(client, &words(codes, 4)),
+                nested: Buffer::from_slice(client, nested_absmax),
+                map: Buffer::from_slice(client, nested_code),
                 offset: *offset,
             },
         };
@@ -96,9 +95,9 @@ impl Nf4Matrix {
             rows,
             cols,
             blocksize: tensor.blocksize,
-            packed: client.create_from_slice(&padded(&tensor.packed, 16)),
+            packed: Buffer::from_slice(client, &words(&tensor.packed, 16)),
             scales,
-            codebook: client.create_from_slice(&f32_bytes(&NF4_CODE)),
+            codebook: Buffer::from_slice(client, &NF4_CODE),
         })
     }
 
@@ -226,26 +225,26 @@ pub fn gemv_tiled<R: Runtime, F: Activation>(
             offset,
         } => (codes, nested, map, *offset, true),
         // The code and map arguments are not read without double quantization.
-        Scales::Plain(absmax) => (&weight.codebook, absmax, &weight.codebook, 0.0, false),
+        Scales::Plain(absmax) => (&weight.packed, absmax, &weight.codebook, 0.0, false),
     };
-    let len = |h: &Handle, elem: usize| (h.size() as usize) / elem;
     // SAFETY: every array is passed with the element count of its own buffer, and the kernels index only inside
     // the shapes checked above (`rows`, `cols`, `batch`) plus the scale arrays sized by `Nf4Tensor::validate`.
     #[allow(unsafe_code)]
     unsafe {
+        let arg = |h: &Handle, len: usize| ArrayArg::from_raw_parts(h.clone(), len);
         if aligned {
             gemv_aligned::launch_unchecked::<F, R>(
                 client,
                 cube_count,
                 cube_dim,
                 16 / size_of::<F>(),
-                ArrayArg::from_raw_parts(x.handle().clone(), batch * weight.cols),
-                ArrayArg::from_raw_parts(weight.packed.clone(), len(&weight.packed, 4)),
-                ArrayArg::from_raw_parts(codes.clone(), len(codes, 4)),
-                ArrayArg::from_raw_parts(scales.clone(), len(scales, 4)),
-                ArrayArg::from_raw_parts(map.clone(), len(map, 4)),
-                ArrayArg::from_raw_parts(weight.codebook.clone(), 16),
-                ArrayArg::from_raw_parts(y.handle().clone(), batch * weight.rows),
+                arg(x.handle(), batch * weight.cols),
+                arg(weight.packed.handle(), weight.packed.len()),
+                arg(codes.handle(), codes.len()),
+                arg(scales.handle(), scales.len()),
+                arg(map.handle(), map.len()),
+                arg(weight.codebook.handle(), weight.codebook.len()),
+                arg(y.handle(), batch * weight.rows),
                 offset,
                 weight.rows as u32,
                 weight.cols as u32,
@@ -261,13 +260,13 @@ pub fn gemv_tiled<R: Runtime, F: Activation>(
                 client,
                 cube_count,
                 cube_dim,
-                ArrayArg::from_raw_parts(x.handle().clone(), batch * weight.cols),
-                ArrayArg::from_raw_parts(weight.packed.clone(), len(&weight.packed, 4)),
-                ArrayArg::from_raw_parts(codes.clone(), len(codes, 4)),
-                ArrayArg::from_raw_parts(scales.clone(), len(scales, 4)),
-                ArrayArg::from_raw_parts(map.clone(), len(map, 4)),
-                ArrayArg::from_raw_parts(weight.codebook.clone(), 16),
-                ArrayArg::from_raw_parts(y.handle().clone(), batch * weight.rows),
+                arg(x.handle(), batch * weight.cols),
+                arg(weight.packed.handle(), weight.packed.len()),
+                arg(codes.handle(), codes.len()),
+                arg(scales.handle(), scales.len()),
+                arg(map.handle(), map.len()),
+                arg(weight.codebook.handle(), weight.codebook.len()),
+                arg(y.handle(), batch * weight.rows),
                 offset,
                 weight.rows as u32,
                 weight.cols as u32,
