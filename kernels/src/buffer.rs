@@ -68,6 +68,17 @@ impl<T: CubeElement> Buffer<T> {
         &self.handle
     }
 
+    /// The buffer as a kernel argument of its own length.
+    ///
+    /// # Safety
+    /// The kernel it is passed to must not index past [`Self::len`] values (launches are unchecked).
+    #[allow(unsafe_code)]
+    pub(crate) unsafe fn array_arg<R: Runtime>(&self) -> ArrayArg<R> {
+        // SAFETY: the handle holds at least `len` values (it was created for them); the caller keeps the
+        // kernel's indices below `len`.
+        unsafe { ArrayArg::from_raw_parts(self.handle.clone(), self.len) }
+    }
+
     /// Checks that the buffer holds at least `needed` values.
     pub(crate) fn check(&self, what: &'static str, needed: usize) -> Result<(), KernelError> {
         if self.len < needed {

@@ -6,6 +6,7 @@
 //! Vulkan driver on CPU-only machines) for the tests in CI.
 
 mod buffer;
+pub mod decode;
 mod error;
 pub mod nf4;
 pub mod probe;

@@ -122,11 +122,37 @@ impl Nf4Matrix {
     }
 }
 
-/// Element types the kernels take activations in.
-pub trait Activation: Float + CubeElement {}
-impl Activation for f32 {}
-impl Activation for half::bf16 {}
-impl Activation for half::f16 {}
+/// Element types the kernels take activations in, with their conversions on the host.
+pub trait Activation: Float + CubeElement {
+    /// The nearest value (round to nearest even).
+    fn from_host(value: f32) -> Self;
+    /// The value as f32 (exact).
+    fn to_host(self) -> f32;
+}
+impl Activation for f32 {
+    fn from_host(value: f32) -> Self {
+        value
+    }
+    fn to_host(self) -> f32 {
+        self
+    }
+}
+impl Activation for half::bf16 {
+    fn from_host(value: f32) -> Self {
+        half::bf16::from_f32(value)
+    }
+    fn to_host(self) -> f32 {
+        half::bf16::to_f32(self)
+    }
+}
+impl Activation for half::f16 {
+    fn from_host(value: f32) -> Self {
+        half::f16::from_f32(value)
+    }
+    fn to_host(self) -> f32 {
+        half::f16::to_f32(self)
+    }
+}
 
 /// How the aligned GEMV kernel splits its work.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -14,6 +14,12 @@ pub enum EngineError {
         /// What went wrong.
         reason: String,
     },
+    /// A decode plan cannot be built or run as asked.
+    #[error("decode plan: {0}")]
+    Plan(String),
+    /// A kernel launch was refused.
+    #[error(transparent)]
+    Kernel(#[from] medvl_kernels::KernelError),
     /// A request is invalid.
     #[error("invalid request: {0}")]
     Request(String),

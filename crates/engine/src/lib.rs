@@ -6,10 +6,12 @@
 
 pub mod error;
 pub mod generate;
+pub mod plan;
 pub mod sampling;
 pub mod source;
 
 pub use error::{EngineError, Result};
 pub use generate::{Engine, FinishReason, GenerateParams, Generation, Request, Timings};
+pub use plan::{DecodePlan, PlanConfig, Prefilled};
 pub use sampling::{Sampler, SamplingParams};
 pub use source::ModelSource;

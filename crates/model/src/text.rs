@@ -46,6 +46,21 @@ impl<B: Backend> KvCache<B> {
         self.len == 0
     }
 
+    /// Number of layers.
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Keys and values of layer `i` for the cached tokens, `[batch, kv_heads, len, head_dim]` each; `None` before
+    /// the layer's first write.
+    pub fn layer(&self, i: usize) -> Option<(Tensor<B, 4>, Tensor<B, 4>)> {
+        let (k, v) = self.layers.get(i)?.as_ref()?;
+        Some((
+            k.clone().narrow(2, 0, self.len),
+            v.clone().narrow(2, 0, self.len),
+        ))
+    }
+
     /// Writes `new` tokens' keys/values of layer `i` after the cached ones, growing the buffers by whole blocks
     /// when needed; returns the buffers (`[batch, kv_heads, capacity, head_dim]`).
     fn write(

@@ -1,0 +1,816 @@
+//! The decode step as a fixed plan of medvl's own CubeCL kernels (`medvl-kernels`), launched in a fixed order on
+//! buffers allocated once: per decoder layer
+//!
+//! 1. residual add + RMSNorm, 2. q, k, v GEMVs (dense or NF4), 3. bias + rotary + KV-cache append,
+//! 4. attention of the new token over its cache (split, then combined), 5. o GEMV, 6. residual add + RMSNorm,
+//! 7. gate and up GEMVs, 8. SiLU-gated product, 9. down GEMV;
+//!
+//! then the final norm, the lm_head GEMV and the argmax, which also moves every sequence's length on. Inside a
+//! step nothing is allocated, no burn op runs, and the host reads back only the sampled token ids.
+//!
+//! The prefill (burn, [`medvl_model::QwenVl::prefill`]) fills a [`medvl_model::KvCache`]; [`Prefilled`] takes
+//! its keys and values and [`DecodePlan::admit`] writes them into the plan's cache slot of a sequence. Sequences
+//! of different lengths decode together, one token each per step.
+
+use cubecl::prelude::{ComputeClient, Runtime};
+use medvl_kernels::decode::{self, AttentionScratch, AttentionShape, DenseMatrix, MAX_DENSE_BATCH};
+use medvl_kernels::nf4::{self, Activation, MAX_BATCH, Nf4Matrix};
+use medvl_kernels::{Buffer, KernelError};
+use medvl_model::layers::{Linear, LinearWeight};
+use medvl_model::text::DecoderLayer;
+use medvl_model::{KvCache, QwenVl, TextConfig};
+use medvl_nf4::{Absmax, DYNAMIC_MAP, NESTED_BLOCKSIZE, Nf4Tensor};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use burn::prelude::{Backend, Tensor};
+
+use crate::error::{EngineError, Result};
+
+/// Most sequences one plan decodes together.
+pub const MAX_PLAN_BATCH: usize = if MAX_BATCH < MAX_DENSE_BATCH {
+    MAX_BATCH
+} else {
+    MAX_DENSE_BATCH
+};
+
+/// The sizes a plan is built for.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PlanConfig {
+    /// Hidden size.
+    pub hidden: usize,
+    /// MLP width.
+    pub intermediate: usize,
+    /// Decoder layers.
+    pub layers: usize,
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads.
+    pub kv_heads: usize,
+    /// Values per head.
+    pub head_dim: usize,
+    /// Vocabulary.
+    pub vocab: usize,
+    /// RMSNorm epsilon.
+    pub eps: f32,
+    /// Rotary base.
+    pub rope_theta: f64,
+    /// Sequences decoded together.
+    pub batch: usize,
+    /// Cache slots per sequence (prompt plus generated tokens).
+    pub capacity: usize,
+}
+
+impl PlanConfig {
+    /// The decoder of `text`, for `batch` sequences of up to `capacity` tokens.
+    pub fn new(text: &TextConfig, batch: usize, capacity: usize) -> Self {
+        Self {
+            hidden: text.hidden_size,
+            intermediate: text.intermediate_size,
+            layers: text.num_hidden_layers,
+            heads: text.num_attention_heads,
+            kv_heads: text.num_key_value_heads,
+            head_dim: text.head_dim(),
+            vocab: text.vocab_size,
+            eps: text.rms_norm_eps as f32,
+            rope_theta: text.rope_theta,
+            batch,
+            capacity,
+        }
+    }
+
+    fn attention(&self) -> AttentionShape {
+        AttentionShape {
+            heads: self.heads,
+            kv_heads: self.kv_heads,
+            head_dim: self.head_dim,
+            capacity: self.capacity,
+            batch: self.batch,
+        }
+    }
+
+    fn check(&self) -> Result<()> {
+        if !(1..=MAX_PLAN_BATCH).contains(&self.batch) {
+            return Err(EngineError::Plan(format!(
+                "batch {}: a plan decodes 1 to {MAX_PLAN_BATCH} sequences",
+                self.batch
+            )));
+        }
+        if self.capacity == 0 || self.heads * self.head_dim == 0 {
+            return Err(EngineError::Plan(format!("empty shapes in {self:?}")));
+        }
+        Ok(())
+    }
+}
+
+/// A linear weight on the host, on its way into a plan.
+#[derive(Debug, Clone)]
+pub enum HostMatrix {
+    /// Row-major `[rows, cols]` values.
+    Dense {
+        /// The values.
+        values: Vec<f32>,
+        /// Output features.
+        rows: usize,
+        /// Input features.
+        cols: usize,
+    },
+    /// An NF4 tensor `[rows, cols]` in the bitsandbytes layout.
+    Nf4(Nf4Tensor),
+}
+
+impl HostMatrix {
+    fn shape(&self) -> [usize; 2] {
+        match self {
+            Self::Dense { rows, cols, .. } => [*rows, *cols],
+            Self::Nf4(t) => [t.shape[0], t.shape.get(1).copied().unwrap_or(0)],
+        }
+    }
+}
+
+/// One decoder layer's weights on the host.
+#[derive(Debug, Clone)]
+pub struct HostLayer {
+    /// `[hidden]`.
+    pub input_norm: Vec<f32>,
+    /// `[heads * head_dim, hidden]`.
+    pub q: HostMatrix,
+    /// `[kv_heads * head_dim, hidden]`.
+    pub k: HostMatrix,
+    /// `[kv_heads * head_dim, hidden]`.
+    pub v: HostMatrix,
+    /// `[heads * head_dim]`.
+    pub q_bias: Vec<f32>,
+    /// `[kv_heads * head_dim]`.
+    pub k_bias: Vec<f32>,
+    /// `[kv_heads * head_dim]`.
+    pub v_bias: Vec<f32>,
+    /// `[hidden, heads * head_dim]`.
+    pub o: HostMatrix,
+    /// `[hidden]`.
+    pub post_norm: Vec<f32>,
+    /// `[intermediate, hidden]`.
+    pub gate: HostMatrix,
+    /// `[intermediate, hidden]`.
+    pub up: HostMatrix,
+    /// `[hidden, intermediate]`.
+    pub down: HostMatrix,
+}
+
+/// How [`HostLayer::random`] stores its projections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RandomFormat {
+    /// Dense values.
+    Dense,
+    /// NF4, blocksize 64, double-quantized scales (the bitsandbytes default).
+    Nf4,
+}
+
+fn random_matrix(
+    rng: &mut ChaCha8Rng,
+    rows: usize,
+    cols: usize,
+    format: RandomFormat,
+) -> HostMatrix {
+    let n = rows * cols;
+    match format {
+        RandomFormat::Dense => HostMatrix::Dense {
+            values: (0..n).map(|_| rng.random_range(-0.02..0.02)).collect(),
+            rows,
+            cols,
+        },
+        RandomFormat::Nf4 => {
+            let blocks = n.div_ceil(64);
+            let mut packed = vec![0u8; n.div_ceil(2)];
+            rng.fill(&mut packed[..]);
+            let mut codes = vec![0u8; blocks];
+            rng.fill(&mut codes[..]);
+            HostMatrix::Nf4(Nf4Tensor {
+                packed,
+                absmax: Absmax::Double {
+                    codes,
+                    nested_absmax: (0..blocks.div_ceil(NESTED_BLOCKSIZE))
+                        .map(|_| rng.random_range(0.01..0.03))
+                        .collect(),
+                    nested_code: DYNAMIC_MAP.to_vec(),
+                    offset: 0.02,
+                },
+                blocksize: 64,
+                shape: vec![rows, cols],
+            })
+        }
+    }
+}
+
+impl HostLayer {
+    /// Random weights of `config`'s sizes (for benchmarks at real size without a checkpoint).
+    pub fn random(config: &PlanConfig, format: RandomFormat, seed: u64) -> Self {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let (h, i) = (config.hidden, config.intermediate);
+        let (qd, kvd) = (
+            config.heads * config.head_dim,
+            config.kv_heads * config.head_dim,
+        );
+        let mut vector = |n: usize, around: f32| -> Vec<f32> {
+            (0..n)
+                .map(|_| around + rng.random_range(-0.01..0.01))
+                .collect()
+        };
+        let (input_norm, post_norm) = (vector(h, 1.0), vector(h, 1.0));
+        let (q_bias, k_bias, v_bias) = (vector(qd, 0.0), vector(kvd, 0.0), vector(kvd, 0.0));
+        Self {
+            input_norm,
+            q: random_matrix(&mut rng, qd, h, format),
+            k: random_matrix(&mut rng, kvd, h, format),
+            v: random_matrix(&mut rng, kvd, h, format),
+            q_bias,
+            k_bias,
+            v_bias,
+            o: random_matrix(&mut rng, h, qd, format),
+            post_norm,
+            gate: random_matrix(&mut rng, i, h, format),
+            up: random_matrix(&mut rng, i, h, format),
+            down: random_matrix(&mut rng, h, i, format),
+        }
+    }
+
+    /// A decoder layer of a loaded model, copied to the host.
+    pub fn from_model<B: Backend>(layer: &DecoderLayer<B>) -> Result<Self> {
+        let attn = &layer.self_attn;
+        let bias = |l: &Linear<B>| -> Result<Vec<f32>> {
+            match &l.bias {
+                Some(b) => host_values(b.val()),
+                None => Ok(vec![0.0; l.shape()[0]]),
+            }
+        };
+        Ok(Self {
+            input_norm: host_values(layer.input_layernorm.weight.val())?,
+            q: HostMatrix::from_linear(&attn.q_proj)?,
+            k: HostMatrix::from_linear(&attn.k_proj)?,
+            v: HostMatrix::from_linear(&attn.v_proj)?,
+            q_bias: bias(&attn.q_proj)?,
+            k_bias: bias(&attn.k_proj)?,
+            v_bias: bias(&attn.v_proj)?,
+            o: HostMatrix::from_linear(&attn.o_proj)?,
+            post_norm: host_values(layer.post_attention_layernorm.weight.val())?,
+            gate: HostMatrix::from_linear(&layer.mlp.gate_proj)?,
+            up: HostMatrix::from_linear(&layer.mlp.up_proj)?,
+            down: HostMatrix::from_linear(&layer.mlp.down_proj)?,
+        })
+    }
+}
+
+fn host_values<B: Backend, const D: usize>(tensor: Tensor<B, D>) -> Result<Vec<f32>> {
+    tensor
+        .into_data()
+        .convert::<f32>()
+        .to_vec::<f32>()
+        .map_err(|e| EngineError::Plan(format!("reading a weight: {e:?}")))
+}
+
+impl HostMatrix {
+    /// A linear layer's weight (dense, or NF4 with its scales already resolved), copied to the host.
+    pub fn from_linear<B: Backend>(linear: &Linear<B>) -> Result<Self> {
+        let [rows, cols] = linear.shape();
+        Ok(match &linear.weight {
+            LinearWeight::Dense(w) => Self::Dense {
+                values: host_values(w.val())?,
+                rows,
+                cols,
+            },
+            LinearWeight::Nf4(w) => {
+                let packed = w
+                    .packed
+                    .clone()
+                    .into_data()
+                    .convert::<i64>()
+                    .to_vec::<i64>()
+                    .map_err(|e| EngineError::Plan(format!("reading NF4 codes: {e:?}")))?;
+                Self::Nf4(Nf4Tensor {
+                    packed: packed.into_iter().map(|b| b as u8).collect(),
+                    absmax: Absmax::Plain(host_values(w.absmax.clone())?),
+                    blocksize: w.blocksize,
+                    shape: vec![rows, cols],
+                })
+            }
+        })
+    }
+}
+
+/// A matrix on the device, dense or NF4.
+enum Matrix<F> {
+    Dense(DenseMatrix<F>),
+    Nf4(Nf4Matrix),
+}
+
+impl<F: Activation> Matrix<F> {
+    fn upload<R: Runtime>(
+        client: &ComputeClient<R>,
+        host: &HostMatrix,
+        what: &str,
+        expected: [usize; 2],
+    ) -> Result<Self> {
+        if host.shape() != expected {
+            return Err(EngineError::Plan(format!(
+                "{what}: shape {:?}, the plan needs {expected:?}",
+                host.shape()
+            )));
+        }
+        Ok(match host {
+            HostMatrix::Dense { values, rows, cols } => Self::Dense(DenseMatrix::upload(
+                client,
+                &to_f::<F>(values),
+                *rows,
+                *cols,
+            )?),
+            HostMatrix::Nf4(t) => Self::Nf4(Nf4Matrix::upload(client, t)?),
+        })
+    }
+
+    fn apply<R: Runtime>(
+        &self,
+        client: &ComputeClient<R>,
+        x: &Buffer<F>,
+        batch: usize,
+        y: &Buffer<F>,
+    ) -> Result<(), KernelError> {
+        match self {
+            Self::Dense(m) => decode::gemv_dense(client, x, batch, m, y),
+            Self::Nf4(m) => nf4::gemv(client, x, batch, m, y),
+        }
+    }
+
+    fn weight_bytes(&self) -> usize {
+        match self {
+            Self::Dense(m) => m.weight_bytes(),
+            Self::Nf4(m) => m.weight_bytes(),
+        }
+    }
+}
+
+fn to_f<F: Activation>(values: &[f32]) -> Vec<F> {
+    values.iter().map(|&v| F::from_host(v)).collect()
+}
+
+struct Layer<F> {
+    input_norm: Buffer<F>,
+    q: Matrix<F>,
+    k: Matrix<F>,
+    v: Matrix<F>,
+    q_bias: Buffer<F>,
+    k_bias: Buffer<F>,
+    v_bias: Buffer<F>,
+    o: Matrix<F>,
+    post_norm: Buffer<F>,
+    gate: Matrix<F>,
+    up: Matrix<F>,
+    down: Matrix<F>,
+    k_cache: Buffer<F>,
+    v_cache: Buffer<F>,
+}
+
+impl<F: Activation> Layer<F> {
+    fn upload<R: Runtime>(
+        client: &ComputeClient<R>,
+        config: &PlanConfig,
+        host: &HostLayer,
+        index: usize,
+    ) -> Result<Self> {
+        let (h, i) = (config.hidden, config.intermediate);
+        let (qd, kvd) = (
+            config.heads * config.head_dim,
+            config.kv_heads * config.head_dim,
+        );
+        let vector = |values: &[f32], what: &str, n: usize| -> Result<Buffer<F>> {
+            if values.len() != n {
+                return Err(EngineError::Plan(format!(
+                    "layer {index} {what}: {} values, the plan needs {n}",
+                    values.len()
+                )));
+            }
+            Ok(Buffer::from_slice(client, &to_f::<F>(values)))
+        };
+        let matrix = |m: &HostMatrix, what: &str, shape: [usize; 2]| {
+            Matrix::upload(client, m, &format!("layer {index} {what}"), shape)
+        };
+        let cache = config.attention().cache_len();
+        Ok(Self {
+            input_norm: vector(&host.input_norm, "input norm", h)?,
+            q: matrix(&host.q, "q_proj", [qd, h])?,
+            k: matrix(&host.k, "k_proj", [kvd, h])?,
+            v: matrix(&host.v, "v_proj", [kvd, h])?,
+            q_bias: vector(&host.q_bias, "q bias", qd)?,
+            k_bias: vector(&host.k_bias, "k bias", kvd)?,
+            v_bias: vector(&host.v_bias, "v bias", kvd)?,
+            o: matrix(&host.o, "o_proj", [h, qd])?,
+            post_norm: vector(&host.post_norm, "post-attention norm", h)?,
+            gate: matrix(&host.gate, "gate_proj", [i, h])?,
+            up: matrix(&host.up, "up_proj", [i, h])?,
+            down: matrix(&host.down, "down_proj", [h, i])?,
+            k_cache: Buffer::from_slice(client, &vec![F::from_host(0.0); cache]),
+            v_cache: Buffer::from_slice(client, &vec![F::from_host(0.0); cache]),
+        })
+    }
+
+    fn weight_bytes(&self) -> usize {
+        let vectors = self.input_norm.len()
+            + self.post_norm.len()
+            + self.q_bias.len()
+            + self.k_bias.len()
+            + self.v_bias.len();
+        [
+            &self.q, &self.k, &self.v, &self.o, &self.gate, &self.up, &self.down,
+        ]
+        .iter()
+        .map(|m| m.weight_bytes())
+        .sum::<usize>()
+            + vectors * size_of::<F>()
+    }
+}
+
+/// Activations of one step, `[batch, width]` each.
+struct Activations<F> {
+    residual: Buffer<F>,
+    normed: Buffer<F>,
+    q: Buffer<F>,
+    k: Buffer<F>,
+    v: Buffer<F>,
+    q_rot: Buffer<F>,
+    attn: Buffer<F>,
+    o: Buffer<F>,
+    gate: Buffer<F>,
+    up: Buffer<F>,
+    act: Buffer<F>,
+    down: Buffer<F>,
+    logits: Buffer<F>,
+}
+
+/// A sequence after its prefill, ready to be admitted into a plan.
+#[derive(Debug, Clone)]
+pub struct Prefilled {
+    /// Per layer, keys and values `[kv_heads, len, head_dim]`.
+    pub kv: Vec<(Vec<f32>, Vec<f32>)>,
+    /// Tokens in the cache.
+    pub len: usize,
+    /// M-RoPE offset of the sequence (position of token `i` is `i + rope_delta`).
+    pub rope_delta: i64,
+    /// The token the prefill chose, to be fed at the first step.
+    pub next_token: u32,
+}
+
+impl Prefilled {
+    /// Takes the keys and values of a single-sequence cache filled by [`QwenVl::prefill`].
+    pub fn from_cache<B: Backend>(
+        cache: &KvCache<B>,
+        rope_delta: i64,
+        next_token: u32,
+    ) -> Result<Self> {
+        let len = cache.len();
+        let kv = (0..cache.num_layers())
+            .map(|i| {
+                let (k, v) = cache.layer(i).ok_or_else(|| {
+                    EngineError::Plan(format!("layer {i} of the cache was never written"))
+                })?;
+                if k.dims()[0] != 1 {
+                    return Err(EngineError::Plan(format!(
+                        "a cache of {} sequences; one sequence is admitted at a time",
+                        k.dims()[0]
+                    )));
+                }
+                Ok((host_values(k)?, host_values(v)?))
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            kv,
+            len,
+            rope_delta,
+            next_token,
+        })
+    }
+}
+
+/// Host-side state of one sequence slot.
+#[derive(Debug, Clone, Copy, Default)]
+struct Slot {
+    len: usize,
+    delta: i32,
+    token: u32,
+    active: bool,
+}
+
+/// The decode step of one model for a fixed batch of sequence slots, on one device.
+pub struct DecodePlan<R: Runtime, F: Activation> {
+    client: ComputeClient<R>,
+    config: PlanConfig,
+    embed: Buffer<F>,
+    layers: Vec<Layer<F>>,
+    norm: Buffer<F>,
+    lm_head: Matrix<F>,
+    inv_freq: Buffer<f32>,
+    scratch: AttentionScratch,
+    act: Activations<F>,
+    lens: Buffer<u32>,
+    deltas: Buffer<i32>,
+    ids: Buffer<u32>,
+    slots: Vec<Slot>,
+}
+
+impl<R: Runtime, F: Activation> DecodePlan<R, F> {
+    /// Uploads the weights (`layers` yields them one at a time, so the host never holds them all) and allocates
+    /// every buffer a step uses. `embed` is `[vocab, hidden]`; `lm_head` `[vocab, hidden]`.
+    pub fn new(
+        client: &ComputeClient<R>,
+        config: PlanConfig,
+        embed: &[f32],
+        final_norm: &[f32],
+        lm_head: &HostMatrix,
+        layers: impl IntoIterator<Item = Result<HostLayer>>,
+    ) -> Result<Self> {
+        config.check()?;
+        let (b, h) = (config.batch, config.hidden);
+        if embed.len() != config.vocab * h || final_norm.len() != h {
+            return Err(EngineError::Plan(format!(
+                "embedding of {} values and final norm of {} for vocab {} x hidden {h}",
+                embed.len(),
+                final_norm.len(),
+                config.vocab
+            )));
+        }
+        let mut uploaded = Vec::with_capacity(config.layers);
+        for (i, layer) in layers.into_iter().enumerate() {
+            uploaded.push(Layer::upload(client, &config, &layer?, i)?);
+        }
+        if uploaded.len() != config.layers {
+            return Err(EngineError::Plan(format!(
+                "{} layers given, the plan needs {}",
+                uploaded.len(),
+                config.layers
+            )));
+        }
+        let inv_freq = medvl_model::rope::inverse_frequencies(config.rope_theta, config.head_dim);
+        let (qd, kvd) = (
+            config.heads * config.head_dim,
+            config.kv_heads * config.head_dim,
+        );
+        let empty = |n: usize| Buffer::<F>::empty(client, b * n);
+        Ok(Self {
+            client: client.clone(),
+            embed: Buffer::from_slice(client, &to_f::<F>(embed)),
+            layers: uploaded,
+            norm: Buffer::from_slice(client, &to_f::<F>(final_norm)),
+            lm_head: Matrix::upload(client, lm_head, "lm_head", [config.vocab, h])?,
+            inv_freq: Buffer::from_slice(client, &inv_freq),
+            scratch: AttentionScratch::new(client, config.attention()),
+            act: Activations {
+                residual: empty(h),
+                normed: empty(h),
+                q: empty(qd),
+                k: empty(kvd),
+                v: empty(kvd),
+                q_rot: empty(qd),
+                attn: empty(qd),
+                o: empty(h),
+                gate: empty(config.intermediate),
+                up: empty(config.intermediate),
+                act: empty(config.intermediate),
+                down: empty(h),
+                logits: empty(config.vocab),
+            },
+            lens: Buffer::from_slice(client, &vec![0u32; b]),
+            deltas: Buffer::from_slice(client, &vec![0i32; b]),
+            ids: Buffer::from_slice(client, &vec![0u32; b]),
+            slots: vec![Slot::default(); b],
+            config,
+        })
+    }
+
+    /// A plan for the decoder of a loaded model.
+    pub fn from_model<B: Backend>(
+        client: &ComputeClient<R>,
+        model: &QwenVl<B>,
+        batch: usize,
+        capacity: usize,
+    ) -> Result<Self> {
+        let text = &model.text;
+        let config = PlanConfig::new(&text.config, batch, capacity);
+        let embed = host_values(text.embed_tokens.val())?;
+        let lm_head = match &text.lm_head {
+            Some(head) => HostMatrix::from_linear(head)?,
+            None => HostMatrix::Dense {
+                values: embed.clone(),
+                rows: config.vocab,
+                cols: config.hidden,
+            },
+        };
+        let norm = host_values(text.norm.weight.val())?;
+        Self::new(
+            client,
+            config,
+            &embed,
+            &norm,
+            &lm_head,
+            text.layers.iter().map(HostLayer::from_model),
+        )
+    }
+
+    /// A plan with random weights of `config`'s sizes (benchmarks).
+    pub fn random(
+        client: &ComputeClient<R>,
+        config: PlanConfig,
+        format: RandomFormat,
+        seed: u64,
+    ) -> Result<Self> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let embed: Vec<f32> = (0..config.vocab * config.hidden)
+            .map(|_| rng.random_range(-0.02..0.02))
+            .collect();
+        let norm = vec![1.0; config.hidden];
+        let lm_head = random_matrix(&mut rng, config.vocab, config.hidden, format);
+        Self::new(
+            client,
+            config,
+            &embed,
+            &norm,
+            &lm_head,
+            (0..config.layers).map(|i| Ok(HostLayer::random(&config, format, seed + 1 + i as u64))),
+        )
+    }
+
+    /// The sizes the plan was built for.
+    pub fn config(&self) -> &PlanConfig {
+        &self.config
+    }
+
+    /// Bytes of weights on the device (embedding, layers, final norm, lm_head).
+    pub fn weight_bytes(&self) -> usize {
+        (self.embed.len() + self.norm.len()) * size_of::<F>()
+            + self.layers.iter().map(Layer::weight_bytes).sum::<usize>()
+            + self.lm_head.weight_bytes()
+    }
+
+    /// Puts a prefilled sequence into slot `slot`: writes its keys and values into the slot's cache and sets its
+    /// length, rotary offset and next input token.
+    pub fn admit(&mut self, slot: usize, sequence: &Prefilled) -> Result<()> {
+        let shape = self.config.attention();
+        if slot >= self.config.batch {
+            return Err(EngineError::Plan(format!(
+                "slot {slot} of a plan for {} sequences",
+                self.config.batch
+            )));
+        }
+        if sequence.len >= self.config.capacity {
+            return Err(EngineError::Plan(format!(
+                "a prompt of {} tokens leaves no room in a cache of {} slots",
+                sequence.len, self.config.capacity
+            )));
+        }
+        if sequence.kv.len() != self.layers.len() {
+            return Err(EngineError::Plan(format!(
+                "keys and values for {} layers, the model has {}",
+                sequence.kv.len(),
+                self.layers.len()
+            )));
+        }
+        let per_layer = self.config.kv_heads * sequence.len * self.config.head_dim;
+        for (i, ((k, v), layer)) in sequence.kv.iter().zip(&self.layers).enumerate() {
+            if k.len() != per_layer || v.len() != per_layer {
+                return Err(EngineError::Plan(format!(
+                    "layer {i}: {} keys and {} values, {per_layer} expected",
+                    k.len(),
+                    v.len()
+                )));
+            }
+            for (src, cache) in [(k, &layer.k_cache), (v, &layer.v_cache)] {
+                let src = Buffer::from_slice(&self.client, &to_f::<F>(src));
+                decode::write_cache(&self.client, shape, &src, slot, sequence.len, cache)?;
+            }
+        }
+        let delta = i32::try_from(sequence.rope_delta)
+            .map_err(|_| EngineError::Plan(format!("rope delta {}", sequence.rope_delta)))?;
+        self.slots[slot] = Slot {
+            len: sequence.len,
+            delta,
+            token: sequence.next_token,
+            active: true,
+        };
+        self.upload_slots();
+        Ok(())
+    }
+
+    /// Frees slot `slot` (its sequence is done).
+    pub fn release(&mut self, slot: usize) {
+        if let Some(s) = self.slots.get_mut(slot) {
+            *s = Slot::default();
+        }
+    }
+
+    fn upload_slots(&mut self) {
+        let lens: Vec<u32> = self.slots.iter().map(|s| s.len as u32).collect();
+        let deltas: Vec<i32> = self.slots.iter().map(|s| s.delta).collect();
+        let ids: Vec<u32> = self.slots.iter().map(|s| s.token).collect();
+        self.lens = Buffer::from_slice(&self.client, &lens);
+        self.deltas = Buffer::from_slice(&self.client, &deltas);
+        self.ids = Buffer::from_slice(&self.client, &ids);
+    }
+
+    /// Launches one step for every slot without waiting for it; the ids are read by [`Self::finish_step`].
+    /// Every slot must hold a sequence with room for one more token.
+    pub fn launch_step(&mut self) -> Result<()> {
+        let (b, h) = (self.config.batch, self.config.hidden);
+        if let Some(i) = self.slots.iter().position(|s| !s.active) {
+            return Err(EngineError::Plan(format!("slot {i} holds no sequence")));
+        }
+        let longest = self.slots.iter().map(|s| s.len).max().unwrap_or(0);
+        if longest + 1 > self.config.capacity {
+            return Err(EngineError::Plan(format!(
+                "a sequence reached the cache capacity of {} tokens",
+                self.config.capacity
+            )));
+        }
+        let c = &self.client;
+        let a = &self.act;
+        let shape = self.config.attention();
+        let eps = self.config.eps;
+        decode::embed(c, &self.embed, &self.ids, b, h, &a.residual)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let delta = (i > 0).then_some(&a.down);
+            decode::add_rms_norm(c, &a.residual, delta, &layer.input_norm, b, eps, &a.normed)?;
+            layer.q.apply(c, &a.normed, b, &a.q)?;
+            layer.k.apply(c, &a.normed, b, &a.k)?;
+            layer.v.apply(c, &a.normed, b, &a.v)?;
+            decode::rope_append(
+                c,
+                shape,
+                (&a.q, &a.k, &a.v),
+                (&layer.q_bias, &layer.k_bias, &layer.v_bias),
+                &self.inv_freq,
+                &self.lens,
+                &self.deltas,
+                &a.q_rot,
+                (&layer.k_cache, &layer.v_cache),
+            )?;
+            decode::attend(
+                c,
+                shape,
+                &a.q_rot,
+                (&layer.k_cache, &layer.v_cache),
+                &self.lens,
+                longest + 1,
+                &self.scratch,
+                &a.attn,
+            )?;
+            layer.o.apply(c, &a.attn, b, &a.o)?;
+            decode::add_rms_norm(
+                c,
+                &a.residual,
+                Some(&a.o),
+                &layer.post_norm,
+                b,
+                eps,
+                &a.normed,
+            )?;
+            layer.gate.apply(c, &a.normed, b, &a.gate)?;
+            layer.up.apply(c, &a.normed, b, &a.up)?;
+            decode::silu_mul(c, &a.gate, &a.up, b * self.config.intermediate, &a.act)?;
+            layer.down.apply(c, &a.act, b, &a.down)?;
+        }
+        let last = (!self.layers.is_empty()).then_some(&a.down);
+        decode::add_rms_norm(c, &a.residual, last, &self.norm, b, eps, &a.normed)?;
+        self.lm_head.apply(c, &a.normed, b, &a.logits)?;
+        decode::argmax_advance(c, &a.logits, b, self.config.vocab, &self.ids, &self.lens)?;
+        Ok(())
+    }
+
+    /// Waits for the step launched by [`Self::launch_step`] and returns each slot's next token.
+    pub fn finish_step(&mut self) -> Result<Vec<u32>> {
+        let ids = self.ids.read(&self.client)?;
+        for (slot, &id) in self.slots.iter_mut().zip(&ids) {
+            slot.len += 1;
+            slot.token = id;
+        }
+        Ok(ids)
+    }
+
+    /// One step: feeds each slot's last token, appends it to the cache, and returns each slot's next token
+    /// (greedy).
+    pub fn step(&mut self) -> Result<Vec<u32>> {
+        self.launch_step()?;
+        self.finish_step()
+    }
+
+    /// The logits of the last step, `[batch, vocab]` row-major.
+    pub fn logits(&self) -> Result<Vec<f32>> {
+        let values = self.act.logits.read(&self.client)?;
+        Ok(values.into_iter().map(Activation::to_host).collect())
+    }
+
+    /// Tokens in each slot's cache.
+    pub fn lens(&self) -> Vec<usize> {
+        self.slots.iter().map(|s| s.len).collect()
+    }
+
+    /// The compute client the plan launches on.
+    pub fn client(&self) -> &ComputeClient<R> {
+        &self.client
+    }
+}

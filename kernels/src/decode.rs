@@ -1,0 +1,850 @@
+//! The kernels of a decoder step other than the NF4 products: embedding lookup, residual add + RMSNorm, the dense
+//! GEMV, q/k/v bias + rotary + KV-cache append, attention of one new token per sequence over its cache (split
+//! over the cache, then combined: flash-decoding), the SiLU-gated product, and greedy argmax.
+//!
+//! Every launcher takes [`Buffer`]s laid out row-major, one row per sequence of the batch, checks their lengths
+//! against the shapes it is given, and launches one kernel without reading anything back. Arithmetic follows
+//! transformers' bf16 decoder: values are stored in the activation type `F` after each operation as PyTorch does,
+//! reductions (norms, dot products, softmax) run in f32.
+
+use cubecl::prelude::*;
+
+use crate::nf4::Activation;
+use crate::{Buffer, KernelError};
+
+/// Planes (warps) per cube for the row-reduction kernels.
+const PLANES: u32 = 4;
+
+/// Cache positions one attention cube covers; longer caches are split over several cubes and combined.
+pub const ATTENTION_CHUNK: usize = 128;
+
+/// Most activation rows one dense GEMV launch multiplies.
+pub const MAX_DENSE_BATCH: usize = 8;
+
+/// Largest head dimension the attention kernels take.
+pub const MAX_HEAD_DIM: usize = 256;
+
+fn plane_size<R: Runtime>(client: &ComputeClient<R>) -> u32 {
+    client.properties().hardware.plane_size_max.max(1)
+}
+
+fn row_cube<R: Runtime>(client: &ComputeClient<R>) -> CubeDim {
+    CubeDim::new_2d(plane_size(client), PLANES)
+}
+
+fn elementwise(n: usize) -> (CubeCount, CubeDim) {
+    (
+        CubeCount::Static((n as u32).div_ceil(256), 1, 1),
+        CubeDim::new_1d(256),
+    )
+}
+
+fn unsupported(what: String) -> KernelError {
+    KernelError::Unsupported(what)
+}
+
+/// A dense weight matrix `[rows, cols]` (`[out_features, in_features]`) in the activation type.
+pub struct DenseMatrix<F> {
+    rows: usize,
+    cols: usize,
+    weight: Buffer<F>,
+}
+
+impl<F: Activation> DenseMatrix<F> {
+    /// Uploads a row-major `[rows, cols]` matrix.
+    pub fn upload<R: Runtime>(
+        client: &ComputeClient<R>,
+        values: &[F],
+        rows: usize,
+        cols: usize,
+    ) -> Result<Self, KernelError> {
+        if values.len() != rows * cols {
+            return Err(unsupported(format!(
+                "a {rows}x{cols} matrix needs {} values, got {}",
+                rows * cols,
+                values.len()
+            )));
+        }
+        Ok(Self {
+            rows,
+            cols,
+            weight: Buffer::from_slice(client, values),
+        })
+    }
+
+    /// Output features.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Input features.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Bytes one product reads from the weight.
+    pub fn weight_bytes(&self) -> usize {
+        self.rows * self.cols * size_of::<F>()
+    }
+}
+
+/// `y = x W^T` for a dense `W`: `x` is `[batch, cols]`, `y` `[batch, rows]`, `batch` in `1..=8`. One plane per
+/// output row, 16-byte loads when `cols` allows them.
+pub fn gemv_dense<R: Runtime, F: Activation>(
+    client: &ComputeClient<R>,
+    x: &Buffer<F>,
+    batch: usize,
+    weight: &DenseMatrix<F>,
+    y: &Buffer<F>,
+) -> Result<(), KernelError> {
+    if !(1..=MAX_DENSE_BATCH).contains(&batch) {
+        return Err(unsupported(format!(
+            "batch {batch}: the dense GEMV takes 1 to {MAX_DENSE_BATCH} rows per launch"
+        )));
+    }
+    let (rows, cols) = (weight.rows, weight.cols);
+    x.check("x", batch * cols)?;
+    y.check("y", batch * rows)?;
+    let wide = 16 / size_of::<F>();
+    let vector = if cols.is_multiple_of(wide) { wide } else { 1 };
+    let cube_count = CubeCount::Static((rows as u32).div_ceil(PLANES), 1, 1);
+    // SAFETY: the arrays are passed with their own lengths, checked above to cover `batch x cols`,
+    // `rows x cols` and `batch x rows`, which is all the kernel indexes.
+    #[allow(unsafe_code)]
+    unsafe {
+        gemv_dense_kernel::launch_unchecked::<F, R>(
+            client,
+            cube_count,
+            row_cube(client),
+            vector,
+            x.array_arg(),
+            weight.weight.array_arg(),
+            y.array_arg(),
+            rows as u32,
+            (cols / vector) as u32,
+            batch,
+        );
+    }
+    Ok(())
+}
+
+/// `out[b] = table[ids[b]]` for `batch` rows of width `hidden`.
+pub fn embed<R: Runtime, F: Activation>(
+    client: &ComputeClient<R>,
+    table: &Buffer<F>,
+    ids: &Buffer<u32>,
+    batch: usize,
+    hidden: usize,
+    out: &Buffer<F>,
+) -> Result<(), KernelError> {
+    ids.check("ids", batch)?;
+    out.check("out", batch * hidden)?;
+    table.check("table", hidden)?;
+    let vocab = table.len() / hidden;
+    // SAFETY: ids are checked against the table's rows inside the kernel; every other index is within the
+    // lengths checked above.
+    #[allow(unsafe_code)]
+    unsafe {
+        embed_kernel::launch_unchecked::<F, R>(
+            client,
+            CubeCount::Static(batch as u32, 1, 1),
+            CubeDim::new_1d(256),
+            table.array_arg(),
+            ids.array_arg(),
+            out.array_arg(),
+            hidden as u32,
+            vocab as u32,
+        );
+    }
+    Ok(())
+}
+
+/// For each of `batch` rows: `residual += delta` when `delta` is given (stored in `F`), then
+/// `out = F(residual * rsqrt(mean(residual^2) + eps)) * weight`, as transformers' `RMSNorm` after a residual add.
+#[allow(clippy::too_many_arguments)]
+pub fn add_rms_norm<R: Runtime, F: Activation>(
+    client: &ComputeClient<R>,
+    residual: &Buffer<F>,
+    delta: Option<&Buffer<F>>,
+    weight: &Buffer<F>,
+    batch: usize,
+    eps: f32,
+    out: &Buffer<F>,
+) -> Result<(), KernelError> {
+    let hidden = weight.len();
+    residual.check("residual", batch * hidden)?;
+    out.check("out", batch * hidden)?;
+    if let Some(delta) = delta {
+        delta.check("delta", batch * hidden)?;
+    }
+    // SAFETY: every index is below `batch * hidden`, checked above for each array (`delta` is not read when
+    // absent; the residual stands in for it).
+    #[allow(unsafe_code)]
+    unsafe {
+        add_rms_norm_kernel::launch_unchecked::<F, R>(
+            client,
+            CubeCount::Static(batch as u32, 1, 1),
+            row_cube(client),
+            residual.array_arg(),
+            delta.unwrap_or(residual).array_arg(),
+            weight.array_arg(),
+            out.array_arg(),
+            hidden as u32,
+            eps,
+            delta.is_some(),
+            PLANES as usize,
+        );
+    }
+    Ok(())
+}
+
+/// The shapes of one decoder layer's attention, shared by the attention launchers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttentionShape {
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads (`heads` is a multiple).
+    pub kv_heads: usize,
+    /// Values per head.
+    pub head_dim: usize,
+    /// Cache slots per sequence.
+    pub capacity: usize,
+    /// Sequences.
+    pub batch: usize,
+}
+
+impl AttentionShape {
+    fn validate(&self) -> Result<(), KernelError> {
+        if self.kv_heads == 0 || !self.heads.is_multiple_of(self.kv_heads) {
+            return Err(unsupported(format!(
+                "{} query heads over {} key/value heads",
+                self.heads, self.kv_heads
+            )));
+        }
+        if self.head_dim % 2 != 0 || self.head_dim > MAX_HEAD_DIM || self.head_dim == 0 {
+            return Err(unsupported(format!(
+                "head dimension {} (even, at most {MAX_HEAD_DIM})",
+                self.head_dim
+            )));
+        }
+        Ok(())
+    }
+
+    /// Values in one layer's key (or value) cache: `[batch, kv_heads, capacity, head_dim]`.
+    pub fn cache_len(&self) -> usize {
+        self.batch * self.kv_heads * self.capacity * self.head_dim
+    }
+
+    /// Attention splits needed for caches of up to `tokens` positions.
+    pub fn splits(tokens: usize) -> usize {
+        tokens.div_ceil(ATTENTION_CHUNK).max(1)
+    }
+}
+
+/// The new token's queries, keys and values of each sequence, straight out of their projections: adds the
+/// biases, rotates queries and keys by the sequence's position (`lens[b] + deltas[b]`, the same on the three
+/// M-RoPE axes during decode) and writes the key and value into cache slot `lens[b]`.
+///
+/// `q`: `[batch, heads * head_dim]` in, `q_out` the same shape out; `k`, `v`: `[batch, kv_heads * head_dim]`;
+/// caches `[batch, kv_heads, capacity, head_dim]`; `inv_freq`: `[head_dim / 2]`.
+#[allow(clippy::too_many_arguments)]
+pub fn rope_append<R: Runtime, F: Activation>(
+    client: &ComputeClient<R>,
+    shape: AttentionShape,
+    (q, k, v): (&Buffer<F>, &Buffer<F>, &Buffer<F>),
+    (q_bias, k_bias, v_bias): (&Buffer<F>, &Buffer<F>, &Buffer<F>),
+    inv_freq: &Buffer<f32>,
+    lens: &Buffer<u32>,
+    deltas: &Buffer<i32>,
+    q_out: &Buffer<F>,
+    (k_cache, v_cache): (&Buffer<F>, &Buffer<F>),
+) -> Result<(), KernelError> {
+    shape.validate()?;
+    let AttentionShape {
+        heads,
+        kv_heads,
+        head_dim,
+        batch,
+        ..
+    } = shape;
+    q.check("q", batch * heads * head_dim)?;
+    q_out.check("q_out", batch * heads * head_dim)?;
+    k.check("k", batch * kv_heads * head_dim)?;
+    v.check("v", batch * kv_heads * head_dim)?;
+    q_bias.check("q_bias", heads * head_dim)?;
+    k_bias.check("k_bias", kv_heads * head_dim)?;
+    v_bias.check("v_bias", kv_heads * head_dim)?;
+    inv_freq.check("inv_freq", head_dim / 2)?;
+    lens.check("lens", batch)?;
+    deltas.check("deltas", batch)?;
+    k_cache.check("k_cache", shape.cache_len())?;
+    v_cache.check("v_cache", shape.cache_len())?;
+    // SAFETY: all lengths checked above; the caller keeps `lens[b] < capacity` (the plan checks it on the host
+    // before each step).
+    #[allow(unsafe_code)]
+    unsafe {
+        rope_append_kernel::launch_unchecked::<F, R>(
+            client,
+            CubeCount::Static((heads + kv_heads) as u32, batch as u32, 1),
+            CubeDim::new_1d((head_dim / 2) as u32),
+            q.array_arg(),
+            k.array_arg(),
+            v.array_arg(),
+            q_bias.array_arg(),
+            k_bias.array_arg(),
+            v_bias.array_arg(),
+            inv_freq.array_arg(),
+            lens.array_arg(),
+            deltas.array_arg(),
+            q_out.array_arg(),
+            k_cache.array_arg(),
+            v_cache.array_arg(),
+            heads as u32,
+            kv_heads as u32,
+            shape.capacity as u32,
+        );
+    }
+    Ok(())
+}
+
+/// Scratch space of the split attention: per sequence, head and split, `head_dim` partial outputs and the
+/// running max and sum.
+pub struct AttentionScratch {
+    out: Buffer<f32>,
+    stats: Buffer<f32>,
+    splits: usize,
+}
+
+impl AttentionScratch {
+    /// Scratch for caches of up to `shape.capacity` positions.
+    pub fn new<R: Runtime>(client: &ComputeClient<R>, shape: AttentionShape) -> Self {
+        let splits = AttentionShape::splits(shape.capacity);
+        let rows = shape.batch * shape.heads * splits;
+        Self {
+            out: Buffer::empty(client, rows * shape.head_dim),
+            stats: Buffer::empty(client, rows * 2),
+            splits,
+        }
+    }
+}
+
+/// Attention of each sequence's new query (`q`: `[batch, heads * head_dim]`, already rotated) over cache slots
+/// `0..=lens[b]` (the new token's key and value already appended), grouped-query, scaled by
+/// `1 / sqrt(head_dim)`; `out`: `[batch, heads * head_dim]`. `max_tokens` bounds `lens[b] + 1` over the batch
+/// and sets how many splits are launched.
+#[allow(clippy::too_many_arguments)]
+pub fn attend<R: Runtime, F: Activation>(
+    client: &ComputeClient<R>,
+    shape: AttentionShape,
+    q: &Buffer<F>,
+    (k_cache, v_cache): (&Buffer<F>, &Buffer<F>),
+    lens: &Buffer<u32>,
+    max_tokens: usize,
+    scratch: &AttentionScratch,
+    out: &Buffer<F>,
+) -> Result<(), KernelError> {
+    shape.validate()?;
+    let AttentionShape {
+        heads,
+        kv_heads,
+        head_dim,
+        batch,
+        capacity,
+    } = shape;
+    if max_tokens > capacity {
+        return Err(unsupported(format!(
+            "{max_tokens} tokens in a cache of {capacity} slots"
+        )));
+    }
+    q.check("q", batch * heads * head_dim)?;
+    out.check("out", batch * heads * head_dim)?;
+    k_cache.check("k_cache", shape.cache_len())?;
+    v_cache.check("v_cache", shape.cache_len())?;
+    lens.check("lens", batch)?;
+    let splits = AttentionShape::splits(max_tokens);
+    if splits > scratch.splits || scratch.stats.len() < batch * heads * scratch.splits * 2 {
+        return Err(unsupported(format!(
+            "attention scratch for {} splits, {splits} needed",
+            scratch.splits
+        )));
+    }
+    let scale = 1.0 / (head_dim as f32).sqrt();
+    // SAFETY: lengths checked above; the kernels index slots below `lens[b] + 1 <= max_tokens <= capacity`
+    // (the caller's bound) and splits below the scratch's.
+    #[allow(unsafe_code)]
+    unsafe {
+        attend_split_kernel::launch_unchecked::<F, R>(
+            client,
+            CubeCount::Static(splits as u32, heads as u32, batch as u32),
+            row_cube(client),
+            q.array_arg(),
+            k_cache.array_arg(),
+            v_cache.array_arg(),
+            lens.array_arg(),
+            scratch.out.array_arg(),
+            scratch.stats.array_arg(),
+            kv_heads as u32,
+            capacity as u32,
+            head_dim as u32,
+            scale,
+            ATTENTION_CHUNK,
+            MAX_HEAD_DIM,
+        );
+        attend_combine_kernel::launch_unchecked::<F, R>(
+            client,
+            CubeCount::Static(heads as u32, batch as u32, 1),
+            CubeDim::new_1d(head_dim.min(256) as u32),
+            scratch.out.array_arg(),
+            scratch.stats.array_arg(),
+            out.array_arg(),
+            head_dim as u32,
+            splits as u32,
+        );
+    }
+    Ok(())
+}
+
+/// `out = F(silu(gate)) * up` over `n` values.
+pub fn silu_mul<R: Runtime, F: Activation>(
+    client: &ComputeClient<R>,
+    gate: &Buffer<F>,
+    up: &Buffer<F>,
+    n: usize,
+    out: &Buffer<F>,
+) -> Result<(), KernelError> {
+    gate.check("gate", n)?;
+    up.check("up", n)?;
+    out.check("out", n)?;
+    let (count, dim) = elementwise(n);
+    // SAFETY: indices below `n`, checked above.
+    #[allow(unsafe_code)]
+    unsafe {
+        silu_mul_kernel::launch_unchecked::<F, R>(
+            client,
+            count,
+            dim,
+            gate.array_arg(),
+            up.array_arg(),
+            out.array_arg(),
+            n as u32,
+        );
+    }
+    Ok(())
+}
+
+/// Greedy decoding: `ids[b]` = the first index of the largest of `logits[b]` (`[batch, vocab]`), and `lens[b]`
+/// moves one slot on (the step's token is now cached).
+pub fn argmax_advance<R: Runtime, F: Activation>(
+    client: &ComputeClient<R>,
+    logits: &Buffer<F>,
+    batch: usize,
+    vocab: usize,
+    ids: &Buffer<u32>,
+    lens: &Buffer<u32>,
+) -> Result<(), KernelError> {
+    logits.check("logits", batch * vocab)?;
+    ids.check("ids", batch)?;
+    lens.check("lens", batch)?;
+    // SAFETY: indices below `batch * vocab` and `batch`, checked above.
+    #[allow(unsafe_code)]
+    unsafe {
+        argmax_kernel::launch_unchecked::<F, R>(
+            client,
+            CubeCount::Static(batch as u32, 1, 1),
+            CubeDim::new_2d(plane_size(client), 8),
+            logits.array_arg(),
+            ids.array_arg(),
+            lens.array_arg(),
+            vocab as u32,
+            8,
+        );
+    }
+    Ok(())
+}
+
+/// Copies one sequence's keys or values `src` (`[kv_heads, len, head_dim]`, e.g. from a prefill) into slots
+/// `0..len` of sequence `seq` of a cache `[batch, kv_heads, capacity, head_dim]`.
+pub fn write_cache<R: Runtime, F: Activation>(
+    client: &ComputeClient<R>,
+    shape: AttentionShape,
+    src: &Buffer<F>,
+    seq: usize,
+    len: usize,
+    cache: &Buffer<F>,
+) -> Result<(), KernelError> {
+    shape.validate()?;
+    if seq >= shape.batch || len > shape.capacity {
+        return Err(unsupported(format!(
+            "sequence {seq} of {} with {len} tokens in {} slots",
+            shape.batch, shape.capacity
+        )));
+    }
+    let n = shape.kv_heads * len * shape.head_dim;
+    src.check("src", n)?;
+    cache.check("cache", shape.cache_len())?;
+    if n == 0 {
+        return Ok(());
+    }
+    let (count, dim) = elementwise(n);
+    // SAFETY: sources below `n`, destinations inside sequence `seq`'s first `len <= capacity` slots.
+    #[allow(unsafe_code)]
+    unsafe {
+        write_cache_kernel::launch_unchecked::<F, R>(
+            client,
+            count,
+            dim,
+            src.array_arg(),
+            cache.array_arg(),
+            seq as u32,
+            shape.kv_heads as u32,
+            len as u32,
+            shape.capacity as u32,
+            shape.head_dim as u32,
+        );
+    }
+    Ok(())
+}
+
+/// Sum over the cube (a 2-D cube of `planes` planes), available to every unit.
+#[cube]
+fn cube_sum(value: f32, #[comptime] planes: usize) -> f32 {
+    let mut shared = SharedMemory::<f32>::new(planes);
+    let partial = plane_sum(value);
+    if UNIT_POS_X == 0 {
+        shared[UNIT_POS_Y as usize] = partial;
+    }
+    sync_cube();
+    let mut total = 0.0f32;
+    #[unroll]
+    for p in 0..planes {
+        total += shared[p];
+    }
+    total
+}
+
+#[cube(launch_unchecked)]
+fn gemv_dense_kernel<F: Float, N: Size>(
+    x: &Array<Vector<F, N>>,
+    w: &Array<Vector<F, N>>,
+    y: &mut Array<F>,
+    rows: u32,
+    vectors: u32,
+    #[comptime] batch: usize,
+) {
+    let row = CUBE_POS_X * CUBE_DIM_Y + UNIT_POS_Y;
+    if row < rows {
+        let n = N::value();
+        let mut acc = Array::<f32>::new(batch);
+        #[unroll]
+        for b in 0..batch {
+            acc[b] = 0.0;
+        }
+        for i in range_stepped(UNIT_POS_X, vectors, CUBE_DIM_X) {
+            let wv = w[(row * vectors + i) as usize];
+            #[unroll]
+            for b in 0..batch {
+                let xv = x[b * vectors as usize + i as usize];
+                #[unroll]
+                for e in 0..n {
+                    acc[b] += f32::cast_from(wv[e]) * f32::cast_from(xv[e]);
+                }
+            }
+        }
+        #[unroll]
+        for b in 0..batch {
+            let total = plane_sum(acc[b]);
+            if UNIT_POS_X == 0 {
+                y[b * rows as usize + row as usize] = F::cast_from(total);
+            }
+        }
+    }
+}
+
+#[cube(launch_unchecked)]
+fn embed_kernel<F: Float>(
+    table: &Array<F>,
+    ids: &Array<u32>,
+    out: &mut Array<F>,
+    hidden: u32,
+    vocab: u32,
+) {
+    let b = CUBE_POS_X;
+    // An id outside the table reads row 0 rather than memory past the table.
+    let mut id = ids[b as usize];
+    if id >= vocab {
+        id = 0;
+    }
+    for i in range_stepped(UNIT_POS_X, hidden, CUBE_DIM_X) {
+        out[(b * hidden + i) as usize] = table[(id * hidden + i) as usize];
+    }
+}
+
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+fn add_rms_norm_kernel<F: Float>(
+    residual: &mut Array<F>,
+    delta: &Array<F>,
+    weight: &Array<F>,
+    out: &mut Array<F>,
+    hidden: u32,
+    eps: f32,
+    #[comptime] add: bool,
+    #[comptime] planes: usize,
+) {
+    let base = CUBE_POS_X * hidden;
+    let mut squares = 0.0f32;
+    for i in range_stepped(UNIT_POS, hidden, CUBE_DIM) {
+        let at = (base + i) as usize;
+        let mut r = residual[at];
+        if comptime!(add) {
+            r += delta[at];
+            residual[at] = r;
+        }
+        let value = f32::cast_from(r);
+        squares += value * value;
+    }
+    let total = cube_sum(squares, planes);
+    let inv = 1.0f32 / f32::sqrt(total / f32::cast_from(hidden) + eps);
+    for i in range_stepped(UNIT_POS, hidden, CUBE_DIM) {
+        let at = (base + i) as usize;
+        out[at] = F::cast_from(f32::cast_from(residual[at]) * inv) * weight[i as usize];
+    }
+}
+
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+fn rope_append_kernel<F: Float>(
+    q: &Array<F>,
+    k: &Array<F>,
+    v: &Array<F>,
+    q_bias: &Array<F>,
+    k_bias: &Array<F>,
+    v_bias: &Array<F>,
+    inv_freq: &Array<f32>,
+    lens: &Array<u32>,
+    deltas: &Array<i32>,
+    q_out: &mut Array<F>,
+    k_cache: &mut Array<F>,
+    v_cache: &mut Array<F>,
+    heads: u32,
+    kv_heads: u32,
+    capacity: u32,
+) {
+    let half = CUBE_DIM_X;
+    let dim = half * 2;
+    let i = UNIT_POS_X;
+    let h = CUBE_POS_X;
+    let b = CUBE_POS_Y;
+    let slot = lens[b as usize];
+    let position = f32::cast_from(i32::cast_from(slot) + deltas[b as usize]);
+    let angle = position * inv_freq[i as usize];
+    let cos = F::cast_from(f32::cos(angle));
+    let sin = F::cast_from(f32::sin(angle));
+    if h < heads {
+        let at = (b * heads + h) * dim + i;
+        let x1 = q[at as usize] + q_bias[(h * dim + i) as usize];
+        let x2 = q[(at + half) as usize] + q_bias[(h * dim + i + half) as usize];
+        q_out[at as usize] = x1 * cos - x2 * sin;
+        q_out[(at + half) as usize] = x2 * cos + x1 * sin;
+    } else {
+        let kh = h - heads;
+        let at = (b * kv_heads + kh) * dim + i;
+        let bias = kh * dim + i;
+        let x1 = k[at as usize] + k_bias[bias as usize];
+        let x2 = k[(at + half) as usize] + k_bias[(bias + half) as usize];
+        let dst = ((b * kv_heads + kh) * capacity + slot) * dim + i;
+        k_cache[dst as usize] = x1 * cos - x2 * sin;
+        k_cache[(dst + half) as usize] = x2 * cos + x1 * sin;
+        v_cache[dst as usize] = v[at as usize] + v_bias[bias as usize];
+        v_cache[(dst + half) as usize] = v[(at + half) as usize] + v_bias[(bias + half) as usize];
+    }
+}
+
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+fn attend_split_kernel<F: Float>(
+    q: &Array<F>,
+    k_cache: &Array<F>,
+    v_cache: &Array<F>,
+    lens: &Array<u32>,
+    part_out: &mut Array<f32>,
+    part_stats: &mut Array<f32>,
+    kv_heads: u32,
+    capacity: u32,
+    head_dim: u32,
+    scale: f32,
+    #[comptime] chunk: usize,
+    #[comptime] max_head_dim: usize,
+) {
+    let split = CUBE_POS_X;
+    let h = CUBE_POS_Y;
+    let b = CUBE_POS_Z;
+    let splits = CUBE_COUNT_X;
+    let heads = CUBE_COUNT_Y;
+    let tokens = lens[b as usize] + 1;
+    let start = split * comptime!(chunk as u32);
+    let mut count = 0u32;
+    if start < tokens {
+        count = tokens - start;
+        if count > comptime!(chunk as u32) {
+            count = comptime!(chunk as u32);
+        }
+    }
+    let kvh = h / (heads / kv_heads);
+    let mut query = SharedMemory::<f32>::new(max_head_dim);
+    let mut scores = SharedMemory::<f32>::new(chunk);
+    for d in range_stepped(UNIT_POS, head_dim, CUBE_DIM) {
+        query[d as usize] = f32::cast_from(q[((b * heads + h) * head_dim + d) as usize]) * scale;
+    }
+    sync_cube();
+    let first = (b * kv_heads + kvh) * capacity + start;
+    // Scores: each plane takes every `planes`-th position, its lanes split the head dimension.
+    for j in range_stepped(UNIT_POS_Y, count, CUBE_DIM_Y) {
+        let key = (first + j) * head_dim;
+        let mut dot = 0.0f32;
+        for d in range_stepped(UNIT_POS_X, head_dim, CUBE_DIM_X) {
+            dot += query[d as usize] * f32::cast_from(k_cache[(key + d) as usize]);
+        }
+        let total = plane_sum(dot);
+        if UNIT_POS_X == 0 {
+            scores[j as usize] = total;
+        }
+    }
+    sync_cube();
+    let mut max = f32::min_value();
+    for j in 0..count {
+        let s = scores[j as usize];
+        if s > max {
+            max = s;
+        }
+    }
+    let row = (b * heads + h) * splits + split;
+    for d in range_stepped(UNIT_POS, head_dim, CUBE_DIM) {
+        let mut acc = 0.0f32;
+        for j in 0..count {
+            let p = f32::exp(scores[j as usize] - max);
+            acc += p * f32::cast_from(v_cache[((first + j) * head_dim + d) as usize]);
+        }
+        part_out[(row * head_dim + d) as usize] = acc;
+    }
+    if UNIT_POS == 0 {
+        let mut sum = 0.0f32;
+        for j in 0..count {
+            sum += f32::exp(scores[j as usize] - max);
+        }
+        part_stats[(row * 2) as usize] = max;
+        part_stats[(row * 2 + 1) as usize] = sum;
+    }
+}
+
+#[cube(launch_unchecked)]
+fn attend_combine_kernel<F: Float>(
+    part_out: &Array<f32>,
+    part_stats: &Array<f32>,
+    out: &mut Array<F>,
+    head_dim: u32,
+    splits: u32,
+) {
+    let h = CUBE_POS_X;
+    let b = CUBE_POS_Y;
+    let heads = CUBE_COUNT_X;
+    let first = (b * heads + h) * splits;
+    let mut max = f32::min_value();
+    for s in 0..splits {
+        let m = part_stats[((first + s) * 2) as usize];
+        if m > max {
+            max = m;
+        }
+    }
+    let mut sum = 0.0f32;
+    for s in 0..splits {
+        let at = ((first + s) * 2) as usize;
+        sum += part_stats[at + 1] * f32::exp(part_stats[at] - max);
+    }
+    for d in range_stepped(UNIT_POS, head_dim, CUBE_DIM) {
+        let mut acc = 0.0f32;
+        for s in 0..splits {
+            let weight = f32::exp(part_stats[((first + s) * 2) as usize] - max);
+            acc += part_out[((first + s) * head_dim + d) as usize] * weight;
+        }
+        out[((b * heads + h) * head_dim + d) as usize] = F::cast_from(acc / sum);
+    }
+}
+
+#[cube(launch_unchecked)]
+fn silu_mul_kernel<F: Float>(gate: &Array<F>, up: &Array<F>, out: &mut Array<F>, n: u32) {
+    let i = CUBE_POS_X * CUBE_DIM_X + UNIT_POS_X;
+    if i < n {
+        let g = f32::cast_from(gate[i as usize]);
+        let silu = F::cast_from(g / (1.0f32 + f32::exp(-g)));
+        out[i as usize] = silu * up[i as usize];
+    }
+}
+
+#[cube(launch_unchecked)]
+fn argmax_kernel<F: Float>(
+    logits: &Array<F>,
+    ids: &mut Array<u32>,
+    lens: &mut Array<u32>,
+    vocab: u32,
+    #[comptime] planes: usize,
+) {
+    let b = CUBE_POS_X;
+    let none = u32::max_value();
+    let mut best = f32::min_value();
+    let mut index = u32::max_value();
+    // Ascending with a strict comparison: each unit keeps the first of its ties.
+    for i in range_stepped(UNIT_POS, vocab, CUBE_DIM) {
+        let value = f32::cast_from(logits[(b * vocab + i) as usize]);
+        if value > best {
+            best = value;
+            index = i;
+        }
+    }
+    let plane_best = plane_max(best);
+    let candidate = if best == plane_best { index } else { none };
+    let plane_index = plane_min(candidate);
+    let mut values = SharedMemory::<f32>::new(planes);
+    let mut indices = SharedMemory::<u32>::new(planes);
+    if UNIT_POS_X == 0 {
+        values[UNIT_POS_Y as usize] = plane_best;
+        indices[UNIT_POS_Y as usize] = plane_index;
+    }
+    sync_cube();
+    if UNIT_POS == 0 {
+        let mut top = values[0];
+        let mut at = indices[0];
+        #[unroll]
+        for p in 1..planes {
+            let value = values[p];
+            if value > top || (value == top && indices[p] < at) {
+                top = value;
+                at = indices[p];
+            }
+        }
+        if at == none {
+            at = 0;
+        }
+        ids[b as usize] = at;
+        lens[b as usize] += 1;
+    }
+}
+
+#[cube(launch_unchecked)]
+fn write_cache_kernel<F: Float>(
+    src: &Array<F>,
+    cache: &mut Array<F>,
+    seq: u32,
+    kv_heads: u32,
+    len: u32,
+    capacity: u32,
+    head_dim: u32,
+) {
+    let i = CUBE_POS_X * CUBE_DIM_X + UNIT_POS_X;
+    if i < kv_heads * len * head_dim {
+        let d = i % head_dim;
+        let t = (i / head_dim) % len;
+        let kh = i / (head_dim * len);
+        cache[(((seq * kv_heads + kh) * capacity + t) * head_dim + d) as usize] = src[i as usize];
+    }
+}

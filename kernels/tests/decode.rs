@@ -1,0 +1,210 @@
+//! The decode-step kernels against plain host computations, at sizes the tiny model's prompts do not reach:
+//! attention over caches longer than one split (several splits combined), sequences of different lengths in one
+//! launch, the dense GEMV with and without 16-byte loads, and argmax ties.
+//!
+//! Runs through wgpu (CI: lavapipe, f32) and, `--ignored`, on CUDA in f32 and bf16.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use cubecl::prelude::*;
+use medvl_kernels::Buffer;
+use medvl_kernels::decode::{self, ATTENTION_CHUNK, AttentionScratch, AttentionShape, DenseMatrix};
+use medvl_kernels::nf4::Activation;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+fn random(n: usize, seed: u64) -> Vec<f32> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    (0..n).map(|_| rng.random_range(-1.0..1.0)).collect()
+}
+
+/// Values as stored in `F` and back.
+fn stored<F: Activation>(values: &[f32]) -> Vec<f32> {
+    values.iter().map(|&v| F::from_host(v).to_host()).collect()
+}
+
+fn upload<R: Runtime, F: Activation>(client: &ComputeClient<R>, values: &[f32]) -> Buffer<F> {
+    let converted: Vec<F> = values.iter().map(|&v| F::from_host(v)).collect();
+    Buffer::from_slice(client, &converted)
+}
+
+fn read<R: Runtime, F: Activation>(client: &ComputeClient<R>, buffer: &Buffer<F>) -> Vec<f32> {
+    buffer
+        .read(client)
+        .unwrap()
+        .into_iter()
+        .map(F::to_host)
+        .collect()
+}
+
+fn attention_over_long_caches<R: Runtime, F: Activation>(
+    client: &ComputeClient<R>,
+    tolerance: f32,
+) {
+    let shape = AttentionShape {
+        heads: 6,
+        kv_heads: 2,
+        head_dim: 32,
+        capacity: 3 * ATTENTION_CHUNK + 20,
+        batch: 3,
+    };
+    // Cached tokens before this step (the new one sits at slot `len`): 2.6 splits, less than one, exactly one.
+    let lens = [2 * ATTENTION_CHUNK + 70, 4, ATTENTION_CHUNK - 1];
+    let (h, kvh, d, cap) = (shape.heads, shape.kv_heads, shape.head_dim, shape.capacity);
+    let q = stored::<F>(&random(shape.batch * h * d, 1));
+    let k = stored::<F>(&random(shape.cache_len(), 2));
+    let v = stored::<F>(&random(shape.cache_len(), 3));
+    let scratch = AttentionScratch::new(client, shape);
+    let out = Buffer::<F>::empty(client, shape.batch * h * d);
+    let lens_buffer = Buffer::from_slice(client, &lens.map(|l| l as u32));
+    let longest = lens.iter().max().unwrap() + 1;
+    decode::attend(
+        client,
+        shape,
+        &upload::<R, F>(client, &q),
+        (&upload::<R, F>(client, &k), &upload::<R, F>(client, &v)),
+        &lens_buffer,
+        longest,
+        &scratch,
+        &out,
+    )
+    .unwrap();
+    let got = read(client, &out);
+    let scale = 1.0 / (d as f32).sqrt();
+    for (b, &len) in lens.iter().enumerate() {
+        for head in 0..h {
+            let kv = head / (h / kvh);
+            let slot = |t: usize| ((b * kvh + kv) * cap + t) * d;
+            let qrow = &q[(b * h + head) * d..][..d];
+            let scores: Vec<f32> = (0..=len)
+                .map(|t| (0..d).map(|i| qrow[i] * k[slot(t) + i]).sum::<f32>() * scale)
+                .collect();
+            let max = scores.iter().fold(f32::MIN, |m, &s| m.max(s));
+            let weights: Vec<f32> = scores.iter().map(|s| (s - max).exp()).collect();
+            let total: f32 = weights.iter().sum();
+            for i in 0..d {
+                let expected: f32 =
+                    (0..=len).map(|t| weights[t] * v[slot(t) + i]).sum::<f32>() / total;
+                let actual = got[(b * h + head) * d + i];
+                assert!(
+                    (actual - expected).abs() <= tolerance,
+                    "sequence {b} head {head} dim {i}: {actual} vs {expected}"
+                );
+            }
+        }
+    }
+    // More tokens than the cache holds is refused.
+    assert!(
+        decode::attend(
+            client,
+            shape,
+            &out,
+            (&upload::<R, F>(client, &k), &upload::<R, F>(client, &v)),
+            &lens_buffer,
+            cap + 1,
+            &scratch,
+            &out,
+        )
+        .is_err()
+    );
+}
+
+fn dense_gemv<R: Runtime, F: Activation>(client: &ComputeClient<R>, tolerance: f32) {
+    // 96 columns take 16-byte loads, 99 do not.
+    for (rows, cols, batch) in [(37, 96, 1), (5, 99, 3), (130, 64, 8)] {
+        let w = stored::<F>(&random(rows * cols, 4));
+        let x = stored::<F>(&random(batch * cols, 5));
+        let matrix = DenseMatrix::upload(
+            client,
+            &w.iter().map(|&v| F::from_host(v)).collect::<Vec<_>>(),
+            rows,
+            cols,
+        )
+        .unwrap();
+        let y = Buffer::<F>::empty(client, batch * rows);
+        decode::gemv_dense(client, &upload::<R, F>(client, &x), batch, &matrix, &y).unwrap();
+        let got = read(client, &y);
+        for b in 0..batch {
+            for r in 0..rows {
+                let expected: f32 = (0..cols).map(|c| x[b * cols + c] * w[r * cols + c]).sum();
+                let actual = got[b * rows + r];
+                assert!(
+                    (actual - expected).abs() <= tolerance * (1.0 + expected.abs()),
+                    "{rows}x{cols} batch {b} row {r}: {actual} vs {expected}"
+                );
+            }
+        }
+        assert!(decode::gemv_dense(client, &y, 9, &matrix, &y).is_err());
+    }
+}
+
+fn argmax_takes_the_first_of_ties<R: Runtime, F: Activation>(client: &ComputeClient<R>) {
+    let vocab = 5000;
+    let mut logits = vec![0.0f32; 2 * vocab];
+    // Row 0: the maximum at 4321 and 77 (first wins); row 1: one maximum at the last index.
+    logits[4321] = 3.0;
+    logits[77] = 3.0;
+    logits[vocab + vocab - 1] = 1.0;
+    logits[vocab + 12] = -2.0;
+    let ids = Buffer::from_slice(client, &[9u32, 9]);
+    let lens = Buffer::from_slice(client, &[10u32, 20]);
+    decode::argmax_advance(
+        client,
+        &upload::<R, F>(client, &logits),
+        2,
+        vocab,
+        &ids,
+        &lens,
+    )
+    .unwrap();
+    assert_eq!(ids.read(client).unwrap(), vec![77, vocab as u32 - 1]);
+    assert_eq!(lens.read(client).unwrap(), vec![11, 21]);
+}
+
+#[cfg(feature = "wgpu")]
+mod wgpu {
+    use super::*;
+    use cubecl::wgpu::{WgpuDevice, WgpuRuntime};
+
+    fn client() -> ComputeClient<WgpuRuntime> {
+        WgpuRuntime::client(&WgpuDevice::default())
+    }
+
+    #[test]
+    fn attention_over_long_caches_f32() {
+        attention_over_long_caches::<WgpuRuntime, f32>(&client(), 1e-5);
+    }
+
+    #[test]
+    fn dense_gemv_f32() {
+        dense_gemv::<WgpuRuntime, f32>(&client(), 1e-5);
+    }
+
+    #[test]
+    fn argmax_takes_the_first_of_ties_f32() {
+        argmax_takes_the_first_of_ties::<WgpuRuntime, f32>(&client());
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use super::*;
+    use cubecl::cuda::{CudaDevice, CudaRuntime};
+    use half::bf16;
+
+    fn client() -> ComputeClient<CudaRuntime> {
+        CudaRuntime::client(&CudaDevice::default())
+    }
+
+    #[test]
+    #[ignore = "needs an NVIDIA GPU"]
+    fn decode_kernels_on_cuda() {
+        let c = client();
+        attention_over_long_caches::<CudaRuntime, f32>(&c, 1e-5);
+        // bf16 output rounding of values below 1.
+        attention_over_long_caches::<CudaRuntime, bf16>(&c, 1.0 / 128.0);
+        dense_gemv::<CudaRuntime, f32>(&c, 1e-5);
+        dense_gemv::<CudaRuntime, bf16>(&c, 1.0 / 128.0);
+        argmax_takes_the_first_of_ties::<CudaRuntime, f32>(&c);
+        argmax_takes_the_first_of_ties::<CudaRuntime, bf16>(&c);
+    }
+}
