@@ -11,7 +11,8 @@ rm -rf .gpu/bin && mkdir -p .gpu/bin
   cargo test --workspace --features "$features" --no-run --message-format=json 2>/dev/null; } \
   | jq -r 'select(.reason == "compiler-artifact" and .executable != null)
            | select(.target.name == "fidelity" or .target.name == "nf4_gemv" or .target.name == "medvl"
-                    or .target.name == "medvl-bench") | "\(.target.name) \(.executable)"' \
+                    or .target.name == "medvl-bench" or .target.name == "plan" or .target.name == "decode")
+           | "\(.target.name) \(.executable)"' \
   | while read -r name exe; do
       # Test binaries and bins can share a target name (medvl): keep bins under their own name.
       case "$exe" in

@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark in one run on the GPU machine (binaries from scripts/gpu-build.sh in .gpu/).
 # Writes full logs and the kernel benchmark JSON under $OUT and prints a short summary last.
+#   0. the decode plan benchmark, 7B decoder with random weights (DECODE_FORMATS, default dense,nf4,nf4-lm-head;
+#      empty for none; DECODE_BATCHES, default 1,8,32), then the Python stack's decode on the same card
+#      (PY_BASELINE=0 to skip), each alone on the card;
 #   1. the kernel benchmark, bf16 and f32 activations (alone on the card, first; BENCH_FLAGS=--sweep for every
 #      tiling);
 #   2. the NF4 GEMV kernel tests, CUDA (f32 and bf16 activations);
@@ -20,7 +23,17 @@ export MEDVL_FIXTURES=$PWD/fixtures/tiny RUST_BACKTRACE=0 CUBECL_AUTOTUNE_LEVEL=
 budget=${GPU_CHECK_SECONDS:-540}
 start=$(date +%s)
 
-for act in ${BENCH_ACTIVATIONS:-bf16 f32}; do
+formats=${DECODE_FORMATS-dense,nf4,nf4-lm-head}
+if [ -n "$formats" ]; then
+  timeout 300 $bin/medvl-bench decode --formats "$formats" --batches "${DECODE_BATCHES:-1,8,32}" --card "$card" \
+    --commit "$commit" --out "$OUT/decode-bf16.json" > "$OUT/decode.log" 2>&1; echo "decode bench exit $?" >> "$OUT/decode.log"
+fi
+if [ "${PY_BASELINE:-1}" = 1 ]; then
+  timeout 240 python3 benches/python/decode_baseline.py --batches "${DECODE_BATCHES:-1,8,32}" \
+    --out "$OUT/decode-python-bf16.json" > "$OUT/python.log" 2>&1; echo "python baseline exit $?" >> "$OUT/python.log"
+fi
+
+for act in ${BENCH_ACTIVATIONS-bf16 f32}; do
   timeout 240 $bin/medvl-bench kernels ${BENCH_FLAGS:-} --activations $act --card "$card" --commit "$commit" \
     --out "$OUT/kernels-$act.json" >> "$OUT/bench.log" 2>&1; echo "bench $act exit $?" >> "$OUT/bench.log"
 done
@@ -33,8 +46,17 @@ for run in $runs; do
   ( MEDVL_ATTENTION=$att timeout $left $bin/test-fidelity --ignored --exact "gpu::$t" --nocapture \
       > "$OUT/$t-$att.log" 2>&1; echo "exit $?" >> "$OUT/$t-$att.log" ) &
 done
-( timeout $left $bin/test-nf4_gemv --ignored --nocapture --test-threads 1 > "$OUT/kernels-test.log" 2>&1
-  echo "exit $?" >> "$OUT/kernels-test.log" ) &
+if [ "${NF4_TESTS:-1}" = 1 ]; then
+  ( timeout $left $bin/test-nf4_gemv --ignored --nocapture --test-threads 1 > "$OUT/kernels-test.log" 2>&1
+    echo "exit $?" >> "$OUT/kernels-test.log" ) &
+fi
+# The decode plan on CUDA (tiny model: transformers' tokens, burn's logits) and the decode kernels.
+if [ "${PLAN_TESTS:-1}" = 1 ]; then
+  ( timeout $left $bin/test-plan --ignored --nocapture --test-threads 1 > "$OUT/plan-test.log" 2>&1
+    echo "exit $?" >> "$OUT/plan-test.log" ) &
+  ( timeout $left $bin/test-decode --ignored --nocapture > "$OUT/decode-test.log" 2>&1
+    echo "exit $?" >> "$OUT/decode-test.log" ) &
+fi
 # `medvl ask` on CUDA in each dtype.
 for dtype in ${ASK_DTYPES-bf16 f32}; do
   ( timeout $left $bin/medvl ask fixtures/tiny/page.png --prompt "What is the diagnosis?" --model fixtures/tiny/v5 \
@@ -51,9 +73,14 @@ fi
 wait
 
 echo "== $card ($commit), $(( $(date +%s) - start )) s"
-grep -E "copy probe|^\| [a-z]|exit" "$OUT/bench.log"
-grep -E "^test |test result|panicked|worst error" "$OUT/kernels-test.log" | grep -v "worst error 0\.00" | tail -12
-for f in "$OUT"/cuda_*.log; do echo "-- $(basename "$f")"; grep -E "vision max rel|: [0-9.]+ s$|panicked at crates|^exit" "$f" | tail -8; done
+[ -f "$OUT/decode.log" ] && grep -E "^\||decoder|exit|rror" "$OUT/decode.log"
+[ -f "$OUT/python.log" ] && tail -8 "$OUT/python.log"
+[ -f "$OUT/bench.log" ] && grep -E "copy probe|^\| [a-z]|exit" "$OUT/bench.log"
+for f in "$OUT"/plan-test.log "$OUT"/decode-test.log; do
+  [ -f "$f" ] && { echo "-- $(basename "$f")"; grep -E "^test |step-1|tokens equal|panicked|^exit" "$f" | tail -16; }
+done
+[ -f "$OUT/kernels-test.log" ] && grep -E "^test |test result|panicked|worst error" "$OUT/kernels-test.log" | grep -v "worst error 0\.00" | tail -12
+for f in "$OUT"/cuda_*.log; do [ -f "$f" ] || continue; echo "-- $(basename "$f")"; grep -E "vision max rel|: [0-9.]+ s$|panicked at crates|^exit" "$f" | tail -8; done
 python3 - "$OUT"/ask-cuda-*.json <<'PY'
 import itertools, json, sys
 ref = json.load(open("fixtures/tiny/ask.json"))

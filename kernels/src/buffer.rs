@@ -53,6 +53,19 @@ impl<T: CubeElement> Buffer<T> {
         Ok(T::from_bytes(&bytes)[..self.len].to_vec())
     }
 
+    /// Values `start..start + len` of this buffer, sharing its memory (e.g. a group of rows of a batch).
+    pub fn slice(&self, start: usize, len: usize) -> Result<Self, KernelError> {
+        self.check("slice", start + len)?;
+        Ok(Self {
+            handle: self
+                .handle
+                .clone()
+                .offset_start((start * size_of::<T>()) as u64),
+            len,
+            _elem: PhantomData,
+        })
+    }
+
     /// Number of values.
     pub fn len(&self) -> usize {
         self.len

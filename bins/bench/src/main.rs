@@ -1,5 +1,7 @@
 //! `medvl-bench`: benchmarks on the GPU.
 //!
+//! `medvl-bench decode` times the decode plan of Qwen2.5-VL's decoder with random weights (see `decode.rs`).
+//!
 //! `medvl-bench kernels` rates the NF4 decode GEMV at the shapes of Qwen2.5-VL-7B's decoder against the card's
 //! copy bandwidth measured in the same run, and writes the numbers as JSON.
 //!
@@ -8,16 +10,18 @@
 //! the wall time per launch when launches run back to back from the host (what a decode step built from single
 //! launches pays when the kernel is shorter than the host's launch cost).
 
+mod decode;
+
 use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use cubecl::prelude::*;
+use medvl_engine::plan::random_nf4;
 use medvl_kernels::nf4::{self, GemvTiling, Nf4Matrix};
 use medvl_kernels::{Buffer, probe};
-use medvl_nf4::{Absmax, DYNAMIC_MAP, Nf4Tensor};
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
@@ -32,10 +36,12 @@ struct Cli {
 enum Command {
     /// NF4 GEMV GB/s per shape and batch against the measured copy bandwidth.
     Kernels(KernelArgs),
+    /// The decode step of the 7B decoder (random weights) per weight format and batch: tokens/s, memory.
+    Decode(decode::DecodeArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
-enum RuntimeKind {
+pub(crate) enum RuntimeKind {
     /// NVIDIA GPUs.
     Cuda,
     /// wgpu (Vulkan/Metal; a software driver on CPU-only machines: a smoke run, not a measurement).
@@ -74,7 +80,7 @@ struct KernelArgs {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
-enum ActivationKind {
+pub(crate) enum ActivationKind {
     Bf16,
     F32,
 }
@@ -124,6 +130,7 @@ fn main() -> Result<()> {
         .with_env_filter(tracing_subscriber::EnvFilter::from_env("MEDVL_LOG"))
         .init();
     match Cli::parse().command {
+        Command::Decode(args) => decode::run(&args),
         Command::Kernels(args) => match args.runtime {
             #[cfg(feature = "cuda")]
             RuntimeKind::Cuda => kernels::<cubecl::cuda::CudaRuntime>(&args, "cuda"),
@@ -171,28 +178,6 @@ fn sync<R: Runtime>(client: &ComputeClient<R>) -> Result<()> {
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
-}
-
-/// A random NF4 matrix with double-quantized scales (speed does not depend on the values, so no quantization).
-fn random_matrix(rows: usize, cols: usize, rng: &mut ChaCha8Rng) -> Nf4Tensor {
-    let blocks = (rows * cols).div_ceil(64);
-    let mut packed = vec![0u8; (rows * cols).div_ceil(2)];
-    rng.fill(packed.as_mut_slice());
-    let mut codes = vec![0u8; blocks];
-    rng.fill(codes.as_mut_slice());
-    Nf4Tensor {
-        packed,
-        absmax: Absmax::Double {
-            codes,
-            nested_absmax: (0..blocks.div_ceil(256))
-                .map(|_| rng.random_range(0.01..0.1))
-                .collect(),
-            nested_code: DYNAMIC_MAP.to_vec(),
-            offset: 0.05,
-        },
-        blocksize: 64,
-        shape: vec![rows, cols],
-    }
 }
 
 fn kernels<R: Runtime>(args: &KernelArgs, runtime: &'static str) -> Result<()> {
@@ -243,7 +228,7 @@ fn kernels_in<R: Runtime, F: nf4::Activation>(
         "| matrix | out x in | batch | rows/plane x unroll / split | weight MB | kernel us | GB/s | of copy | launch us |\n|---|---|---|---|---|---|---|---|---|"
     );
     for &&(name, rows, cols) in &shapes {
-        let matrix = Nf4Matrix::upload(&client, &random_matrix(rows, cols, &mut rng))
+        let matrix = Nf4Matrix::upload(&client, &random_nf4(&mut rng, rows, cols))
             .with_context(|| format!("upload {rows}x{cols}"))?;
         for (batch, tiling) in [1usize, 4, 8].into_iter().flat_map(|b| {
             let mut t = tilings(rows, b);
@@ -330,7 +315,7 @@ fn kernels_in<R: Runtime, F: nf4::Activation>(
 }
 
 /// Writes through a temporary file in the same directory and renames it over `path`.
-fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
+pub(crate) fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
     }

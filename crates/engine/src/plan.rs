@@ -28,7 +28,10 @@ use burn::prelude::{Backend, Tensor};
 use crate::error::{EngineError, Result};
 
 /// Most sequences one plan decodes together.
-pub const MAX_PLAN_BATCH: usize = if MAX_BATCH < MAX_DENSE_BATCH {
+pub const MAX_PLAN_BATCH: usize = 32;
+
+/// Rows one GEMV launch takes; larger batches run in groups of this many.
+const GEMV_GROUP: usize = if MAX_BATCH < MAX_DENSE_BATCH {
     MAX_BATCH
 } else {
     MAX_DENSE_BATCH
@@ -166,6 +169,41 @@ pub enum RandomFormat {
     Nf4,
 }
 
+/// `n` values in `-scale..scale`: a walk through a small random pool from a random start (a 7B model's worth
+/// of independent draws would take minutes; a benchmark's speed does not depend on them).
+fn random_values(rng: &mut ChaCha8Rng, n: usize, scale: f32) -> Vec<f32> {
+    const POOL: usize = 1 << 16;
+    let pool: Vec<f32> = (0..POOL).map(|_| rng.random_range(-scale..scale)).collect();
+    let start = rng.random_range(0..POOL);
+    (0..n)
+        .map(|i| pool[(start + i * 7 + i / POOL) % POOL])
+        .collect()
+}
+
+/// A random NF4 matrix `[rows, cols]`, blocksize 64, double-quantized scales (random codes: speed does not depend
+/// on the values, so nothing is quantized).
+pub fn random_nf4(rng: &mut ChaCha8Rng, rows: usize, cols: usize) -> Nf4Tensor {
+    let n = rows * cols;
+    let blocks = n.div_ceil(64);
+    let mut packed = vec![0u8; n.div_ceil(2)];
+    rng.fill(&mut packed[..]);
+    let mut codes = vec![0u8; blocks];
+    rng.fill(&mut codes[..]);
+    Nf4Tensor {
+        packed,
+        absmax: Absmax::Double {
+            codes,
+            nested_absmax: (0..blocks.div_ceil(NESTED_BLOCKSIZE))
+                .map(|_| rng.random_range(0.01..0.03))
+                .collect(),
+            nested_code: DYNAMIC_MAP.to_vec(),
+            offset: 0.02,
+        },
+        blocksize: 64,
+        shape: vec![rows, cols],
+    }
+}
+
 fn random_matrix(
     rng: &mut ChaCha8Rng,
     rows: usize,
@@ -175,30 +213,11 @@ fn random_matrix(
     let n = rows * cols;
     match format {
         RandomFormat::Dense => HostMatrix::Dense {
-            values: (0..n).map(|_| rng.random_range(-0.02..0.02)).collect(),
+            values: random_values(rng, n, 0.02),
             rows,
             cols,
         },
-        RandomFormat::Nf4 => {
-            let blocks = n.div_ceil(64);
-            let mut packed = vec![0u8; n.div_ceil(2)];
-            rng.fill(&mut packed[..]);
-            let mut codes = vec![0u8; blocks];
-            rng.fill(&mut codes[..]);
-            HostMatrix::Nf4(Nf4Tensor {
-                packed,
-                absmax: Absmax::Double {
-                    codes,
-                    nested_absmax: (0..blocks.div_ceil(NESTED_BLOCKSIZE))
-                        .map(|_| rng.random_range(0.01..0.03))
-                        .collect(),
-                    nested_code: DYNAMIC_MAP.to_vec(),
-                    offset: 0.02,
-                },
-                blocksize: 64,
-                shape: vec![rows, cols],
-            })
-        }
+        RandomFormat::Nf4 => HostMatrix::Nf4(random_nf4(rng, rows, cols)),
     }
 }
 
@@ -334,9 +353,29 @@ impl<F: Activation> Matrix<F> {
         batch: usize,
         y: &Buffer<F>,
     ) -> Result<(), KernelError> {
+        let [rows, cols] = self.shape();
+        for first in (0..batch).step_by(GEMV_GROUP) {
+            let n = GEMV_GROUP.min(batch - first);
+            let (xs, ys) = if batch <= GEMV_GROUP {
+                (x.clone(), y.clone())
+            } else {
+                (
+                    x.slice(first * cols, n * cols)?,
+                    y.slice(first * rows, n * rows)?,
+                )
+            };
+            match self {
+                Self::Dense(m) => decode::gemv_dense(client, &xs, n, m, &ys)?,
+                Self::Nf4(m) => nf4::gemv(client, &xs, n, m, &ys)?,
+            }
+        }
+        Ok(())
+    }
+
+    fn shape(&self) -> [usize; 2] {
         match self {
-            Self::Dense(m) => decode::gemv_dense(client, x, batch, m, y),
-            Self::Nf4(m) => nf4::gemv(client, x, batch, m, y),
+            Self::Dense(m) => [m.rows(), m.cols()],
+            Self::Nf4(m) => [m.rows(), m.cols()],
         }
     }
 
@@ -613,19 +652,19 @@ impl<R: Runtime, F: Activation> DecodePlan<R, F> {
         )
     }
 
-    /// A plan with random weights of `config`'s sizes (benchmarks).
+    /// A plan with random weights of `config`'s sizes (benchmarks): decoder layers in `layers` format, the
+    /// lm_head in `lm_head` format (bitsandbytes keeps it dense), the embedding dense.
     pub fn random(
         client: &ComputeClient<R>,
         config: PlanConfig,
         format: RandomFormat,
+        lm_head: RandomFormat,
         seed: u64,
     ) -> Result<Self> {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let embed: Vec<f32> = (0..config.vocab * config.hidden)
-            .map(|_| rng.random_range(-0.02..0.02))
-            .collect();
+        let embed = random_values(&mut rng, config.vocab * config.hidden, 0.02);
         let norm = vec![1.0; config.hidden];
-        let lm_head = random_matrix(&mut rng, config.vocab, config.hidden, format);
+        let lm_head = random_matrix(&mut rng, config.vocab, config.hidden, lm_head);
         Self::new(
             client,
             config,
@@ -713,14 +752,27 @@ impl<R: Runtime, F: Activation> DecodePlan<R, F> {
         self.ids = Buffer::from_slice(&self.client, &ids);
     }
 
-    /// Launches one step for every slot without waiting for it; the ids are read by [`Self::finish_step`].
-    /// Every slot must hold a sequence with room for one more token.
-    pub fn launch_step(&mut self) -> Result<()> {
-        let (b, h) = (self.config.batch, self.config.hidden);
-        if let Some(i) = self.slots.iter().position(|s| !s.active) {
-            return Err(EngineError::Plan(format!("slot {i} holds no sequence")));
+    /// Sequences a step decodes: the admitted slots, which must be the first ones.
+    fn active(&self) -> Result<usize> {
+        let n = self.slots.iter().take_while(|s| s.active).count();
+        if n == 0 {
+            return Err(EngineError::Plan("no sequence admitted".into()));
         }
-        let longest = self.slots.iter().map(|s| s.len).max().unwrap_or(0);
+        if let Some(i) = self.slots[n..].iter().position(|s| s.active) {
+            return Err(EngineError::Plan(format!(
+                "slot {} holds a sequence but slot {n} is free: a step decodes slots 0..n",
+                n + i
+            )));
+        }
+        Ok(n)
+    }
+
+    /// Launches one step for the admitted slots without waiting for it; the ids are read by
+    /// [`Self::finish_step`]. Steps may be launched back to back: each takes its input tokens from the previous
+    /// step's argmax on the device.
+    pub fn launch_step(&mut self) -> Result<()> {
+        let (b, h) = (self.active()?, self.config.hidden);
+        let longest = self.slots[..b].iter().map(|s| s.len).max().unwrap_or(0);
         if longest + 1 > self.config.capacity {
             return Err(EngineError::Plan(format!(
                 "a sequence reached the cache capacity of {} tokens",
@@ -729,7 +781,10 @@ impl<R: Runtime, F: Activation> DecodePlan<R, F> {
         }
         let c = &self.client;
         let a = &self.act;
-        let shape = self.config.attention();
+        let shape = AttentionShape {
+            batch: b,
+            ..self.config.attention()
+        };
         let eps = self.config.eps;
         decode::embed(c, &self.embed, &self.ids, b, h, &a.residual)?;
         for (i, layer) in self.layers.iter().enumerate() {
@@ -778,14 +833,18 @@ impl<R: Runtime, F: Activation> DecodePlan<R, F> {
         decode::add_rms_norm(c, &a.residual, last, &self.norm, b, eps, &a.normed)?;
         self.lm_head.apply(c, &a.normed, b, &a.logits)?;
         decode::argmax_advance(c, &a.logits, b, self.config.vocab, &self.ids, &self.lens)?;
+        for slot in &mut self.slots[..b] {
+            slot.len += 1;
+        }
         Ok(())
     }
 
-    /// Waits for the step launched by [`Self::launch_step`] and returns each slot's next token.
+    /// Waits for the steps launched by [`Self::launch_step`] and returns each admitted slot's next token.
     pub fn finish_step(&mut self) -> Result<Vec<u32>> {
-        let ids = self.ids.read(&self.client)?;
+        let b = self.active()?;
+        let mut ids = self.ids.read(&self.client)?;
+        ids.truncate(b);
         for (slot, &id) in self.slots.iter_mut().zip(&ids) {
-            slot.len += 1;
             slot.token = id;
         }
         Ok(ids)
@@ -798,7 +857,26 @@ impl<R: Runtime, F: Activation> DecodePlan<R, F> {
         self.finish_step()
     }
 
-    /// The logits of the last step, `[batch, vocab]` row-major.
+    /// Puts a sequence of `len` tokens into slot `slot` without writing its cache (the slots keep whatever they
+    /// hold): for benchmarks, whose speed does not depend on the cached values.
+    pub fn admit_unfilled(&mut self, slot: usize, len: usize, token: u32) -> Result<()> {
+        if slot >= self.config.batch || len >= self.config.capacity {
+            return Err(EngineError::Plan(format!(
+                "slot {slot} with {len} tokens in a plan for {} sequences of {} slots",
+                self.config.batch, self.config.capacity
+            )));
+        }
+        self.slots[slot] = Slot {
+            len,
+            delta: 0,
+            token,
+            active: true,
+        };
+        self.upload_slots();
+        Ok(())
+    }
+
+    /// The logits of the last step, `[batch, vocab]` row-major (rows of admitted slots).
     pub fn logits(&self) -> Result<Vec<f32>> {
         let values = self.act.logits.read(&self.client)?;
         Ok(values.into_iter().map(Activation::to_host).collect())

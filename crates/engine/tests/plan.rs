@@ -69,15 +69,18 @@ fn argmax(row: &[f32]) -> u32 {
     best as u32
 }
 
-/// Greedy tokens per case (the plan's) and how many equal transformers'; asserts the first step's logits
-/// against burn's decode of the same token within `tolerance` (relative to the largest logit).
+/// Decodes `slots` sequences together (slot `i` takes case `i % 3`) and returns, per slot, the case and how many
+/// of its 32 greedy tokens equal transformers'; asserts the first step's logits against burn's decode of the same
+/// token within `tolerance` (relative to the largest logit).
 fn run<B: Backend, R: Runtime, F: Activation>(
     model: &QwenVl<B>,
     device: &B::Device,
     client: &ComputeClient<R>,
+    slots: usize,
     tolerance: f32,
 ) -> Vec<(String, usize)> {
-    let cases = cases();
+    let three = cases();
+    let cases: Vec<&Case> = (0..slots).map(|i| &three[i % three.len()]).collect();
     let vocab = model.config.text.vocab_size;
     let capacity = cases.iter().map(|c| c.prompt.len()).max().unwrap() + 40;
     let mut plan = DecodePlan::<R, F>::from_model(client, model, cases.len(), capacity).unwrap();
@@ -169,7 +172,10 @@ fn plan_on_wgpu_decodes_three_prompts_as_transformers() {
     let device = Default::default();
     let model = load_dir::<medvl_model::backend::Cpu>(&fixtures().join("hub"), &device).unwrap();
     let client = WgpuRuntime::client(&WgpuDevice::default());
-    for (case, same) in run::<_, _, f32>(&model, &device, &client, 1e-4) {
+    // 10 sequences: the GEMVs take 8 rows per launch, so this also runs them in two groups.
+    let counts = run::<_, _, f32>(&model, &device, &client, 10, 1e-4);
+    assert_eq!(counts.len(), 10);
+    for (case, same) in counts {
         assert_eq!(same, 32, "{case}");
     }
 }
@@ -187,7 +193,7 @@ fn plan_on_wgpu_runs_nf4_weights_as_burn() {
     assert!(model.text.layers[0].mlp.up_proj.is_quantized());
     let client = WgpuRuntime::client(&WgpuDevice::default());
     // The step's logits are asserted against burn's NF4 decode; NF4 tokens need not be transformers' f32 ones.
-    let counts = run::<_, _, f32>(&model, &device, &client, 1e-4);
+    let counts = run::<_, _, f32>(&model, &device, &client, 3, 1e-4);
     assert_eq!(counts.len(), 3);
 }
 
@@ -204,7 +210,7 @@ mod cuda {
         let model = load_dir::<CudaF32>(&fixtures().join("hub"), &device).unwrap();
         let client = CudaRuntime::client(&CudaDevice::default());
         // burn's CUDA matmuls run in TF32: the plan's f32 GEMVs do not, hence the wider tolerance.
-        for (case, same) in run::<_, _, f32>(&model, &device, &client, 1e-2) {
+        for (case, same) in run::<_, _, f32>(&model, &device, &client, 3, 1e-2) {
             assert_eq!(same, 32, "{case}");
         }
     }
@@ -217,7 +223,7 @@ mod cuda {
         let client = CudaRuntime::client(&CudaDevice::default());
         // bf16: the step's logits within bf16 rounding of burn's; greedy counts are reported (near-ties of a
         // random model, docs/FIDELITY.md).
-        let counts = run::<_, _, half::bf16>(&model, &device, &client, 5e-2);
+        let counts = run::<_, _, half::bf16>(&model, &device, &client, 3, 5e-2);
         assert!(counts.iter().all(|(_, same)| *same >= 1));
     }
 }

@@ -1,0 +1,257 @@
+//! `medvl-bench decode`: the decode plan (`medvl_engine::plan`) of a Qwen2.5-VL decoder with random weights, per
+//! weight format and batch size: weights memory, tokens/s, host time per step.
+//!
+//! Per case, two timings over the same number of steps:
+//! - `step_ms`: one step at a time, reading the tokens back after each (what generation does);
+//! - `pipelined_step_ms`: steps launched back to back (each takes its tokens from the previous step's argmax on
+//!   the device) and read once at the end: the GPU's time per step when the host never makes it wait.
+//!
+//! `host_ms` is the host's time to enqueue one step's launches.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Result, bail};
+use clap::ValueEnum;
+use cubecl::prelude::*;
+use medvl_engine::plan::{DecodePlan, PlanConfig, RandomFormat};
+use medvl_kernels::nf4::Activation;
+use medvl_model::QwenVlConfig;
+use serde::Serialize;
+
+use crate::{ActivationKind, RuntimeKind, write_atomic};
+
+#[derive(clap::Args)]
+pub struct DecodeArgs {
+    /// Where to run.
+    #[arg(long, value_enum, default_value = "cuda")]
+    runtime: RuntimeKind,
+    /// The card's name, recorded in the report.
+    #[arg(long, default_value = "unknown")]
+    card: String,
+    /// The git commit the binary was built from, recorded in the report.
+    #[arg(long, default_value = "unknown")]
+    commit: String,
+    /// Write the report here (JSON).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Model sizes.
+    #[arg(long, value_enum, default_value = "7b")]
+    model: ModelSize,
+    /// Weight formats, comma-separated.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "dense,nf4,nf4-lm-head"
+    )]
+    formats: Vec<Format>,
+    /// Batch sizes, comma-separated (at most 32).
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+    batches: Vec<usize>,
+    /// Tokens already cached per sequence when timing starts (a page: 1,260 image tokens plus the prompt).
+    #[arg(long, default_value_t = 1300)]
+    context: usize,
+    /// Steps timed per case.
+    #[arg(long, default_value_t = 64)]
+    steps: usize,
+    /// Activation type.
+    #[arg(long, value_enum, default_value = "bf16")]
+    activations: ActivationKind,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ModelSize {
+    /// Qwen2.5-VL-7B's decoder.
+    #[value(name = "7b")]
+    Q7b,
+    /// Qwen2.5-VL-3B's decoder.
+    #[value(name = "3b")]
+    Q3b,
+    /// A 2-layer toy decoder (smoke runs on software drivers).
+    Toy,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+enum Format {
+    /// Every weight dense in the activation type (bf16 unless `--activations f32`).
+    Dense,
+    /// Decoder projections NF4 (blocksize 64, double quantization), embedding and lm_head dense: what
+    /// transformers + bitsandbytes `load_in_4bit` does.
+    Nf4,
+    /// As `nf4`, with the lm_head NF4 too.
+    Nf4LmHead,
+}
+
+impl Format {
+    fn formats(self) -> (RandomFormat, RandomFormat) {
+        match self {
+            Self::Dense => (RandomFormat::Dense, RandomFormat::Dense),
+            Self::Nf4 => (RandomFormat::Nf4, RandomFormat::Dense),
+            Self::Nf4LmHead => (RandomFormat::Nf4, RandomFormat::Nf4),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct Case {
+    format: Format,
+    batch: usize,
+    context: usize,
+    steps: usize,
+    weights_mb: f64,
+    device_in_use_mb: f64,
+    device_reserved_mb: f64,
+    step_ms: f64,
+    tokens_per_s: f64,
+    host_ms: f64,
+    pipelined_step_ms: f64,
+    pipelined_tokens_per_s: f64,
+}
+
+#[derive(Serialize)]
+struct Report {
+    card: String,
+    runtime: &'static str,
+    activations: &'static str,
+    git_commit: String,
+    model: &'static str,
+    cases: Vec<Case>,
+}
+
+pub fn run(args: &DecodeArgs) -> Result<()> {
+    match (args.runtime, args.activations) {
+        #[cfg(feature = "cuda")]
+        (RuntimeKind::Cuda, ActivationKind::Bf16) => {
+            run_in::<cubecl::cuda::CudaRuntime, half::bf16>(args, "cuda", "bf16")
+        }
+        #[cfg(feature = "cuda")]
+        (RuntimeKind::Cuda, ActivationKind::F32) => {
+            run_in::<cubecl::cuda::CudaRuntime, f32>(args, "cuda", "f32")
+        }
+        #[cfg(feature = "wgpu")]
+        (RuntimeKind::Wgpu, ActivationKind::F32) => {
+            run_in::<cubecl::wgpu::WgpuRuntime, f32>(args, "wgpu", "f32")
+        }
+        #[allow(unreachable_patterns)]
+        _ => bail!(
+            "this build has no such runtime and activation pair (wgpu runs f32 only; rebuild with \
+             `--features cuda` or `--features wgpu`)"
+        ),
+    }
+}
+
+fn config(model: ModelSize, batch: usize, capacity: usize) -> (PlanConfig, &'static str) {
+    let text = match model {
+        ModelSize::Q7b => QwenVlConfig::qwen2_5_vl_7b().text,
+        ModelSize::Q3b => QwenVlConfig::qwen2_5_vl_3b().text,
+        ModelSize::Toy => {
+            let mut text = QwenVlConfig::qwen2_5_vl_3b().text;
+            text.num_hidden_layers = 2;
+            text.vocab_size = 4096;
+            text
+        }
+    };
+    let name = match model {
+        ModelSize::Q7b => "Qwen2.5-VL-7B decoder",
+        ModelSize::Q3b => "Qwen2.5-VL-3B decoder",
+        ModelSize::Toy => "toy (2 layers of the 3B)",
+    };
+    (PlanConfig::new(&text, batch, capacity), name)
+}
+
+fn run_in<R: Runtime, F: Activation>(
+    args: &DecodeArgs,
+    runtime: &'static str,
+    activations: &'static str,
+) -> Result<()> {
+    let client = R::client(&Default::default());
+    let max_batch = args.batches.iter().copied().max().unwrap_or(1);
+    let warmup = 3;
+    let capacity = args.context + warmup + 2 * args.steps + 1;
+    let (config, model) = config(args.model, max_batch, capacity);
+    let mb = |bytes: u64| bytes as f64 / 1e6;
+    let mut cases = Vec::new();
+    println!(
+        "{model}, {activations} activations, {} cached tokens per sequence\n\n| weights | batch | weights MB | device MB in use | step ms | tokens/s | host ms/step | pipelined step ms | pipelined tokens/s |\n|---|---|---|---|---|---|---|---|---|",
+        args.context
+    );
+    for &format in &args.formats {
+        let (layers, head) = format.formats();
+        let mut plan = DecodePlan::<R, F>::random(&client, config, layers, head, 7)?;
+        let usage = client
+            .memory_usage()
+            .map_err(|e| anyhow::anyhow!("memory usage: {e:?}"))?;
+        for &batch in &args.batches {
+            for slot in 0..config.batch {
+                plan.release(slot);
+            }
+            for slot in 0..batch {
+                plan.admit_unfilled(slot, args.context, slot as u32)?;
+            }
+            for _ in 0..warmup {
+                plan.step()?;
+            }
+            let mut host_s = 0.0;
+            let start = Instant::now();
+            for _ in 0..args.steps {
+                let launch = Instant::now();
+                plan.launch_step()?;
+                host_s += launch.elapsed().as_secs_f64();
+                plan.finish_step()?;
+            }
+            let step_s = start.elapsed().as_secs_f64() / args.steps as f64;
+            let start = Instant::now();
+            for _ in 0..args.steps {
+                plan.launch_step()?;
+            }
+            plan.finish_step()?;
+            let pipelined_s = start.elapsed().as_secs_f64() / args.steps as f64;
+            let case = Case {
+                format,
+                batch,
+                context: args.context,
+                steps: args.steps,
+                weights_mb: mb(plan.weight_bytes() as u64),
+                device_in_use_mb: mb(usage.bytes_in_use),
+                device_reserved_mb: mb(usage.bytes_reserved),
+                step_ms: step_s * 1e3,
+                tokens_per_s: batch as f64 / step_s,
+                host_ms: host_s * 1e3 / args.steps as f64,
+                pipelined_step_ms: pipelined_s * 1e3,
+                pipelined_tokens_per_s: batch as f64 / pipelined_s,
+            };
+            println!(
+                "| {} | {batch} | {:.0} | {:.0} | {:.2} | {:.1} | {:.2} | {:.2} | {:.1} |",
+                format
+                    .to_possible_value()
+                    .map(|v| v.get_name().to_string())
+                    .unwrap_or_default(),
+                case.weights_mb,
+                case.device_in_use_mb,
+                case.step_ms,
+                case.tokens_per_s,
+                case.host_ms,
+                case.pipelined_step_ms,
+                case.pipelined_tokens_per_s
+            );
+            cases.push(case);
+        }
+        drop(plan);
+        client.memory_cleanup();
+    }
+    let report = Report {
+        card: args.card.clone(),
+        runtime,
+        activations,
+        git_commit: args.commit.clone(),
+        model,
+        cases,
+    };
+    if let Some(out) = &args.out {
+        write_atomic(out, &serde_json::to_vec_pretty(&report)?)?;
+        println!("wrote {}", out.display());
+    }
+    Ok(())
+}
