@@ -16,7 +16,13 @@ use crate::{Buffer, KernelError};
 const PLANES: u32 = 4;
 
 /// Cache positions one attention cube covers; longer caches are split over several cubes and combined.
-pub const ATTENTION_CHUNK: usize = 128;
+pub const ATTENTION_CHUNK: usize = 64;
+
+/// Planes per attention cube (each takes every 8th position of the cube's chunk).
+const ATTENTION_PLANES: u32 = 8;
+
+/// Partial results per row of the first argmax stage.
+const ARGMAX_GROUPS: usize = 64;
 
 /// Most activation rows one dense GEMV launch multiplies.
 pub const MAX_DENSE_BATCH: usize = 8;
@@ -177,6 +183,10 @@ pub fn add_rms_norm<R: Runtime, F: Activation>(
     if let Some(delta) = delta {
         delta.check("delta", batch * hidden)?;
     }
+    // Up to 1024 units per row: one row per cube leaves most of the GPU idle, so each unit should take few
+    // values.
+    let plane = plane_size(client);
+    let planes = (1024 / plane).clamp(1, 32);
     // SAFETY: every index is below `batch * hidden`, checked above for each array (`delta` is not read when
     // absent; the residual stands in for it).
     #[allow(unsafe_code)]
@@ -184,7 +194,7 @@ pub fn add_rms_norm<R: Runtime, F: Activation>(
         add_rms_norm_kernel::launch_unchecked::<F, R>(
             client,
             CubeCount::Static(batch as u32, 1, 1),
-            row_cube(client),
+            CubeDim::new_2d(plane, planes),
             residual.array_arg(),
             delta.unwrap_or(residual).array_arg(),
             weight.array_arg(),
@@ -192,7 +202,7 @@ pub fn add_rms_norm<R: Runtime, F: Activation>(
             hidden as u32,
             eps,
             delta.is_some(),
-            PLANES as usize,
+            planes as usize,
         );
     }
     Ok(())
@@ -376,7 +386,7 @@ pub fn attend<R: Runtime, F: Activation>(
         attend_split_kernel::launch_unchecked::<F, R>(
             client,
             CubeCount::Static(splits as u32, heads as u32, batch as u32),
-            row_cube(client),
+            CubeDim::new_2d(plane_size(client), ATTENTION_PLANES),
             q.array_arg(),
             k_cache.array_arg(),
             v_cache.array_arg(),
@@ -389,6 +399,8 @@ pub fn attend<R: Runtime, F: Activation>(
             scale,
             ATTENTION_CHUNK,
             MAX_HEAD_DIM,
+            head_dim.div_ceil(plane_size(client) as usize),
+            ATTENTION_PLANES as usize,
         );
         attend_combine_kernel::launch_unchecked::<F, R>(
             client,
@@ -432,31 +444,65 @@ pub fn silu_mul<R: Runtime, F: Activation>(
     Ok(())
 }
 
+/// Scratch space of the two-stage argmax: per row, the best value and index of each group of the vocabulary.
+pub struct ArgmaxScratch {
+    values: Buffer<f32>,
+    indices: Buffer<u32>,
+}
+
+impl ArgmaxScratch {
+    /// Scratch for up to `batch` rows.
+    pub fn new<R: Runtime>(client: &ComputeClient<R>, batch: usize) -> Self {
+        Self {
+            values: Buffer::empty(client, batch * ARGMAX_GROUPS),
+            indices: Buffer::empty(client, batch * ARGMAX_GROUPS),
+        }
+    }
+}
+
 /// Greedy decoding: `ids[b]` = the first index of the largest of `logits[b]` (`[batch, vocab]`), and `lens[b]`
-/// moves one slot on (the step's token is now cached).
+/// moves one slot on (the step's token is now cached). Two launches: groups of the vocabulary in parallel, then
+/// one cube per row over the groups' winners.
 pub fn argmax_advance<R: Runtime, F: Activation>(
     client: &ComputeClient<R>,
     logits: &Buffer<F>,
     batch: usize,
     vocab: usize,
+    scratch: &ArgmaxScratch,
     ids: &Buffer<u32>,
     lens: &Buffer<u32>,
 ) -> Result<(), KernelError> {
     logits.check("logits", batch * vocab)?;
     ids.check("ids", batch)?;
     lens.check("lens", batch)?;
-    // SAFETY: indices below `batch * vocab` and `batch`, checked above.
+    scratch
+        .values
+        .check("argmax scratch", batch * ARGMAX_GROUPS)?;
+    let plane = plane_size(client);
+    let planes = (256 / plane).clamp(1, 32);
+    // SAFETY: indices below `batch * vocab`, `batch * ARGMAX_GROUPS` and `batch`, checked above.
     #[allow(unsafe_code)]
     unsafe {
-        argmax_kernel::launch_unchecked::<F, R>(
+        argmax_partial_kernel::launch_unchecked::<F, R>(
+            client,
+            CubeCount::Static(ARGMAX_GROUPS as u32, batch as u32, 1),
+            CubeDim::new_2d(plane, planes),
+            logits.array_arg(),
+            scratch.values.array_arg(),
+            scratch.indices.array_arg(),
+            vocab as u32,
+            planes as usize,
+        );
+        argmax_final_kernel::launch_unchecked::<R>(
             client,
             CubeCount::Static(batch as u32, 1, 1),
-            CubeDim::new_2d(plane_size(client), 8),
-            logits.array_arg(),
+            CubeDim::new_2d(plane, (ARGMAX_GROUPS as u32).div_ceil(plane).max(1)),
+            scratch.values.array_arg(),
+            scratch.indices.array_arg(),
             ids.array_arg(),
             lens.array_arg(),
-            vocab as u32,
-            8,
+            ARGMAX_GROUPS as u32,
+            (ARGMAX_GROUPS as u32).div_ceil(plane).max(1) as usize,
         );
     }
     Ok(())
@@ -675,6 +721,8 @@ fn attend_split_kernel<F: Float>(
     scale: f32,
     #[comptime] chunk: usize,
     #[comptime] max_head_dim: usize,
+    #[comptime] lane_dims: usize,
+    #[comptime] planes: usize,
 ) {
     let split = CUBE_POS_X;
     let h = CUBE_POS_Y;
@@ -692,48 +740,90 @@ fn attend_split_kernel<F: Float>(
     }
     let kvh = h / (heads / kv_heads);
     let mut query = SharedMemory::<f32>::new(max_head_dim);
-    let mut scores = SharedMemory::<f32>::new(chunk);
     for d in range_stepped(UNIT_POS, head_dim, CUBE_DIM) {
         query[d as usize] = f32::cast_from(q[((b * heads + h) * head_dim + d) as usize]) * scale;
     }
     sync_cube();
     let first = (b * kv_heads + kvh) * capacity + start;
-    // Scores: each plane takes every `planes`-th position, its lanes split the head dimension.
-    for j in range_stepped(UNIT_POS_Y, count, CUBE_DIM_Y) {
-        let key = (first + j) * head_dim;
+    let lane = UNIT_POS_X;
+    let plane = UNIT_POS_Y;
+    let width = CUBE_DIM_X;
+    // Each plane runs an online softmax over every `planes`-th position of the chunk; lane `i` holds dimensions
+    // `i, i + width, ...` of the weighted sum of values.
+    let mut acc = Array::<f32>::new(lane_dims);
+    #[unroll]
+    for t in 0..lane_dims {
+        acc[t] = 0.0;
+    }
+    let mut max = f32::min_value();
+    let mut sum = 0.0f32;
+    for j in range_stepped(plane, count, CUBE_DIM_Y) {
+        let row = (first + j) * head_dim;
         let mut dot = 0.0f32;
-        for d in range_stepped(UNIT_POS_X, head_dim, CUBE_DIM_X) {
-            dot += query[d as usize] * f32::cast_from(k_cache[(key + d) as usize]);
+        #[unroll]
+        for t in 0..lane_dims {
+            let d = lane + comptime!(t as u32) * width;
+            if d < head_dim {
+                dot += query[d as usize] * f32::cast_from(k_cache[(row + d) as usize]);
+            }
         }
-        let total = plane_sum(dot);
-        if UNIT_POS_X == 0 {
-            scores[j as usize] = total;
+        let score = plane_sum(dot);
+        let mut next = max;
+        if score > next {
+            next = score;
+        }
+        let rescale = f32::exp(max - next);
+        let weight = f32::exp(score - next);
+        sum = sum * rescale + weight;
+        #[unroll]
+        for t in 0..lane_dims {
+            let d = lane + comptime!(t as u32) * width;
+            if d < head_dim {
+                acc[t] = acc[t] * rescale + weight * f32::cast_from(v_cache[(row + d) as usize]);
+            }
+        }
+        max = next;
+    }
+    // The planes' partial softmaxes combined through shared memory.
+    let mut plane_max = SharedMemory::<f32>::new(planes);
+    let mut plane_sums = SharedMemory::<f32>::new(planes);
+    let mut plane_out = SharedMemory::<f32>::new(comptime!(planes * max_head_dim));
+    if lane == 0 {
+        plane_max[plane as usize] = max;
+        plane_sums[plane as usize] = sum;
+    }
+    #[unroll]
+    for t in 0..lane_dims {
+        let d = lane + comptime!(t as u32) * width;
+        if d < head_dim {
+            plane_out[plane as usize * max_head_dim + d as usize] = acc[t];
         }
     }
     sync_cube();
-    let mut max = f32::min_value();
-    for j in 0..count {
-        let s = scores[j as usize];
-        if s > max {
-            max = s;
+    let mut top = f32::min_value();
+    #[unroll]
+    for p in 0..planes {
+        if plane_max[p] > top {
+            top = plane_max[p];
         }
     }
-    let row = (b * heads + h) * splits + split;
+    let out_row = (b * heads + h) * splits + split;
     for d in range_stepped(UNIT_POS, head_dim, CUBE_DIM) {
-        let mut acc = 0.0f32;
-        for j in 0..count {
-            let p = f32::exp(scores[j as usize] - max);
-            acc += p * f32::cast_from(v_cache[((first + j) * head_dim + d) as usize]);
+        let mut o = 0.0f32;
+        #[unroll]
+        for p in 0..planes {
+            o += plane_out[p * max_head_dim + d as usize] * f32::exp(plane_max[p] - top);
         }
-        part_out[(row * head_dim + d) as usize] = acc;
+        part_out[(out_row * head_dim + d) as usize] = o;
     }
     if UNIT_POS == 0 {
-        let mut sum = 0.0f32;
-        for j in 0..count {
-            sum += f32::exp(scores[j as usize] - max);
+        let mut total = 0.0f32;
+        #[unroll]
+        for p in 0..planes {
+            total += plane_sums[p] * f32::exp(plane_max[p] - top);
         }
-        part_stats[(row * 2) as usize] = max;
-        part_stats[(row * 2 + 1) as usize] = sum;
+        part_stats[(out_row * 2) as usize] = top;
+        part_stats[(out_row * 2 + 1) as usize] = total;
     }
 }
 
@@ -781,26 +871,10 @@ fn silu_mul_kernel<F: Float>(gate: &Array<F>, up: &Array<F>, out: &mut Array<F>,
     }
 }
 
-#[cube(launch_unchecked)]
-fn argmax_kernel<F: Float>(
-    logits: &Array<F>,
-    ids: &mut Array<u32>,
-    lens: &mut Array<u32>,
-    vocab: u32,
-    #[comptime] planes: usize,
-) {
-    let b = CUBE_POS_X;
+/// The index of the cube's best `(value, index)` (the smallest index among equal values), in every unit.
+#[cube]
+fn cube_argmax(best: f32, index: u32, #[comptime] planes: usize) -> u32 {
     let none = u32::max_value();
-    let mut best = f32::min_value();
-    let mut index = u32::max_value();
-    // Ascending with a strict comparison: each unit keeps the first of its ties.
-    for i in range_stepped(UNIT_POS, vocab, CUBE_DIM) {
-        let value = f32::cast_from(logits[(b * vocab + i) as usize]);
-        if value > best {
-            best = value;
-            index = i;
-        }
-    }
     let plane_best = plane_max(best);
     let candidate = if best == plane_best { index } else { none };
     let plane_index = plane_min(candidate);
@@ -811,18 +885,81 @@ fn argmax_kernel<F: Float>(
         indices[UNIT_POS_Y as usize] = plane_index;
     }
     sync_cube();
-    if UNIT_POS == 0 {
-        let mut top = values[0];
-        let mut at = indices[0];
-        #[unroll]
-        for p in 1..planes {
-            let value = values[p];
-            if value > top || (value == top && indices[p] < at) {
-                top = value;
-                at = indices[p];
-            }
+    let mut top = values[0];
+    let mut at = indices[0];
+    #[unroll]
+    for p in 1..planes {
+        let value = values[p];
+        if value > top || (value == top && indices[p] < at) {
+            top = value;
+            at = indices[p];
         }
-        if at == none {
+    }
+    at
+}
+
+#[cube(launch_unchecked)]
+fn argmax_partial_kernel<F: Float>(
+    logits: &Array<F>,
+    part_values: &mut Array<f32>,
+    part_indices: &mut Array<u32>,
+    vocab: u32,
+    #[comptime] planes: usize,
+) {
+    let group = CUBE_POS_X;
+    let groups = CUBE_COUNT_X;
+    let b = CUBE_POS_Y;
+    let per = vocab.div_ceil(groups);
+    let start = group * per;
+    let mut end = start + per;
+    if end > vocab {
+        end = vocab;
+    }
+    let mut best = f32::min_value();
+    let mut index = u32::max_value();
+    // Ascending with a strict comparison: each unit keeps the first of its ties.
+    for i in range_stepped(start + UNIT_POS, end, CUBE_DIM) {
+        let value = f32::cast_from(logits[(b * vocab + i) as usize]);
+        if value > best {
+            best = value;
+            index = i;
+        }
+    }
+    let at = cube_argmax(best, index, planes);
+    if UNIT_POS == 0 {
+        let slot = (b * groups + group) as usize;
+        part_indices[slot] = at;
+        if at == u32::max_value() {
+            part_values[slot] = f32::min_value();
+        } else {
+            part_values[slot] = f32::cast_from(logits[(b * vocab + at) as usize]);
+        }
+    }
+}
+
+#[cube(launch_unchecked)]
+fn argmax_final_kernel(
+    part_values: &Array<f32>,
+    part_indices: &Array<u32>,
+    ids: &mut Array<u32>,
+    lens: &mut Array<u32>,
+    groups: u32,
+    #[comptime] planes: usize,
+) {
+    let b = CUBE_POS_X;
+    let mut best = f32::min_value();
+    let mut index = u32::max_value();
+    for g in range_stepped(UNIT_POS, groups, CUBE_DIM) {
+        let value = part_values[(b * groups + g) as usize];
+        let at = part_indices[(b * groups + g) as usize];
+        if value > best || (value == best && at < index) {
+            best = value;
+            index = at;
+        }
+    }
+    let mut at = cube_argmax(best, index, planes);
+    if UNIT_POS == 0 {
+        if at == u32::max_value() {
             at = 0;
         }
         ids[b as usize] = at;

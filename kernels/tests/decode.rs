@@ -147,11 +147,13 @@ fn argmax_takes_the_first_of_ties<R: Runtime, F: Activation>(client: &ComputeCli
     logits[vocab + 12] = -2.0;
     let ids = Buffer::from_slice(client, &[9u32, 9]);
     let lens = Buffer::from_slice(client, &[10u32, 20]);
+    let scratch = decode::ArgmaxScratch::new(client, 2);
     decode::argmax_advance(
         client,
         &upload::<R, F>(client, &logits),
         2,
         vocab,
+        &scratch,
         &ids,
         &lens,
     )

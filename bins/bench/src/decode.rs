@@ -14,12 +14,12 @@ use std::time::Instant;
 use anyhow::{Result, bail};
 use clap::ValueEnum;
 use cubecl::prelude::*;
-use medvl_engine::plan::{DecodePlan, PlanConfig, RandomFormat};
+use medvl_engine::plan::{DecodePlan, OpTime, PlanConfig, RandomFormat};
 use medvl_kernels::nf4::Activation;
 use medvl_model::QwenVlConfig;
 use serde::Serialize;
 
-use crate::{ActivationKind, RuntimeKind, write_atomic};
+use crate::{ActivationKind, CopyProbe, RuntimeKind, write_atomic};
 
 #[derive(clap::Args)]
 pub struct DecodeArgs {
@@ -58,6 +58,9 @@ pub struct DecodeArgs {
     /// Activation type.
     #[arg(long, value_enum, default_value = "bf16")]
     activations: ActivationKind,
+    /// Bytes the copy probe moves each way (GiB).
+    #[arg(long, default_value_t = 1.0)]
+    copy_gib: f64,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -108,6 +111,8 @@ struct Case {
     host_ms: f64,
     pipelined_step_ms: f64,
     pipelined_tokens_per_s: f64,
+    /// Each operation timed alone (`DecodePlan::profile`).
+    ops: Vec<OpTime>,
 }
 
 #[derive(Serialize)]
@@ -117,6 +122,7 @@ struct Report {
     activations: &'static str,
     git_commit: String,
     model: &'static str,
+    copy_gb_per_s: f64,
     cases: Vec<Case>,
 }
 
@@ -167,6 +173,8 @@ fn run_in<R: Runtime, F: Activation>(
     activations: &'static str,
 ) -> Result<()> {
     let client = R::client(&Default::default());
+    let copy_gb_per_s = CopyProbe::measure(&client, args.copy_gib)?.gb_per_s;
+    client.memory_cleanup();
     let max_batch = args.batches.iter().copied().max().unwrap_or(1);
     let warmup = 3;
     let capacity = args.context + warmup + 2 * args.steps + 1;
@@ -208,6 +216,7 @@ fn run_in<R: Runtime, F: Activation>(
             }
             plan.finish_step()?;
             let pipelined_s = start.elapsed().as_secs_f64() / args.steps as f64;
+            let ops = plan.profile(20)?;
             let case = Case {
                 format,
                 batch,
@@ -221,6 +230,7 @@ fn run_in<R: Runtime, F: Activation>(
                 host_ms: host_s * 1e3 / args.steps as f64,
                 pipelined_step_ms: pipelined_s * 1e3,
                 pipelined_tokens_per_s: batch as f64 / pipelined_s,
+                ops,
             };
             println!(
                 "| {} | {batch} | {:.0} | {:.0} | {:.2} | {:.1} | {:.2} | {:.2} | {:.1} |",
@@ -238,6 +248,38 @@ fn run_in<R: Runtime, F: Activation>(
             );
             cases.push(case);
         }
+        // Where the time of a step goes, per operation (first batch size).
+        if let Some(case) = cases
+            .iter()
+            .rev()
+            .find(|c| c.format == format && c.batch == args.batches[0])
+        {
+            println!(
+                "\n  per operation, batch {}: | op | us per launch | launches per step | ms per step | weight GB/s | of copy |",
+                case.batch
+            );
+            for op in &case.ops {
+                let gb_per_s = op.weight_bytes as f64 / op.us / 1e3;
+                println!(
+                    "  | {} | {:.1} | {} | {:.3} | {} | {} |",
+                    op.op,
+                    op.us,
+                    op.per_step,
+                    op.us * op.per_step as f64 / 1e3,
+                    if op.weight_bytes > 0 {
+                        format!("{gb_per_s:.0}")
+                    } else {
+                        "-".into()
+                    },
+                    if op.weight_bytes > 0 {
+                        format!("{:.0}%", 100.0 * gb_per_s / copy_gb_per_s)
+                    } else {
+                        "-".into()
+                    },
+                );
+            }
+            println!();
+        }
         drop(plan);
         client.memory_cleanup();
     }
@@ -247,6 +289,7 @@ fn run_in<R: Runtime, F: Activation>(
         activations,
         git_commit: args.commit.clone(),
         model,
+        copy_gb_per_s,
         cases,
     };
     if let Some(out) = &args.out {

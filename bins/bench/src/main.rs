@@ -195,27 +195,12 @@ fn kernels_in<R: Runtime, F: nf4::Activation>(
     let client = R::client(&Default::default());
     let mut rng = ChaCha8Rng::seed_from_u64(0);
 
-    // Copy bandwidth (read + write counted), and the copy's own time for the queued measurements.
-    let copy_len = ((args.copy_gib * (1u64 << 30) as f64) as usize / 16) * 4;
-    let src = Buffer::<u32>::from_slice(&client, &vec![1u32; copy_len]);
-    let dst = Buffer::<u32>::empty(&client, copy_len);
-    let time_copy = |reps: usize| -> Result<f64> {
-        sync(&client)?;
-        let start = Instant::now();
-        for _ in 0..reps {
-            probe::copy(&client, &src, &dst)?;
-        }
-        sync(&client)?;
-        Ok(start.elapsed().as_secs_f64() / reps as f64)
-    };
-    time_copy(3)?;
-    let copy_s = median((0..5).map(|_| time_copy(4)).collect::<Result<_>>()?);
-    let copy_gb_per_s = 2.0 * (copy_len * 4) as f64 / copy_s / 1e9;
-    println!(
-        "copy probe: {:.2} GiB each way in {:.3} ms = {copy_gb_per_s:.0} GB/s (read + write)",
-        args.copy_gib,
-        copy_s * 1e3
-    );
+    let CopyProbe {
+        src,
+        dst,
+        seconds: copy_s,
+        gb_per_s: copy_gb_per_s,
+    } = CopyProbe::measure(&client, args.copy_gib)?;
 
     let shapes: Vec<_> = if args.quick {
         SHAPES.iter().filter(|s| s.1 * s.2 < 20_000_000).collect()
@@ -312,6 +297,47 @@ fn kernels_in<R: Runtime, F: nf4::Activation>(
         println!("wrote {}", out.display());
     }
     Ok(())
+}
+
+/// The card's copy bandwidth (read + write counted), measured with a CubeCL copy kernel; the buffers stay for
+/// measurements queued behind copies.
+pub(crate) struct CopyProbe {
+    src: Buffer<u32>,
+    dst: Buffer<u32>,
+    /// One copy's time.
+    seconds: f64,
+    /// Bytes read and written per second / 1e9.
+    pub(crate) gb_per_s: f64,
+}
+
+impl CopyProbe {
+    pub(crate) fn measure<R: Runtime>(client: &ComputeClient<R>, gib: f64) -> Result<Self> {
+        let len = ((gib * (1u64 << 30) as f64) as usize / 16) * 4;
+        let src = Buffer::<u32>::from_slice(client, &vec![1u32; len]);
+        let dst = Buffer::<u32>::empty(client, len);
+        let time_copy = |reps: usize| -> Result<f64> {
+            sync(client)?;
+            let start = Instant::now();
+            for _ in 0..reps {
+                probe::copy(client, &src, &dst)?;
+            }
+            sync(client)?;
+            Ok(start.elapsed().as_secs_f64() / reps as f64)
+        };
+        time_copy(3)?;
+        let seconds = median((0..5).map(|_| time_copy(4)).collect::<Result<_>>()?);
+        let gb_per_s = 2.0 * (len * 4) as f64 / seconds / 1e9;
+        println!(
+            "copy probe: {gib:.2} GiB each way in {:.3} ms = {gb_per_s:.0} GB/s (read + write)",
+            seconds * 1e3
+        );
+        Ok(Self {
+            src,
+            dst,
+            seconds,
+            gb_per_s,
+        })
+    }
 }
 
 /// Writes through a temporary file in the same directory and renames it over `path`.

@@ -13,7 +13,9 @@
 //! of different lengths decode together, one token each per step.
 
 use cubecl::prelude::{ComputeClient, Runtime};
-use medvl_kernels::decode::{self, AttentionScratch, AttentionShape, DenseMatrix, MAX_DENSE_BATCH};
+use medvl_kernels::decode::{
+    self, ArgmaxScratch, AttentionScratch, AttentionShape, DenseMatrix, MAX_DENSE_BATCH,
+};
 use medvl_kernels::nf4::{self, Activation, MAX_BATCH, Nf4Matrix};
 use medvl_kernels::{Buffer, KernelError};
 use medvl_model::layers::{Linear, LinearWeight};
@@ -99,7 +101,7 @@ impl PlanConfig {
                 self.batch
             )));
         }
-        if self.capacity == 0 || self.heads * self.head_dim == 0 {
+        if self.capacity == 0 || self.heads * self.head_dim == 0 || self.layers == 0 {
             return Err(EngineError::Plan(format!("empty shapes in {self:?}")));
         }
         Ok(())
@@ -528,6 +530,81 @@ impl Prefilled {
     }
 }
 
+/// One operation of the decode step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Op {
+    Embed,
+    InputNorm,
+    Q,
+    K,
+    V,
+    Rope,
+    Attention,
+    O,
+    PostNorm,
+    Gate,
+    Up,
+    SiluMul,
+    Down,
+    FinalNorm,
+    LmHead,
+    Argmax,
+}
+
+impl Op {
+    /// A decoder layer's operations, in order.
+    const LAYER: &'static [Op] = &[
+        Op::InputNorm,
+        Op::Q,
+        Op::K,
+        Op::V,
+        Op::Rope,
+        Op::Attention,
+        Op::O,
+        Op::PostNorm,
+        Op::Gate,
+        Op::Up,
+        Op::SiluMul,
+        Op::Down,
+    ];
+    /// After the layers.
+    const HEAD: &'static [Op] = &[Op::FinalNorm, Op::LmHead, Op::Argmax];
+
+    fn name(self) -> &'static str {
+        match self {
+            Op::Embed => "embed",
+            Op::InputNorm => "input add+norm",
+            Op::Q => "q_proj",
+            Op::K => "k_proj",
+            Op::V => "v_proj",
+            Op::Rope => "bias+rope+append",
+            Op::Attention => "attention",
+            Op::O => "o_proj",
+            Op::PostNorm => "post add+norm",
+            Op::Gate => "gate_proj",
+            Op::Up => "up_proj",
+            Op::SiluMul => "silu*up",
+            Op::Down => "down_proj",
+            Op::FinalNorm => "final add+norm",
+            Op::LmHead => "lm_head",
+            Op::Argmax => "argmax",
+        }
+    }
+}
+
+/// The time of one operation of the step ([`DecodePlan::profile`]).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct OpTime {
+    /// Which operation.
+    pub op: &'static str,
+    /// Microseconds per launch.
+    pub us: f64,
+    /// Launches per step.
+    pub per_step: usize,
+    /// Weight bytes one launch reads (0 for operations without weights).
+    pub weight_bytes: usize,
+}
+
 /// Host-side state of one sequence slot.
 #[derive(Debug, Clone, Copy, Default)]
 struct Slot {
@@ -547,6 +624,7 @@ pub struct DecodePlan<R: Runtime, F: Activation> {
     lm_head: Matrix<F>,
     inv_freq: Buffer<f32>,
     scratch: AttentionScratch,
+    argmax: ArgmaxScratch,
     act: Activations<F>,
     lens: Buffer<u32>,
     deltas: Buffer<i32>,
@@ -600,6 +678,7 @@ impl<R: Runtime, F: Activation> DecodePlan<R, F> {
             lm_head: Matrix::upload(client, lm_head, "lm_head", [config.vocab, h])?,
             inv_freq: Buffer::from_slice(client, &inv_freq),
             scratch: AttentionScratch::new(client, config.attention()),
+            argmax: ArgmaxScratch::new(client, b),
             act: Activations {
                 residual: empty(h),
                 normed: empty(h),
@@ -771,7 +850,7 @@ impl<R: Runtime, F: Activation> DecodePlan<R, F> {
     /// [`Self::finish_step`]. Steps may be launched back to back: each takes its input tokens from the previous
     /// step's argmax on the device.
     pub fn launch_step(&mut self) -> Result<()> {
-        let (b, h) = (self.active()?, self.config.hidden);
+        let b = self.active()?;
         let longest = self.slots[..b].iter().map(|s| s.len).max().unwrap_or(0);
         if longest + 1 > self.config.capacity {
             return Err(EngineError::Plan(format!(
@@ -779,64 +858,148 @@ impl<R: Runtime, F: Activation> DecodePlan<R, F> {
                 self.config.capacity
             )));
         }
+        self.launch_op(Op::Embed, 0, b, longest)?;
+        for layer in 0..self.layers.len() {
+            for &op in Op::LAYER {
+                self.launch_op(op, layer, b, longest)?;
+            }
+        }
+        for &op in Op::HEAD {
+            self.launch_op(op, 0, b, longest)?;
+        }
+        for slot in &mut self.slots[..b] {
+            slot.len += 1;
+        }
+        Ok(())
+    }
+
+    /// Launches one operation of the step (of decoder layer `layer` where it belongs to one) for `b` sequences
+    /// of which the longest holds `longest` tokens before this step.
+    fn launch_op(&self, op: Op, layer: usize, b: usize, longest: usize) -> Result<()> {
         let c = &self.client;
         let a = &self.act;
+        let l = &self.layers[layer.min(self.layers.len().saturating_sub(1))];
         let shape = AttentionShape {
             batch: b,
             ..self.config.attention()
         };
         let eps = self.config.eps;
-        decode::embed(c, &self.embed, &self.ids, b, h, &a.residual)?;
-        for (i, layer) in self.layers.iter().enumerate() {
-            let delta = (i > 0).then_some(&a.down);
-            decode::add_rms_norm(c, &a.residual, delta, &layer.input_norm, b, eps, &a.normed)?;
-            layer.q.apply(c, &a.normed, b, &a.q)?;
-            layer.k.apply(c, &a.normed, b, &a.k)?;
-            layer.v.apply(c, &a.normed, b, &a.v)?;
-            decode::rope_append(
+        let delta = (layer > 0).then_some(&a.down);
+        match op {
+            Op::Embed => decode::embed(
+                c,
+                &self.embed,
+                &self.ids,
+                b,
+                self.config.hidden,
+                &a.residual,
+            )?,
+            Op::InputNorm => {
+                decode::add_rms_norm(c, &a.residual, delta, &l.input_norm, b, eps, &a.normed)?
+            }
+            Op::Q => l.q.apply(c, &a.normed, b, &a.q)?,
+            Op::K => l.k.apply(c, &a.normed, b, &a.k)?,
+            Op::V => l.v.apply(c, &a.normed, b, &a.v)?,
+            Op::Rope => decode::rope_append(
                 c,
                 shape,
                 (&a.q, &a.k, &a.v),
-                (&layer.q_bias, &layer.k_bias, &layer.v_bias),
+                (&l.q_bias, &l.k_bias, &l.v_bias),
                 &self.inv_freq,
                 &self.lens,
                 &self.deltas,
                 &a.q_rot,
-                (&layer.k_cache, &layer.v_cache),
-            )?;
-            decode::attend(
+                (&l.k_cache, &l.v_cache),
+            )?,
+            Op::Attention => decode::attend(
                 c,
                 shape,
                 &a.q_rot,
-                (&layer.k_cache, &layer.v_cache),
+                (&l.k_cache, &l.v_cache),
                 &self.lens,
                 longest + 1,
                 &self.scratch,
                 &a.attn,
-            )?;
-            layer.o.apply(c, &a.attn, b, &a.o)?;
-            decode::add_rms_norm(
+            )?,
+            Op::O => l.o.apply(c, &a.attn, b, &a.o)?,
+            Op::PostNorm => {
+                decode::add_rms_norm(c, &a.residual, Some(&a.o), &l.post_norm, b, eps, &a.normed)?
+            }
+            Op::Gate => l.gate.apply(c, &a.normed, b, &a.gate)?,
+            Op::Up => l.up.apply(c, &a.normed, b, &a.up)?,
+            Op::SiluMul => {
+                decode::silu_mul(c, &a.gate, &a.up, b * self.config.intermediate, &a.act)?
+            }
+            Op::Down => l.down.apply(c, &a.act, b, &a.down)?,
+            Op::FinalNorm => {
+                let last = (!self.layers.is_empty()).then_some(&a.down);
+                decode::add_rms_norm(c, &a.residual, last, &self.norm, b, eps, &a.normed)?
+            }
+            Op::LmHead => self.lm_head.apply(c, &a.normed, b, &a.logits)?,
+            Op::Argmax => decode::argmax_advance(
                 c,
-                &a.residual,
-                Some(&a.o),
-                &layer.post_norm,
+                &a.logits,
                 b,
-                eps,
-                &a.normed,
-            )?;
-            layer.gate.apply(c, &a.normed, b, &a.gate)?;
-            layer.up.apply(c, &a.normed, b, &a.up)?;
-            decode::silu_mul(c, &a.gate, &a.up, b * self.config.intermediate, &a.act)?;
-            layer.down.apply(c, &a.act, b, &a.down)?;
-        }
-        let last = (!self.layers.is_empty()).then_some(&a.down);
-        decode::add_rms_norm(c, &a.residual, last, &self.norm, b, eps, &a.normed)?;
-        self.lm_head.apply(c, &a.normed, b, &a.logits)?;
-        decode::argmax_advance(c, &a.logits, b, self.config.vocab, &self.ids, &self.lens)?;
-        for slot in &mut self.slots[..b] {
-            slot.len += 1;
+                self.config.vocab,
+                &self.argmax,
+                &self.ids,
+                &self.lens,
+            )?,
         }
         Ok(())
+    }
+
+    /// Times each operation of a step for the admitted sequences: `reps` launches of it back to back between
+    /// two device syncs (so a kernel shorter than the host's launch cost shows the launch cost). Returns, per
+    /// operation, its name, microseconds per launch, launches per step, and the weight bytes it reads (0 for
+    /// operations without weights). Leaves the sequences' state as it was.
+    pub fn profile(&mut self, reps: usize) -> Result<Vec<OpTime>> {
+        let b = self.active()?;
+        let longest = self.slots[..b].iter().map(|s| s.len).max().unwrap_or(0);
+        let sync = |client: &ComputeClient<R>| {
+            cubecl::future::block_on(client.sync())
+                .map_err(|e| EngineError::Plan(format!("device sync: {e:?}")))
+        };
+        let mut times = Vec::new();
+        let layers = self.layers.len();
+        for &(op, per_step) in &[(Op::Embed, 1)]
+            .into_iter()
+            .chain(Op::LAYER.iter().map(|&op| (op, layers)))
+            .chain(Op::HEAD.iter().map(|&op| (op, 1)))
+            .collect::<Vec<_>>()
+        {
+            // Layer 1 where there is one, so that the norm adds a residual as most layers do.
+            let layer = 1.min(layers.saturating_sub(1));
+            self.launch_op(op, layer, b, longest)?;
+            sync(&self.client)?;
+            let start = std::time::Instant::now();
+            for _ in 0..reps {
+                self.launch_op(op, layer, b, longest)?;
+            }
+            sync(&self.client)?;
+            let us = start.elapsed().as_secs_f64() * 1e6 / reps as f64;
+            let l = &self.layers[layer];
+            let weight_bytes = match op {
+                Op::Q => l.q.weight_bytes(),
+                Op::K => l.k.weight_bytes(),
+                Op::V => l.v.weight_bytes(),
+                Op::O => l.o.weight_bytes(),
+                Op::Gate => l.gate.weight_bytes(),
+                Op::Up => l.up.weight_bytes(),
+                Op::Down => l.down.weight_bytes(),
+                Op::LmHead => self.lm_head.weight_bytes(),
+                _ => 0,
+            };
+            times.push(OpTime {
+                op: op.name(),
+                us,
+                per_step,
+                weight_bytes,
+            });
+        }
+        // The argmax moved the device lengths on: put back the host's.
+        self.upload_slots();
+        Ok(times)
     }
 
     /// Waits for the steps launched by [`Self::launch_step`] and returns each admitted slot's next token.
