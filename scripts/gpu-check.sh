@@ -52,8 +52,10 @@ if [ "${NF4_TESTS:-1}" = 1 ]; then
 fi
 # The decode plan on CUDA (tiny model: transformers' tokens, burn's logits) and the decode kernels.
 if [ "${PLAN_TESTS:-1}" = 1 ]; then
-  ( timeout $left $bin/test-plan --ignored --nocapture --test-threads 1 > "$OUT/plan-test.log" 2>&1
-    echo "exit $?" >> "$OUT/plan-test.log" ) &
+  for t in cuda::plan_on_cuda_f32_decodes_three_prompts_as_transformers cuda::plan_on_cuda_bf16_matches_burn; do
+    ( timeout $left $bin/test-plan --ignored --exact $t --nocapture > "$OUT/plan-test-${t##*_on_cuda_}.log" 2>&1
+      echo "exit $?" >> "$OUT/plan-test-${t##*_on_cuda_}.log" ) &
+  done
   ( timeout $left $bin/test-decode --ignored --nocapture > "$OUT/decode-test.log" 2>&1
     echo "exit $?" >> "$OUT/decode-test.log" ) &
 fi
@@ -76,7 +78,7 @@ echo "== $card ($commit), $(( $(date +%s) - start )) s"
 [ -f "$OUT/decode.log" ] && grep -E "^\||decoder|exit|rror" "$OUT/decode.log"
 [ -f "$OUT/python.log" ] && tail -8 "$OUT/python.log"
 [ -f "$OUT/bench.log" ] && grep -E "copy probe|^\| [a-z]|exit" "$OUT/bench.log"
-for f in "$OUT"/plan-test.log "$OUT"/decode-test.log; do
+for f in "$OUT"/plan-test*.log "$OUT"/decode-test.log; do
   [ -f "$f" ] && { echo "-- $(basename "$f")"; grep -E "^test |step-1|tokens equal|panicked|^exit" "$f" | tail -16; }
 done
 [ -f "$OUT/kernels-test.log" ] && grep -E "^test |test result|panicked|worst error" "$OUT/kernels-test.log" | grep -v "worst error 0\.00" | tail -12

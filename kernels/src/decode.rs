@@ -7,6 +7,10 @@
 //! transformers' bf16 decoder: values are stored in the activation type `F` after each operation as PyTorch does,
 //! reductions (norms, dot products, softmax) run in f32.
 
+// Inside kernels, `u32::max_value()` and `f32::min_value()` are CubeCL's `Numeric` methods (runtime values a
+// variable can start from), not std's legacy constants.
+#![allow(clippy::legacy_numeric_constants)]
+
 use cubecl::prelude::*;
 
 use crate::nf4::Activation;
@@ -231,7 +235,7 @@ impl AttentionShape {
                 self.heads, self.kv_heads
             )));
         }
-        if self.head_dim % 2 != 0 || self.head_dim > MAX_HEAD_DIM || self.head_dim == 0 {
+        if !self.head_dim.is_multiple_of(2) || self.head_dim > MAX_HEAD_DIM || self.head_dim == 0 {
             return Err(unsupported(format!(
                 "head dimension {} (even, at most {MAX_HEAD_DIM})",
                 self.head_dim

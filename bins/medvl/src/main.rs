@@ -130,6 +130,21 @@ struct RunArgs {
     /// Quantize the linear layers while loading (pre-quantized checkpoints are NF4 regardless).
     #[arg(long, value_enum)]
     quant: Option<QuantArg>,
+    /// How tokens after the first are decoded: `plan` (medvl's own CUDA kernels; greedy requests), `burn` (the
+    /// burn model, as the prefill), `auto` (plan on CUDA, burn on the CPU).
+    #[arg(long, value_enum, default_value_t = DecodeArg::Auto)]
+    decode: DecodeArg,
+    /// Most tokens (prompt plus generated) a request decodes through the plan; the plan's KV cache is sized for
+    /// it. Longer requests decode through burn.
+    #[arg(long, default_value_t = 8192)]
+    context: usize,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+enum DecodeArg {
+    Auto,
+    Plan,
+    Burn,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -283,7 +298,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let dir = ModelSource::parse(&run.model, run.revision.as_deref())?.resolve()?;
     match (run.device, run.dtype) {
         (DeviceArg::Cpu, None | Some(DtypeArg::F32)) => {
-            generate::<medvl_model::backend::Cpu>(&dir, Default::default(), &run, &request)
+            if run.decode == DecodeArg::Plan {
+                bail!("--decode plan runs medvl's CUDA kernels: use it with --device cuda");
+            }
+            generate::<medvl_model::backend::Cpu>(&dir, Default::default(), &run, &request, |_| {
+                Ok(None)
+            })
         }
         (DeviceArg::Cpu, Some(DtypeArg::Bf16)) => {
             bail!("--device cpu computes in f32; use --dtype f32 or --device cuda")
@@ -301,9 +321,35 @@ fn cuda(
 ) -> anyhow::Result<ExitCode> {
     use medvl_model::backend::{CudaBf16, CudaF32};
     match dtype.unwrap_or(DtypeArg::Bf16) {
-        DtypeArg::Bf16 => generate::<CudaBf16>(dir, Default::default(), run, request),
-        DtypeArg::F32 => generate::<CudaF32>(dir, Default::default(), run, request),
+        DtypeArg::Bf16 => generate::<CudaBf16>(dir, Default::default(), run, request, |engine| {
+            cuda_plan::<_, burn::tensor::bf16>(engine, run)
+        }),
+        DtypeArg::F32 => generate::<CudaF32>(dir, Default::default(), run, request, |engine| {
+            cuda_plan::<_, f32>(engine, run)
+        }),
     }
+}
+
+/// The decode plan of a model loaded on CUDA, on the same device, unless `--decode burn`.
+#[cfg(feature = "cuda")]
+fn cuda_plan<B: Backend, F: medvl_kernels::nf4::Activation>(
+    engine: &Engine<B>,
+    run: &RunArgs,
+) -> anyhow::Result<Option<Box<dyn medvl_engine::plan::Decoder>>> {
+    use cubecl::Runtime;
+    use cubecl::cuda::{CudaDevice, CudaRuntime};
+    if run.decode == DecodeArg::Burn {
+        return Ok(None);
+    }
+    let client = CudaRuntime::client(&CudaDevice::default());
+    let plan = medvl_engine::DecodePlan::<CudaRuntime, F>::from_model(
+        &client,
+        engine.model(),
+        1,
+        run.context,
+    )
+    .context("building the decode plan")?;
+    Ok(Some(Box::new(plan)))
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -323,10 +369,14 @@ fn generate<B: Backend>(
     device: B::Device,
     run: &RunArgs,
     request: &Request,
+    plan: impl FnOnce(&Engine<B>) -> anyhow::Result<Option<Box<dyn medvl_engine::plan::Decoder>>>,
 ) -> anyhow::Result<ExitCode> {
     let quantize = run.quant.map(|QuantArg::Nf4| QuantizeOptions::default());
     let mut engine = Engine::<B>::load_with(dir, device, quantize)
         .with_context(|| format!("loading {}", dir.display()))?;
+    if let Some(plan) = plan(&engine)? {
+        engine.attach_plan(plan);
+    }
     let processor = engine.processor_mut();
     if let Some(v) = run.min_pixels {
         processor.min_pixels = v;
@@ -348,12 +398,17 @@ fn generate<B: Backend>(
     } else {
         writeln!(stdout)?;
         eprintln!(
-            "[{} prompt tokens ({} image), {} generated, prefill {:.2} s, {:.1} tokens/s, {:?}]",
+            "[{} prompt tokens ({} image), {} generated, prefill {:.2} s, {:.1} tokens/s{}, {:?}]",
             generation.prompt_tokens,
             generation.image_tokens,
             generation.token_ids.len(),
             generation.timings.prefill_s,
             generation.timings.decode_tokens_per_s,
+            if generation.plan_decode {
+                " (decode plan)"
+            } else {
+                ""
+            },
             generation.finish_reason
         );
     }

@@ -14,6 +14,7 @@ use medvl_model::{QuantizeOptions, QwenVl, Tokenizer, load_dir_with};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{EngineError, Result};
+use crate::plan::{Decoder, Prefilled};
 use crate::sampling::{Sampler, SamplingParams};
 
 /// A generation request.
@@ -101,6 +102,9 @@ pub struct Generation {
     pub image_tokens: usize,
     /// Why it ended.
     pub finish_reason: FinishReason,
+    /// True when the tokens after the first came from the engine's decode plan (medvl's own kernels), false when
+    /// from the burn model.
+    pub plan_decode: bool,
     /// Where the time went (flattened into the JSON object).
     #[serde(flatten)]
     pub timings: Timings,
@@ -115,6 +119,16 @@ pub struct Engine<B: Backend> {
     template: ChatTemplate,
     device: B::Device,
     dir: PathBuf,
+    plan: Option<PlanSlot>,
+}
+
+/// The engine's decode plan, used by one request at a time.
+struct PlanSlot(std::sync::Mutex<Box<dyn Decoder>>);
+
+impl std::fmt::Debug for PlanSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DecodePlan")
+    }
 }
 
 impl<B: Backend> Engine<B> {
@@ -144,7 +158,20 @@ impl<B: Backend> Engine<B> {
             template,
             device,
             dir: dir.to_path_buf(),
+            plan: None,
         })
+    }
+
+    /// Decodes greedy requests through `plan` (medvl's own kernels, [`crate::plan`]) from now on; the prefill
+    /// stays on the burn model. Requests that sample, or whose prompt plus `max_new_tokens` exceeds the plan's
+    /// capacity, keep decoding through burn.
+    pub fn attach_plan(&mut self, plan: Box<dyn Decoder>) {
+        self.plan = Some(PlanSlot(std::sync::Mutex::new(plan)));
+    }
+
+    /// True when greedy requests decode through a plan.
+    pub fn has_plan(&self) -> bool {
+        self.plan.is_some()
     }
 
     /// The model.
@@ -230,6 +257,25 @@ impl<B: Backend> Engine<B> {
         let mut token = self.next_token(last, &mut sampler, &history)?;
         let prefill_s = prefill_start.elapsed().as_secs_f64();
 
+        // The rest of the sequence decodes through the plan when there is one and it applies.
+        let mut plan = match &self.plan {
+            Some(PlanSlot(slot))
+                if sampler.params().is_plain_greedy()
+                    && l + request.max_new_tokens <= slot.lock().map_or(0, |p| p.capacity()) =>
+            {
+                let mut plan = slot.lock().map_err(|_| {
+                    EngineError::Plan("an earlier request panicked mid-step".into())
+                })?;
+                plan.admit(
+                    0,
+                    &Prefilled::from_cache(&cache, prefill.positions.rope_delta, token)?,
+                )?;
+                cache = self.model.new_cache();
+                Some(plan)
+            }
+            _ => None,
+        };
+        tracing::debug!(plan = plan.is_some(), "decoding");
         let decode_start = Instant::now();
         let eos = &self.model.config.tokens.eos;
         let mut stream = self.tokenizer.stream(true);
@@ -263,14 +309,22 @@ impl<B: Backend> Engine<B> {
             if generated.len() >= request.max_new_tokens {
                 break FinishReason::Length;
             }
-            let hidden = self.model.decode(
-                &[token],
-                prefill.positions.rope_delta,
-                &mut cache,
-                &self.device,
-            )?;
-            token = self.next_token(hidden, &mut sampler, &history)?;
+            token = match plan.as_mut() {
+                Some(plan) => plan.step()?[0],
+                None => {
+                    let hidden = self.model.decode(
+                        &[token],
+                        prefill.positions.rope_delta,
+                        &mut cache,
+                        &self.device,
+                    )?;
+                    self.next_token(hidden, &mut sampler, &history)?
+                }
+            };
         };
+        if let Some(plan) = plan.as_mut() {
+            plan.release(0);
+        }
         if finish != FinishReason::Stop
             && let Some(rest) = stream.flush()?
         {
@@ -280,6 +334,7 @@ impl<B: Backend> Engine<B> {
             on_text(&out_text[emitted..]);
         }
         let decode_s = decode_start.elapsed().as_secs_f64();
+        let plan_decode = plan.is_some();
         let later = generated.len().saturating_sub(1);
         Ok(Generation {
             text: out_text,
@@ -287,6 +342,7 @@ impl<B: Backend> Engine<B> {
             image_tokens: pixels.iter().map(|p| p.num_tokens(merge)).sum(),
             token_ids: generated,
             finish_reason: finish,
+            plan_decode,
             timings: Timings {
                 preprocess_s: 0.0,
                 prefill_s,

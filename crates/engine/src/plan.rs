@@ -321,7 +321,7 @@ impl HostMatrix {
 /// A matrix on the device, dense or NF4.
 enum Matrix<F> {
     Dense(DenseMatrix<F>),
-    Nf4(Nf4Matrix),
+    Nf4(Box<Nf4Matrix>),
 }
 
 impl<F: Activation> Matrix<F> {
@@ -344,7 +344,7 @@ impl<F: Activation> Matrix<F> {
                 *rows,
                 *cols,
             )?),
-            HostMatrix::Nf4(t) => Self::Nf4(Nf4Matrix::upload(client, t)?),
+            HostMatrix::Nf4(t) => Self::Nf4(Box::new(Nf4Matrix::upload(client, t)?)),
         })
     }
 
@@ -1053,5 +1053,35 @@ impl<R: Runtime, F: Activation> DecodePlan<R, F> {
     /// The compute client the plan launches on.
     pub fn client(&self) -> &ComputeClient<R> {
         &self.client
+    }
+}
+
+/// A decode plan as the engine holds it: runtime and activation type erased.
+pub trait Decoder: Send {
+    /// Puts a prefilled sequence into slot `slot` ([`DecodePlan::admit`]).
+    fn admit(&mut self, slot: usize, sequence: &Prefilled) -> Result<()>;
+    /// One greedy step for the admitted slots ([`DecodePlan::step`]).
+    fn step(&mut self) -> Result<Vec<u32>>;
+    /// Frees slot `slot`.
+    fn release(&mut self, slot: usize);
+    /// Tokens a sequence may reach (prompt plus generated).
+    fn capacity(&self) -> usize;
+}
+
+impl<R: Runtime, F: Activation> Decoder for DecodePlan<R, F> {
+    fn admit(&mut self, slot: usize, sequence: &Prefilled) -> Result<()> {
+        DecodePlan::admit(self, slot, sequence)
+    }
+
+    fn step(&mut self) -> Result<Vec<u32>> {
+        DecodePlan::step(self)
+    }
+
+    fn release(&mut self, slot: usize) {
+        DecodePlan::release(self, slot);
+    }
+
+    fn capacity(&self) -> usize {
+        self.config.capacity
     }
 }

@@ -197,6 +197,42 @@ fn plan_on_wgpu_runs_nf4_weights_as_burn() {
     assert_eq!(counts.len(), 3);
 }
 
+#[test]
+fn engine_decodes_greedy_requests_through_an_attached_plan() {
+    use cubecl::wgpu::{WgpuDevice, WgpuRuntime};
+    use medvl_engine::{Engine, GenerateParams};
+    let mut engine =
+        Engine::<medvl_model::backend::Cpu>::load(&fixtures().join("hub"), Default::default())
+            .unwrap();
+    let client = WgpuRuntime::client(&WgpuDevice::default());
+    // Room for the two-image prompt (80 tokens) plus 32: the others fit too; 20 more tokens do not.
+    let plan = DecodePlan::<WgpuRuntime, f32>::from_model(&client, engine.model(), 1, 112).unwrap();
+    engine.attach_plan(Box::new(plan));
+    assert!(engine.has_plan());
+    let params = GenerateParams {
+        ignore_eos: true,
+        ..GenerateParams::greedy(32)
+    };
+    for case in cases() {
+        let out = engine
+            .generate_ids(&case.prompt, &case.images, &params, |_| {})
+            .unwrap();
+        assert_eq!(out.token_ids, case.expected, "{}", case.name);
+        assert!(out.plan_decode, "{}", case.name);
+    }
+    // Past the plan's capacity the request decodes through burn, with the same tokens.
+    let case = &cases()[1];
+    let longer = GenerateParams {
+        ignore_eos: true,
+        ..GenerateParams::greedy(40)
+    };
+    let out = engine
+        .generate_ids(&case.prompt, &case.images, &longer, |_| {})
+        .unwrap();
+    assert!(!out.plan_decode);
+    assert_eq!(out.token_ids[..32], case.expected[..]);
+}
+
 #[cfg(feature = "cuda")]
 mod cuda {
     use super::*;
