@@ -10,14 +10,22 @@ lint:
     cargo clippy --workspace --all-targets --features cuda,medvl-kernels/wgpu -- -D warnings
 
 # GPU checks on a machine with an NVIDIA GPU + CUDA 12/13 NVRTC: model fidelity against transformers (bf16) and
-# the NF4 kernels against their host reference.
+# the NF4 and decode kernels against their host references, the decode plan against transformers and burn.
 test-cuda:
     cargo test -p medvl-model --features cuda --test fidelity -- --ignored --nocapture --exact gpu::cuda_bf16_matches_transformers gpu::cuda_f32_matches_transformers
     cargo test -p medvl-kernels --features cuda --test nf4_gemv -- --ignored --nocapture
+    cargo test -p medvl-kernels --features cuda --test decode -- --ignored --nocapture
+    cargo test -p medvl-engine --features cuda --test plan -- --ignored --nocapture --test-threads 1
 
 # Kernel benchmark: NF4 GEMV GB/s at the 7B's decode shapes against the card's measured copy bandwidth.
 bench-kernels:
     cargo run --release -p medvl-bench --features cuda -- kernels --out benchmarks/kernels.json
+
+# Decode benchmark: the 7B decoder's step through the decode plan (random weights; bf16, NF4, NF4 + lm_head; batch
+# 1, 8, 32), then transformers' decode on the same card (needs python3 with torch + transformers).
+bench:
+    cargo run --release -p medvl-bench --features cuda -- decode --out benchmarks/decode.json
+    python3 benches/python/decode_baseline.py --out benchmarks/decode-python.json
 
 # Regenerate the reference fixtures with transformers (CPU is enough; installs fixtures/requirements.txt in a venv).
 golden:

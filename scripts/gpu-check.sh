@@ -93,5 +93,6 @@ for path in sys.argv[1:]:
         print(path, "no JSON:", e); continue
     same = sum(1 for _ in itertools.takewhile(lambda p: p[0] == p[1], zip(got["token_ids"], ref["token_ids"])))
     print(f"{path.rsplit('/', 1)[-1]}: {same}/{len(ref['token_ids'])} greedy tokens equal transformers; "
-          f"text equal: {got['text'] == ref['text']}; prefill {got.get('prefill_s')} s")
+          f"text equal: {got['text'] == ref['text']}; prefill {got.get('prefill_s')} s; "
+          f"decode plan: {got.get('plan_decode')}")
 PY

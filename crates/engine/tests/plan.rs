@@ -257,9 +257,11 @@ mod cuda {
         let device = Default::default();
         let model = load_dir::<CudaBf16>(&fixtures().join("hub"), &device).unwrap();
         let client = CudaRuntime::client(&CudaDevice::default());
-        // bf16: the step's logits within bf16 rounding of burn's; greedy counts are reported (near-ties of a
-        // random model, docs/FIDELITY.md).
+        // bf16: the step's logits within bf16 rounding of burn's, and at least the first 8 greedy tokens equal
+        // transformers' f32 ones (the model issue's bf16 criterion; H100: 32 of 32 on all three prompts).
         let counts = run::<_, _, half::bf16>(&model, &device, &client, 3, 5e-2);
-        assert!(counts.iter().all(|(_, same)| *same >= 1));
+        for (case, same) in counts {
+            assert!(same >= 8, "{case}: {same} tokens");
+        }
     }
 }
