@@ -8,7 +8,6 @@
 //!
 //! `host_ms` is the host's time to enqueue one step's launches.
 
-use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Result, bail};
@@ -19,22 +18,12 @@ use medvl_kernels::nf4::Activation;
 use medvl_model::QwenVlConfig;
 use serde::Serialize;
 
-use crate::{ActivationKind, CopyProbe, RuntimeKind, write_atomic};
+use crate::{ActivationKind, CopyProbe, RunInfo, RuntimeKind, write_atomic};
 
 #[derive(clap::Args)]
 pub struct DecodeArgs {
-    /// Where to run.
-    #[arg(long, value_enum, default_value = "cuda")]
-    runtime: RuntimeKind,
-    /// The card's name, recorded in the report.
-    #[arg(long, default_value = "unknown")]
-    card: String,
-    /// The git commit the binary was built from, recorded in the report.
-    #[arg(long, default_value = "unknown")]
-    commit: String,
-    /// Write the report here (JSON).
-    #[arg(long)]
-    out: Option<PathBuf>,
+    #[command(flatten)]
+    run: RunInfo,
     /// Model sizes.
     #[arg(long, value_enum, default_value = "7b")]
     model: ModelSize,
@@ -127,7 +116,7 @@ struct Report {
 }
 
 pub fn run(args: &DecodeArgs) -> Result<()> {
-    match (args.runtime, args.activations) {
+    match (args.run.runtime, args.activations) {
         #[cfg(feature = "cuda")]
         (RuntimeKind::Cuda, ActivationKind::Bf16) => {
             run_in::<cubecl::cuda::CudaRuntime, half::bf16>(args, "cuda", "bf16")
@@ -284,15 +273,15 @@ fn run_in<R: Runtime, F: Activation>(
         client.memory_cleanup();
     }
     let report = Report {
-        card: args.card.clone(),
+        card: args.run.card.clone(),
         runtime,
         activations,
-        git_commit: args.commit.clone(),
+        git_commit: args.run.commit.clone(),
         model,
         copy_gb_per_s,
         cases,
     };
-    if let Some(out) = &args.out {
+    if let Some(out) = &args.run.out {
         write_atomic(out, &serde_json::to_vec_pretty(&report)?)?;
         println!("wrote {}", out.display());
     }

@@ -48,20 +48,27 @@ pub(crate) enum RuntimeKind {
     Wgpu,
 }
 
+/// Where a benchmark runs and what its report records.
 #[derive(clap::Args)]
-struct KernelArgs {
+pub(crate) struct RunInfo {
     /// Where to run.
     #[arg(long, value_enum, default_value = "cuda")]
-    runtime: RuntimeKind,
+    pub(crate) runtime: RuntimeKind,
     /// The card's name, recorded in the report (e.g. from `nvidia-smi --query-gpu=name --format=csv,noheader`).
     #[arg(long, default_value = "unknown")]
-    card: String,
+    pub(crate) card: String,
     /// The git commit the binary was built from, recorded in the report.
     #[arg(long, default_value = "unknown")]
-    commit: String,
+    pub(crate) commit: String,
     /// Write the report here (JSON).
     #[arg(long)]
-    out: Option<PathBuf>,
+    pub(crate) out: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct KernelArgs {
+    #[command(flatten)]
+    run: RunInfo,
     /// Bytes the copy probe moves each way (GiB).
     #[arg(long, default_value_t = 1.0)]
     copy_gib: f64,
@@ -131,7 +138,7 @@ fn main() -> Result<()> {
         .init();
     match Cli::parse().command {
         Command::Decode(args) => decode::run(&args),
-        Command::Kernels(args) => match args.runtime {
+        Command::Kernels(args) => match args.run.runtime {
             #[cfg(feature = "cuda")]
             RuntimeKind::Cuda => kernels::<cubecl::cuda::CudaRuntime>(&args, "cuda"),
             #[cfg(feature = "wgpu")]
@@ -285,14 +292,14 @@ fn kernels_in<R: Runtime, F: nf4::Activation>(
     }
 
     let report = Report {
-        card: args.card.clone(),
+        card: args.run.card.clone(),
         runtime,
         activations,
-        git_commit: args.commit.clone(),
+        git_commit: args.run.commit.clone(),
         copy_gb_per_s,
         cases,
     };
-    if let Some(out) = &args.out {
+    if let Some(out) = &args.run.out {
         write_atomic(out, &serde_json::to_vec_pretty(&report)?)?;
         println!("wrote {}", out.display());
     }
