@@ -14,7 +14,7 @@
 use cubecl::prelude::*;
 
 use crate::nf4::Activation;
-use crate::{Buffer, KernelError};
+use crate::{Buffer, KernelError, plane_cube, plane_size};
 
 /// Planes (warps) per cube for the row-reduction kernels.
 const PLANES: u32 = 4;
@@ -33,10 +33,6 @@ pub const MAX_DENSE_BATCH: usize = 8;
 
 /// Largest head dimension the attention kernels take.
 pub const MAX_HEAD_DIM: usize = 256;
-
-fn plane_size<R: Runtime>(client: &ComputeClient<R>) -> u32 {
-    client.properties().hardware.plane_size_max.max(1)
-}
 
 fn row_cube<R: Runtime>(client: &ComputeClient<R>) -> CubeDim {
     CubeDim::new_2d(plane_size(client), PLANES)
@@ -189,8 +185,7 @@ pub fn add_rms_norm<R: Runtime, F: Activation>(
     }
     // Up to 1024 units per row: one row per cube leaves most of the GPU idle, so each unit should take few
     // values.
-    let plane = plane_size(client);
-    let planes = (1024 / plane).clamp(1, 32);
+    let (cube_dim, planes) = plane_cube(client, 1024);
     // SAFETY: every index is below `batch * hidden`, checked above for each array (`delta` is not read when
     // absent; the residual stands in for it).
     #[allow(unsafe_code)]
@@ -198,7 +193,7 @@ pub fn add_rms_norm<R: Runtime, F: Activation>(
         add_rms_norm_kernel::launch_unchecked::<F, R>(
             client,
             CubeCount::Static(batch as u32, 1, 1),
-            CubeDim::new_2d(plane, planes),
+            cube_dim,
             residual.array_arg(),
             delta.unwrap_or(residual).array_arg(),
             weight.array_arg(),
@@ -482,31 +477,31 @@ pub fn argmax_advance<R: Runtime, F: Activation>(
     scratch
         .values
         .check("argmax scratch", batch * ARGMAX_GROUPS)?;
-    let plane = plane_size(client);
-    let planes = (256 / plane).clamp(1, 32);
+    let (partial_dim, partial_planes) = plane_cube(client, 256);
+    let (final_dim, final_planes) = plane_cube(client, ARGMAX_GROUPS as u32);
     // SAFETY: indices below `batch * vocab`, `batch * ARGMAX_GROUPS` and `batch`, checked above.
     #[allow(unsafe_code)]
     unsafe {
         argmax_partial_kernel::launch_unchecked::<F, R>(
             client,
             CubeCount::Static(ARGMAX_GROUPS as u32, batch as u32, 1),
-            CubeDim::new_2d(plane, planes),
+            partial_dim,
             logits.array_arg(),
             scratch.values.array_arg(),
             scratch.indices.array_arg(),
             vocab as u32,
-            planes as usize,
+            partial_planes as usize,
         );
         argmax_final_kernel::launch_unchecked::<R>(
             client,
             CubeCount::Static(batch as u32, 1, 1),
-            CubeDim::new_2d(plane, (ARGMAX_GROUPS as u32).div_ceil(plane).max(1)),
+            final_dim,
             scratch.values.array_arg(),
             scratch.indices.array_arg(),
             ids.array_arg(),
             lens.array_arg(),
             ARGMAX_GROUPS as u32,
-            (ARGMAX_GROUPS as u32).div_ceil(plane).max(1) as usize,
+            final_planes as usize,
         );
     }
     Ok(())

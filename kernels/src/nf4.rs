@@ -13,7 +13,6 @@
 //! - `gemv_any` for other widths (blocks then straddle rows): one code per lane per step, exact but slower.
 
 use cubecl::prelude::*;
-use cubecl::server::Handle;
 use medvl_nf4::{Absmax, NESTED_BLOCKSIZE, NF4_CODE, Nf4Tensor};
 
 use crate::{Buffer, KernelError};
@@ -228,7 +227,7 @@ pub fn gemv_tiled<R: Runtime, F: Activation>(
     }
     x.check("x", batch * weight.cols)?;
     y.check("y", batch * weight.rows)?;
-    let plane = client.properties().hardware.plane_size_max.max(1);
+    let plane = crate::plane_size(client);
     let aligned = weight.cols.is_multiple_of(32);
     let split = aligned && tiling.split > 1;
     let rows_per_cube = match (aligned, split) {
@@ -257,20 +256,19 @@ pub fn gemv_tiled<R: Runtime, F: Activation>(
     // the shapes checked above (`rows`, `cols`, `batch`) plus the scale arrays sized by `Nf4Tensor::validate`.
     #[allow(unsafe_code)]
     unsafe {
-        let arg = |h: &Handle, len: usize| ArrayArg::from_raw_parts(h.clone(), len);
         if aligned {
             gemv_aligned::launch_unchecked::<F, R>(
                 client,
                 cube_count,
                 cube_dim,
                 16 / size_of::<F>(),
-                arg(x.handle(), batch * weight.cols),
-                arg(weight.packed.handle(), weight.packed.len()),
-                arg(codes.handle(), codes.len()),
-                arg(scales.handle(), scales.len()),
-                arg(map.handle(), map.len()),
-                arg(weight.codebook.handle(), weight.codebook.len()),
-                arg(y.handle(), batch * weight.rows),
+                x.array_arg(),
+                weight.packed.array_arg(),
+                codes.array_arg(),
+                scales.array_arg(),
+                map.array_arg(),
+                weight.codebook.array_arg(),
+                y.array_arg(),
                 offset,
                 weight.rows as u32,
                 weight.cols as u32,
@@ -286,13 +284,13 @@ pub fn gemv_tiled<R: Runtime, F: Activation>(
                 client,
                 cube_count,
                 cube_dim,
-                arg(x.handle(), batch * weight.cols),
-                arg(weight.packed.handle(), weight.packed.len()),
-                arg(codes.handle(), codes.len()),
-                arg(scales.handle(), scales.len()),
-                arg(map.handle(), map.len()),
-                arg(weight.codebook.handle(), weight.codebook.len()),
-                arg(y.handle(), batch * weight.rows),
+                x.array_arg(),
+                weight.packed.array_arg(),
+                codes.array_arg(),
+                scales.array_arg(),
+                map.array_arg(),
+                weight.codebook.array_arg(),
+                y.array_arg(),
                 offset,
                 weight.rows as u32,
                 weight.cols as u32,
