@@ -122,8 +122,11 @@ pub struct Engine<B: Backend> {
     plan: Option<PlanSlot>,
 }
 
-/// The engine's decode plan, used by one request at a time.
-struct PlanSlot(std::sync::Mutex<Box<dyn Decoder>>);
+/// The engine's decode plan, used by one request at a time, and the tokens a sequence may reach in it.
+struct PlanSlot {
+    decoder: std::sync::Mutex<Box<dyn Decoder>>,
+    capacity: usize,
+}
 
 impl std::fmt::Debug for PlanSlot {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -166,7 +169,10 @@ impl<B: Backend> Engine<B> {
     /// stays on the burn model. Requests that sample, or whose prompt plus `max_new_tokens` exceeds the plan's
     /// capacity, keep decoding through burn.
     pub fn attach_plan(&mut self, plan: Box<dyn Decoder>) {
-        self.plan = Some(PlanSlot(std::sync::Mutex::new(plan)));
+        self.plan = Some(PlanSlot {
+            capacity: plan.capacity(),
+            decoder: std::sync::Mutex::new(plan),
+        });
     }
 
     /// True when greedy requests decode through a plan.
@@ -259,11 +265,11 @@ impl<B: Backend> Engine<B> {
 
         // The rest of the sequence decodes through the plan when there is one and it applies.
         let mut plan = match &self.plan {
-            Some(PlanSlot(slot))
+            Some(slot)
                 if sampler.params().is_plain_greedy()
-                    && l + request.max_new_tokens <= slot.lock().map_or(0, |p| p.capacity()) =>
+                    && l + request.max_new_tokens <= slot.capacity =>
             {
-                let mut plan = slot.lock().map_err(|_| {
+                let mut plan = slot.decoder.lock().map_err(|_| {
                     EngineError::Plan("an earlier request panicked mid-step".into())
                 })?;
                 plan.admit(

@@ -84,6 +84,11 @@ impl PlanConfig {
         }
     }
 
+    /// Widths of the query and of the key (or value) projections.
+    fn qkv_widths(&self) -> (usize, usize) {
+        (self.heads * self.head_dim, self.kv_heads * self.head_dim)
+    }
+
     fn attention(&self) -> AttentionShape {
         AttentionShape {
             heads: self.heads,
@@ -122,15 +127,6 @@ pub enum HostMatrix {
     },
     /// An NF4 tensor `[rows, cols]` in the bitsandbytes layout.
     Nf4(Nf4Tensor),
-}
-
-impl HostMatrix {
-    fn shape(&self) -> [usize; 2] {
-        match self {
-            Self::Dense { rows, cols, .. } => [*rows, *cols],
-            Self::Nf4(t) => [t.shape[0], t.shape.get(1).copied().unwrap_or(0)],
-        }
-    }
 }
 
 /// One decoder layer's weights on the host.
@@ -228,10 +224,7 @@ impl HostLayer {
     pub fn random(config: &PlanConfig, format: RandomFormat, seed: u64) -> Self {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let (h, i) = (config.hidden, config.intermediate);
-        let (qd, kvd) = (
-            config.heads * config.head_dim,
-            config.kv_heads * config.head_dim,
-        );
+        let (qd, kvd) = config.qkv_widths();
         let mut vector = |n: usize, around: f32| -> Vec<f32> {
             (0..n)
                 .map(|_| around + rng.random_range(-0.01..0.01))
@@ -290,6 +283,13 @@ fn host_values<B: Backend, const D: usize>(tensor: Tensor<B, D>) -> Result<Vec<f
 }
 
 impl HostMatrix {
+    fn shape(&self) -> [usize; 2] {
+        match self {
+            Self::Dense { rows, cols, .. } => [*rows, *cols],
+            Self::Nf4(t) => [t.shape[0], t.shape.get(1).copied().unwrap_or(0)],
+        }
+    }
+
     /// A linear layer's weight (dense, or NF4 with its scales already resolved), copied to the host.
     pub fn from_linear<B: Backend>(linear: &Linear<B>) -> Result<Self> {
         let [rows, cols] = linear.shape();
@@ -418,10 +418,7 @@ impl<F: Activation> Layer<F> {
         index: usize,
     ) -> Result<Self> {
         let (h, i) = (config.hidden, config.intermediate);
-        let (qd, kvd) = (
-            config.heads * config.head_dim,
-            config.kv_heads * config.head_dim,
-        );
+        let (qd, kvd) = config.qkv_widths();
         let vector = |values: &[f32], what: &str, n: usize| -> Result<Buffer<F>> {
             if values.len() != n {
                 return Err(EngineError::Plan(format!(
@@ -665,10 +662,7 @@ impl<R: Runtime, F: Activation> DecodePlan<R, F> {
             )));
         }
         let inv_freq = medvl_model::rope::inverse_frequencies(config.rope_theta, config.head_dim);
-        let (qd, kvd) = (
-            config.heads * config.head_dim,
-            config.kv_heads * config.head_dim,
-        );
+        let (qd, kvd) = config.qkv_widths();
         let empty = |n: usize| Buffer::<F>::empty(client, b * n);
         Ok(Self {
             client: client.clone(),
@@ -846,12 +840,34 @@ impl<R: Runtime, F: Activation> DecodePlan<R, F> {
         Ok(n)
     }
 
+    /// Tokens cached by the longest of the first `b` sequences.
+    fn longest(&self, b: usize) -> usize {
+        self.slots[..b].iter().map(|s| s.len).max().unwrap_or(0)
+    }
+
+    /// The weight product an operation runs, with its input and output, for decoder layer `layer`; `None` for
+    /// operations without weights.
+    fn gemv(&self, op: Op, layer: usize) -> Option<(&Matrix<F>, &Buffer<F>, &Buffer<F>)> {
+        let (a, l) = (&self.act, &self.layers[layer]);
+        Some(match op {
+            Op::Q => (&l.q, &a.normed, &a.q),
+            Op::K => (&l.k, &a.normed, &a.k),
+            Op::V => (&l.v, &a.normed, &a.v),
+            Op::O => (&l.o, &a.attn, &a.o),
+            Op::Gate => (&l.gate, &a.normed, &a.gate),
+            Op::Up => (&l.up, &a.normed, &a.up),
+            Op::Down => (&l.down, &a.act, &a.down),
+            Op::LmHead => (&self.lm_head, &a.normed, &a.logits),
+            _ => return None,
+        })
+    }
+
     /// Launches one step for the admitted slots without waiting for it; the ids are read by
     /// [`Self::finish_step`]. Steps may be launched back to back: each takes its input tokens from the previous
     /// step's argmax on the device.
     pub fn launch_step(&mut self) -> Result<()> {
         let b = self.active()?;
-        let longest = self.slots[..b].iter().map(|s| s.len).max().unwrap_or(0);
+        let longest = self.longest(b);
         if longest + 1 > self.config.capacity {
             return Err(EngineError::Plan(format!(
                 "a sequence reached the cache capacity of {} tokens",
@@ -877,8 +893,11 @@ impl<R: Runtime, F: Activation> DecodePlan<R, F> {
     /// of which the longest holds `longest` tokens before this step.
     fn launch_op(&self, op: Op, layer: usize, b: usize, longest: usize) -> Result<()> {
         let c = &self.client;
+        if let Some((matrix, x, y)) = self.gemv(op, layer) {
+            return Ok(matrix.apply(c, x, b, y)?);
+        }
         let a = &self.act;
-        let l = &self.layers[layer.min(self.layers.len().saturating_sub(1))];
+        let l = &self.layers[layer];
         let shape = AttentionShape {
             batch: b,
             ..self.config.attention()
@@ -897,9 +916,6 @@ impl<R: Runtime, F: Activation> DecodePlan<R, F> {
             Op::InputNorm => {
                 decode::add_rms_norm(c, &a.residual, delta, &l.input_norm, b, eps, &a.normed)?
             }
-            Op::Q => l.q.apply(c, &a.normed, b, &a.q)?,
-            Op::K => l.k.apply(c, &a.normed, b, &a.k)?,
-            Op::V => l.v.apply(c, &a.normed, b, &a.v)?,
             Op::Rope => decode::rope_append(
                 c,
                 shape,
@@ -921,21 +937,15 @@ impl<R: Runtime, F: Activation> DecodePlan<R, F> {
                 &self.scratch,
                 &a.attn,
             )?,
-            Op::O => l.o.apply(c, &a.attn, b, &a.o)?,
             Op::PostNorm => {
                 decode::add_rms_norm(c, &a.residual, Some(&a.o), &l.post_norm, b, eps, &a.normed)?
             }
-            Op::Gate => l.gate.apply(c, &a.normed, b, &a.gate)?,
-            Op::Up => l.up.apply(c, &a.normed, b, &a.up)?,
             Op::SiluMul => {
                 decode::silu_mul(c, &a.gate, &a.up, b * self.config.intermediate, &a.act)?
             }
-            Op::Down => l.down.apply(c, &a.act, b, &a.down)?,
             Op::FinalNorm => {
-                let last = (!self.layers.is_empty()).then_some(&a.down);
-                decode::add_rms_norm(c, &a.residual, last, &self.norm, b, eps, &a.normed)?
+                decode::add_rms_norm(c, &a.residual, Some(&a.down), &self.norm, b, eps, &a.normed)?
             }
-            Op::LmHead => self.lm_head.apply(c, &a.normed, b, &a.logits)?,
             Op::Argmax => decode::argmax_advance(
                 c,
                 &a.logits,
@@ -945,6 +955,8 @@ impl<R: Runtime, F: Activation> DecodePlan<R, F> {
                 &self.ids,
                 &self.lens,
             )?,
+            // The weight products, launched above.
+            Op::Q | Op::K | Op::V | Op::O | Op::Gate | Op::Up | Op::Down | Op::LmHead => {}
         }
         Ok(())
     }
@@ -955,21 +967,19 @@ impl<R: Runtime, F: Activation> DecodePlan<R, F> {
     /// operations without weights). Leaves the sequences' state as it was.
     pub fn profile(&mut self, reps: usize) -> Result<Vec<OpTime>> {
         let b = self.active()?;
-        let longest = self.slots[..b].iter().map(|s| s.len).max().unwrap_or(0);
+        let longest = self.longest(b);
         let sync = |client: &ComputeClient<R>| {
             cubecl::future::block_on(client.sync())
                 .map_err(|e| EngineError::Plan(format!("device sync: {e:?}")))
         };
         let mut times = Vec::new();
         let layers = self.layers.len();
-        for &(op, per_step) in &[(Op::Embed, 1)]
-            .into_iter()
+        // Layer 1 where there is one, so that the norm adds a residual as most layers do.
+        let layer = 1.min(layers - 1);
+        let ops = std::iter::once((Op::Embed, 1))
             .chain(Op::LAYER.iter().map(|&op| (op, layers)))
-            .chain(Op::HEAD.iter().map(|&op| (op, 1)))
-            .collect::<Vec<_>>()
-        {
-            // Layer 1 where there is one, so that the norm adds a residual as most layers do.
-            let layer = 1.min(layers.saturating_sub(1));
+            .chain(Op::HEAD.iter().map(|&op| (op, 1)));
+        for (op, per_step) in ops {
             self.launch_op(op, layer, b, longest)?;
             sync(&self.client)?;
             let start = std::time::Instant::now();
@@ -978,18 +988,9 @@ impl<R: Runtime, F: Activation> DecodePlan<R, F> {
             }
             sync(&self.client)?;
             let us = start.elapsed().as_secs_f64() * 1e6 / reps as f64;
-            let l = &self.layers[layer];
-            let weight_bytes = match op {
-                Op::Q => l.q.weight_bytes(),
-                Op::K => l.k.weight_bytes(),
-                Op::V => l.v.weight_bytes(),
-                Op::O => l.o.weight_bytes(),
-                Op::Gate => l.gate.weight_bytes(),
-                Op::Up => l.up.weight_bytes(),
-                Op::Down => l.down.weight_bytes(),
-                Op::LmHead => self.lm_head.weight_bytes(),
-                _ => 0,
-            };
+            let weight_bytes = self
+                .gemv(op, layer)
+                .map_or(0, |(matrix, ..)| matrix.weight_bytes());
             times.push(OpTime {
                 op: op.name(),
                 us,
