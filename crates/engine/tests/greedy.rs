@@ -3,61 +3,34 @@
 
 #![allow(clippy::unwrap_used, missing_docs)]
 
-use std::path::{Path, PathBuf};
+mod common;
 
+use common::{cases, fixtures};
 use medvl_engine::{Engine, GenerateParams};
 use medvl_model::backend::Cpu;
-use medvl_model::image::{ProcessorConfig, preprocess_bytes};
-use safetensors::SafeTensors;
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/tiny")
-}
-
-fn ids(st: &SafeTensors<'_>, name: &str) -> Vec<u32> {
-    let view = st.tensor(name).unwrap();
-    view.data()
-        .chunks_exact(8)
-        .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32)
-        .collect()
-}
 
 #[test]
 fn greedy_32_tokens_equal_transformers() {
     let engine = Engine::<Cpu>::load(&fixtures().join("hub"), Default::default()).unwrap();
-    let processor = ProcessorConfig::from_model_dir(&fixtures().join("hub")).unwrap();
-    let bytes = std::fs::read(fixtures().join("reference.safetensors")).unwrap();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    let image = |name: &str| {
-        preprocess_bytes(&std::fs::read(fixtures().join(name)).unwrap(), &processor).unwrap()
-    };
     // transformers generated with eos_token_id=None: all 32 tokens, whatever they are.
     let params = GenerateParams {
         ignore_eos: true,
         ..GenerateParams::greedy(32)
     };
-    for (case, images) in [
-        ("one_image", vec![image("page.png")]),
-        ("two_images", vec![image("page.png"), image("stamp.png")]),
-        ("text_only", vec![]),
-    ] {
-        let prompt = ids(&st, &format!("{case}.input_ids"));
-        let expected = ids(&st, &format!("{case}.greedy"));
-        assert_eq!(expected.len(), 32);
+    for case in cases() {
+        assert_eq!(case.expected.len(), 32);
         let out = engine
-            .generate_ids(&prompt, &images, &params, |_| {})
+            .generate_ids(&case.prompt, &case.images, &params, |_| {})
             .unwrap();
-        assert_eq!(out.token_ids, expected, "{case}");
-        assert_eq!(out.prompt_tokens, prompt.len());
+        assert_eq!(out.token_ids, case.expected, "{}", case.name);
+        assert_eq!(out.prompt_tokens, case.prompt.len());
     }
 }
 
 #[test]
 fn seeded_sampling_is_reproducible_and_top_k_1_is_greedy() {
     let engine = Engine::<Cpu>::load(&fixtures().join("hub"), Default::default()).unwrap();
-    let bytes = std::fs::read(fixtures().join("reference.safetensors")).unwrap();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    let prompt = ids(&st, "text_only.input_ids");
+    let text_only = cases().into_iter().find(|c| c.name == "text_only").unwrap();
     let sampled = |temperature, top_k, seed| {
         let mut params = GenerateParams {
             ignore_eos: true,
@@ -67,14 +40,11 @@ fn seeded_sampling_is_reproducible_and_top_k_1_is_greedy() {
         params.sampling.top_k = top_k;
         params.sampling.seed = seed;
         engine
-            .generate_ids(&prompt, &[], &params, |_| {})
+            .generate_ids(&text_only.prompt, &[], &params, |_| {})
             .unwrap()
             .token_ids
     };
     assert_eq!(sampled(1.0, 0, 5), sampled(1.0, 0, 5));
     assert_ne!(sampled(1.0, 0, 5), sampled(1.0, 0, 6));
-    assert_eq!(
-        sampled(0.8, 1, 9),
-        ids(&st, "text_only.greedy")[..12].to_vec()
-    );
+    assert_eq!(sampled(0.8, 1, 9), text_only.expected[..12].to_vec());
 }

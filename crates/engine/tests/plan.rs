@@ -7,57 +7,15 @@
 //! runs on CUDA in bf16 and f32 (`--ignored`).
 #![allow(clippy::unwrap_used, missing_docs)]
 
-use std::path::{Path, PathBuf};
+mod common;
 
 use burn::prelude::*;
 use cubecl::prelude::{ComputeClient, Runtime};
 use medvl_engine::{DecodePlan, Prefilled};
 use medvl_kernels::nf4::Activation;
-use medvl_model::image::{PixelValues, ProcessorConfig, preprocess_bytes};
 use medvl_model::{QwenVl, load_dir};
-use safetensors::SafeTensors;
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/tiny")
-}
-
-fn ids(st: &SafeTensors<'_>, name: &str) -> Vec<u32> {
-    st.tensor(name)
-        .unwrap()
-        .data()
-        .chunks_exact(8)
-        .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32)
-        .collect()
-}
-
-struct Case {
-    name: &'static str,
-    prompt: Vec<u32>,
-    images: Vec<PixelValues>,
-    expected: Vec<u32>,
-}
-
-fn cases() -> Vec<Case> {
-    let processor = ProcessorConfig::from_model_dir(&fixtures().join("hub")).unwrap();
-    let bytes = std::fs::read(fixtures().join("reference.safetensors")).unwrap();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    let image = |name: &str| {
-        preprocess_bytes(&std::fs::read(fixtures().join(name)).unwrap(), &processor).unwrap()
-    };
-    [
-        ("one_image", vec![image("page.png")]),
-        ("two_images", vec![image("page.png"), image("stamp.png")]),
-        ("text_only", vec![]),
-    ]
-    .into_iter()
-    .map(|(name, images)| Case {
-        name,
-        prompt: ids(&st, &format!("{name}.input_ids")),
-        images,
-        expected: ids(&st, &format!("{name}.greedy")),
-    })
-    .collect()
-}
+use common::{Case, cases, fixtures};
 
 fn argmax(row: &[f32]) -> u32 {
     let mut best = 0;
