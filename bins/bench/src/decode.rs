@@ -18,7 +18,7 @@ use medvl_kernels::nf4::Activation;
 use medvl_model::QwenVlConfig;
 use serde::Serialize;
 
-use crate::{ActivationKind, CopyProbe, RunInfo, RuntimeKind, write_atomic};
+use crate::{ActivationKind, CopyProbe, RunInfo, RuntimeKind};
 
 #[derive(clap::Args)]
 pub struct DecodeArgs {
@@ -281,9 +281,5 @@ fn run_in<R: Runtime, F: Activation>(
         copy_gb_per_s,
         cases,
     };
-    if let Some(out) = &args.run.out {
-        write_atomic(out, &serde_json::to_vec_pretty(&report)?)?;
-        println!("wrote {}", out.display());
-    }
-    Ok(())
+    args.run.write_report(&report)
 }

@@ -299,11 +299,18 @@ fn kernels_in<R: Runtime, F: nf4::Activation>(
         copy_gb_per_s,
         cases,
     };
-    if let Some(out) = &args.run.out {
-        write_atomic(out, &serde_json::to_vec_pretty(&report)?)?;
-        println!("wrote {}", out.display());
+    args.run.write_report(&report)
+}
+
+impl RunInfo {
+    /// Writes `report` as JSON to `--out`, when given.
+    pub(crate) fn write_report(&self, report: &impl Serialize) -> Result<()> {
+        if let Some(out) = &self.out {
+            write_atomic(out, &serde_json::to_vec_pretty(report)?)?;
+            println!("wrote {}", out.display());
+        }
+        Ok(())
     }
-    Ok(())
 }
 
 /// The card's copy bandwidth (read + write counted), measured with a CubeCL copy kernel; the buffers stay for
@@ -348,7 +355,7 @@ impl CopyProbe {
 }
 
 /// Writes through a temporary file in the same directory and renames it over `path`.
-pub(crate) fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
+fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
     }
