@@ -254,14 +254,15 @@ impl AttentionShape {
 /// biases, rotates queries and keys by the sequence's position (`lens[b] + deltas[b]`, the same on the three
 /// M-RoPE axes during decode) and writes the key and value into cache slot `lens[b]`.
 ///
-/// `q`: `[batch, heads * head_dim]` in, `q_out` the same shape out; `k`, `v`: `[batch, kv_heads * head_dim]`;
-/// caches `[batch, kv_heads, capacity, head_dim]`; `inv_freq`: `[head_dim / 2]`.
+/// `qkv`: `[batch, (heads + 2 * kv_heads) * head_dim]` in (the fused projection: queries, keys, values), `bias`
+/// its `[(heads + 2 * kv_heads) * head_dim]` bias; `q_out`: `[batch, heads * head_dim]` out; caches
+/// `[batch, kv_heads, capacity, head_dim]`; `inv_freq`: `[head_dim / 2]`.
 #[allow(clippy::too_many_arguments)]
 pub fn rope_append<R: Runtime, F: Activation>(
     client: &ComputeClient<R>,
     shape: AttentionShape,
-    (q, k, v): (&Buffer<F>, &Buffer<F>, &Buffer<F>),
-    (q_bias, k_bias, v_bias): (&Buffer<F>, &Buffer<F>, &Buffer<F>),
+    qkv: &Buffer<F>,
+    bias: &Buffer<F>,
     inv_freq: &Buffer<f32>,
     lens: &Buffer<u32>,
     deltas: &Buffer<i32>,
@@ -276,13 +277,10 @@ pub fn rope_append<R: Runtime, F: Activation>(
         batch,
         ..
     } = shape;
-    q.check("q", batch * heads * head_dim)?;
+    let width = (heads + 2 * kv_heads) * head_dim;
+    qkv.check("qkv", batch * width)?;
+    bias.check("qkv bias", width)?;
     q_out.check("q_out", batch * heads * head_dim)?;
-    k.check("k", batch * kv_heads * head_dim)?;
-    v.check("v", batch * kv_heads * head_dim)?;
-    q_bias.check("q_bias", heads * head_dim)?;
-    k_bias.check("k_bias", kv_heads * head_dim)?;
-    v_bias.check("v_bias", kv_heads * head_dim)?;
     inv_freq.check("inv_freq", head_dim / 2)?;
     lens.check("lens", batch)?;
     deltas.check("deltas", batch)?;
@@ -296,12 +294,8 @@ pub fn rope_append<R: Runtime, F: Activation>(
             client,
             CubeCount::Static((heads + kv_heads) as u32, batch as u32, 1),
             CubeDim::new_1d((head_dim / 2) as u32),
-            q.array_arg(),
-            k.array_arg(),
-            v.array_arg(),
-            q_bias.array_arg(),
-            k_bias.array_arg(),
-            v_bias.array_arg(),
+            qkv.array_arg(),
+            bias.array_arg(),
             inv_freq.array_arg(),
             lens.array_arg(),
             deltas.array_arg(),
@@ -415,16 +409,17 @@ pub fn attend<R: Runtime, F: Activation>(
     Ok(())
 }
 
-/// `out = F(silu(gate)) * up` over `n` values.
+/// `out[b, j] = F(silu(gate_up[b, j])) * gate_up[b, width + j]`: `gate_up` is `[batch, 2 * width]` (the fused
+/// gate and up projections), `out` is `[batch, width]`.
 pub fn silu_mul<R: Runtime, F: Activation>(
     client: &ComputeClient<R>,
-    gate: &Buffer<F>,
-    up: &Buffer<F>,
-    n: usize,
+    gate_up: &Buffer<F>,
+    batch: usize,
+    width: usize,
     out: &Buffer<F>,
 ) -> Result<(), KernelError> {
-    gate.check("gate", n)?;
-    up.check("up", n)?;
+    let n = batch * width;
+    gate_up.check("gate_up", 2 * n)?;
     out.check("out", n)?;
     let (count, dim) = elementwise(n);
     // SAFETY: indices below `n`, checked above.
@@ -434,10 +429,10 @@ pub fn silu_mul<R: Runtime, F: Activation>(
             client,
             count,
             dim,
-            gate.array_arg(),
-            up.array_arg(),
+            gate_up.array_arg(),
             out.array_arg(),
             n as u32,
+            width as u32,
         );
     }
     Ok(())
@@ -659,12 +654,8 @@ fn add_rms_norm_kernel<F: Float>(
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 fn rope_append_kernel<F: Float>(
-    q: &Array<F>,
-    k: &Array<F>,
-    v: &Array<F>,
-    q_bias: &Array<F>,
-    k_bias: &Array<F>,
-    v_bias: &Array<F>,
+    qkv: &Array<F>,
+    bias: &Array<F>,
     inv_freq: &Array<f32>,
     lens: &Array<u32>,
     deltas: &Array<i32>,
@@ -685,23 +676,28 @@ fn rope_append_kernel<F: Float>(
     let angle = position * inv_freq[i as usize];
     let cos = F::cast_from(f32::cos(angle));
     let sin = F::cast_from(f32::sin(angle));
+    // Row `b` of `qkv` holds the query heads, then the key heads, then the value heads; the bias the same
+    // without the row.
+    let row = b * (heads + 2 * kv_heads) * dim;
     if h < heads {
+        let col = h * dim + i;
+        let x1 = qkv[(row + col) as usize] + bias[col as usize];
+        let x2 = qkv[(row + col + half) as usize] + bias[(col + half) as usize];
         let at = (b * heads + h) * dim + i;
-        let x1 = q[at as usize] + q_bias[(h * dim + i) as usize];
-        let x2 = q[(at + half) as usize] + q_bias[(h * dim + i + half) as usize];
         q_out[at as usize] = x1 * cos - x2 * sin;
         q_out[(at + half) as usize] = x2 * cos + x1 * sin;
     } else {
         let kh = h - heads;
-        let at = (b * kv_heads + kh) * dim + i;
-        let bias = kh * dim + i;
-        let x1 = k[at as usize] + k_bias[bias as usize];
-        let x2 = k[(at + half) as usize] + k_bias[(bias + half) as usize];
+        let k_col = (heads + kh) * dim + i;
+        let v_col = k_col + kv_heads * dim;
+        let x1 = qkv[(row + k_col) as usize] + bias[k_col as usize];
+        let x2 = qkv[(row + k_col + half) as usize] + bias[(k_col + half) as usize];
         let dst = ((b * kv_heads + kh) * capacity + slot) * dim + i;
         k_cache[dst as usize] = x1 * cos - x2 * sin;
         k_cache[(dst + half) as usize] = x2 * cos + x1 * sin;
-        v_cache[dst as usize] = v[at as usize] + v_bias[bias as usize];
-        v_cache[(dst + half) as usize] = v[(at + half) as usize] + v_bias[(bias + half) as usize];
+        v_cache[dst as usize] = qkv[(row + v_col) as usize] + bias[v_col as usize];
+        v_cache[(dst + half) as usize] =
+            qkv[(row + v_col + half) as usize] + bias[(v_col + half) as usize];
     }
 }
 
@@ -861,12 +857,13 @@ fn attend_combine_kernel<F: Float>(
 }
 
 #[cube(launch_unchecked)]
-fn silu_mul_kernel<F: Float>(gate: &Array<F>, up: &Array<F>, out: &mut Array<F>, n: u32) {
+fn silu_mul_kernel<F: Float>(gate_up: &Array<F>, out: &mut Array<F>, n: u32, width: u32) {
     let i = CUBE_POS_X * CUBE_DIM_X + UNIT_POS_X;
     if i < n {
-        let g = f32::cast_from(gate[i as usize]);
+        let gate = i + (i / width) * width;
+        let g = f32::cast_from(gate_up[gate as usize]);
         let silu = F::cast_from(g / (1.0f32 + f32::exp(-g)));
-        out[i as usize] = silu * up[i as usize];
+        out[i as usize] = silu * gate_up[(gate + width) as usize];
     }
 }
 

@@ -25,12 +25,14 @@ const PLANES_PER_CUBE: u32 = 4;
 
 /// Block scales on the device.
 enum Scales {
-    /// Double quantization: 8-bit codes (4 per u32), per-256-block f32 scales, the 256-entry map, the offset.
+    /// Double quantization: 8-bit codes (4 per u32), then per nested block (256 blocks) its f32 scale and offset,
+    /// and the 256-entry map. The offset is kept per nested block so that matrices quantized separately (each with
+    /// its own mean offset) can be stacked into one ([`Nf4Matrix::stack`]).
     Double {
         codes: Buffer<u32>,
         nested: Buffer<f32>,
+        offsets: Buffer<f32>,
         map: Buffer<f32>,
-        offset: f32,
     },
     /// One f32 per block.
     Plain(Buffer<f32>),
@@ -58,43 +60,117 @@ fn words(bytes: &[u8], align: usize) -> Vec<u32> {
         .collect()
 }
 
+/// The `[rows, cols]` of a 2-D tensor.
+fn matrix_shape(tensor: &Nf4Tensor) -> Result<[usize; 2], KernelError> {
+    match tensor.shape.as_slice() {
+        &[rows, cols] => Ok([rows, cols]),
+        other => Err(KernelError::Unsupported(format!(
+            "an NF4 matrix must be 2-D, got shape {other:?}"
+        ))),
+    }
+}
+
+/// Whether stacking `parts` keeps their double quantization: every part double-quantized with the same map,
+/// and every part but the last a whole number of nested blocks (so that the nested index of a block stays
+/// `block / 256` in the stack).
+fn stack_keeps_double_quant(parts: &[&Nf4Tensor]) -> bool {
+    let Some(Absmax::Double { nested_code, .. }) = parts.first().map(|p| &p.absmax) else {
+        return false;
+    };
+    parts.iter().enumerate().all(|(i, p)| match &p.absmax {
+        Absmax::Double {
+            codes,
+            nested_code: map,
+            ..
+        } => map == nested_code && (i + 1 == parts.len() || codes.len() % NESTED_BLOCKSIZE == 0),
+        Absmax::Plain(_) => false,
+    })
+}
+
 impl Nf4Matrix {
     /// Uploads a 2-D NF4 tensor.
     pub fn upload<R: Runtime>(
         client: &ComputeClient<R>,
         tensor: &Nf4Tensor,
     ) -> Result<Self, KernelError> {
-        tensor.validate()?;
-        let &[rows, cols] = tensor.shape.as_slice() else {
-            return Err(KernelError::Unsupported(format!(
-                "an NF4 matrix must be 2-D, got shape {:?}",
-                tensor.shape
-            )));
+        Self::stack(client, &[tensor])
+    }
+
+    /// Uploads 2-D NF4 tensors of the same width and block size stacked along their rows, as one matrix: one
+    /// launch then computes all their products (q/k/v, gate/up). Every part but the last must hold a whole number
+    /// of blocks. Double-quantized scales stay double-quantized when the parts share the 8-bit map and all but the
+    /// last hold a whole number of nested blocks (every projection of Qwen2.5-VL); otherwise the stack keeps
+    /// each block's scale as an f32 (the same values, 3 more bytes per block).
+    pub fn stack<R: Runtime>(
+        client: &ComputeClient<R>,
+        parts: &[&Nf4Tensor],
+    ) -> Result<Self, KernelError> {
+        let Some(first) = parts.first() else {
+            return Err(KernelError::Unsupported(
+                "stacking no NF4 matrices".to_string(),
+            ));
         };
+        let [_, cols] = matrix_shape(first)?;
+        let blocksize = first.blocksize;
+        let mut rows = 0;
+        for (i, part) in parts.iter().enumerate() {
+            part.validate()?;
+            let [r, c] = matrix_shape(part)?;
+            if c != cols || part.blocksize != blocksize {
+                return Err(KernelError::Unsupported(format!(
+                    "stacking NF4 matrices of widths {cols} and {c}, block sizes {blocksize} and {}",
+                    part.blocksize
+                )));
+            }
+            if i + 1 < parts.len() && !(r * c).is_multiple_of(blocksize) {
+                return Err(KernelError::Unsupported(format!(
+                    "stacking a {r}x{c} NF4 matrix whose {} values are not whole blocks of {blocksize}",
+                    r * c
+                )));
+            }
+            rows += r;
+        }
         if rows * cols >= u32::MAX as usize {
             return Err(KernelError::Unsupported(format!(
                 "{rows}x{cols} has more values than 32-bit indexing covers"
             )));
         }
-        let scales = match &tensor.absmax {
-            Absmax::Plain(v) => Scales::Plain(Buffer::from_slice(client, v)),
-            Absmax::Double {
-                codes,
-                nested_absmax,
-                nested_code,
-                offset,
-            } => Scales::Double {
-                codes: Buffer::from_slice(client, &words(codes, 4)),
-                nested: Buffer::from_slice(client, nested_absmax),
-                map: Buffer::from_slice(client, nested_code),
-                offset: *offset,
-            },
+        let scales = if stack_keeps_double_quant(parts) {
+            let (mut codes, mut nested, mut offsets) = (Vec::new(), Vec::new(), Vec::new());
+            let mut map: &[f32] = &[];
+            for part in parts {
+                if let Absmax::Double {
+                    codes: c,
+                    nested_absmax,
+                    nested_code,
+                    offset,
+                } = &part.absmax
+                {
+                    codes.extend_from_slice(c);
+                    nested.extend_from_slice(nested_absmax);
+                    offsets.extend(std::iter::repeat_n(*offset, nested_absmax.len()));
+                    map = nested_code;
+                }
+            }
+            Scales::Double {
+                codes: Buffer::from_slice(client, &words(&codes, 4)),
+                nested: Buffer::from_slice(client, &nested),
+                offsets: Buffer::from_slice(client, &offsets),
+                map: Buffer::from_slice(client, map),
+            }
+        } else {
+            let absmax: Vec<f32> = parts.iter().flat_map(|p| p.absmax.to_f32()).collect();
+            Scales::Plain(Buffer::from_slice(client, &absmax))
         };
+        let packed: Vec<u8> = parts
+            .iter()
+            .flat_map(|p| p.packed.iter().copied())
+            .collect();
         Ok(Self {
             rows,
             cols,
-            blocksize: tensor.blocksize,
-            packed: Buffer::from_slice(client, &words(&tensor.packed, 16)),
+            blocksize,
+            packed: Buffer::from_slice(client, &words(&packed, 16)),
             scales,
             codebook: Buffer::from_slice(client, &NF4_CODE),
         })
@@ -110,11 +186,16 @@ impl Nf4Matrix {
         self.cols
     }
 
+    /// Whether the block scales are double-quantized on the device (false: one f32 per block).
+    pub fn double_quant(&self) -> bool {
+        matches!(self.scales, Scales::Double { .. })
+    }
+
     /// Bytes one product reads from the weight (packed codes and scales).
     pub fn weight_bytes(&self) -> usize {
         let blocks = (self.rows * self.cols).div_ceil(self.blocksize);
         let scales = match self.scales {
-            Scales::Double { .. } => blocks + blocks.div_ceil(NESTED_BLOCKSIZE) * 4 + 256 * 4,
+            Scales::Double { .. } => blocks + blocks.div_ceil(NESTED_BLOCKSIZE) * 8 + 256 * 4,
             Scales::Plain(_) => blocks * 4,
         };
         (self.rows * self.cols).div_ceil(2) + scales
@@ -162,6 +243,11 @@ pub struct GemvTiling {
     pub unroll: usize,
     /// Planes sharing the same rows, each over part of the width (split-K inside a cube); 1 for none.
     pub split: usize,
+    /// Copies of the byte-pair table in shared memory (a power of two, 1 to 16): lane `i` reads copy
+    /// `i % copies`. With 16, the 16 lanes of each half-warp's 8-byte reads hit distinct banks (32 KiB per
+    /// cube); fewer copies take less shared memory and conflict more. Capped at what the device's shared memory
+    /// holds.
+    pub copies: usize,
 }
 
 impl GemvTiling {
@@ -180,9 +266,16 @@ impl GemvTiling {
             rows_per_plane,
             unroll,
             split,
+            copies: MAX_COPIES,
         }
     }
 }
+
+/// Most copies of the byte-pair table.
+const MAX_COPIES: usize = 16;
+
+/// Bytes of one copy of the byte-pair table: 256 entries of two f32.
+const PAIR_TABLE_BYTES: usize = 256 * 8;
 
 /// `y = x W^T`: `x` is `[batch, cols]`, `y` is `[batch, rows]`, both row-major in `F`, `batch` in `1..=8`.
 /// Launches one kernel; nothing is read back.
@@ -220,13 +313,16 @@ pub fn gemv_tiled<R: Runtime, F: Activation>(
     if ![tiling.rows_per_plane, tiling.unroll, tiling.split]
         .iter()
         .all(|v| (1..=8).contains(v))
+        || !tiling.copies.is_power_of_two()
+        || tiling.copies > MAX_COPIES
     {
         return Err(KernelError::Unsupported(format!(
-            "tiling {tiling:?}: 1 to 8 each"
+            "tiling {tiling:?}: rows, unroll and split 1 to 8 each, copies a power of two up to {MAX_COPIES}"
         )));
     }
     x.check("x", batch * weight.cols)?;
     y.check("y", batch * weight.rows)?;
+    let hardware = &client.properties().hardware;
     let plane = crate::plane_size(client);
     let aligned = weight.cols.is_multiple_of(32);
     let split = aligned && tiling.split > 1;
@@ -240,17 +336,29 @@ pub fn gemv_tiled<R: Runtime, F: Activation>(
     } else {
         PLANES_PER_CUBE
     };
+    // Half the shared memory at most for the table, the rest for the split-K sums and other cubes.
+    let mut copies = tiling.copies;
+    while copies > 1 && copies * PAIR_TABLE_BYTES > hardware.max_shared_memory_size / 2 {
+        copies /= 2;
+    }
+    // Each cube fills its table once and then loops over row groups: no more cubes than stay resident.
+    let groups = (weight.rows as u32).div_ceil(rows_per_cube);
+    let resident =
+        (hardware.max_shared_memory_size / (copies * PAIR_TABLE_BYTES)).clamp(1, 16) as u32;
+    let cubes = match hardware.num_streaming_multiprocessors {
+        Some(sms) if aligned => groups.min(sms * resident),
+        _ => groups,
+    };
     let cube_dim = CubeDim::new_2d(plane, planes);
-    let cube_count = CubeCount::Static((weight.rows as u32).div_ceil(rows_per_cube), 1, 1);
-    let (codes, scales, map, offset, double_quant) = match &weight.scales {
+    let (codes, scales, offsets, map, double_quant) = match &weight.scales {
         Scales::Double {
             codes,
             nested,
+            offsets,
             map,
-            offset,
-        } => (codes, nested, map, *offset, true),
-        // The code and map arguments are not read without double quantization.
-        Scales::Plain(absmax) => (&weight.packed, absmax, &weight.codebook, 0.0, false),
+        } => (codes, nested, offsets, map, true),
+        // The code, offset and map arguments are not read without double quantization.
+        Scales::Plain(absmax) => (&weight.packed, absmax, absmax, &weight.codebook, false),
     };
     // SAFETY: every array is passed with the element count of its own buffer, and the kernels index only inside
     // the shapes checked above (`rows`, `cols`, `batch`) plus the scale arrays sized by `Nf4Tensor::validate`.
@@ -259,39 +367,41 @@ pub fn gemv_tiled<R: Runtime, F: Activation>(
         if aligned {
             gemv_aligned::launch_unchecked::<F, R>(
                 client,
-                cube_count,
+                CubeCount::Static(cubes, 1, 1),
                 cube_dim,
                 16 / size_of::<F>(),
                 x.array_arg(),
                 weight.packed.array_arg(),
                 codes.array_arg(),
                 scales.array_arg(),
+                offsets.array_arg(),
                 map.array_arg(),
                 weight.codebook.array_arg(),
                 y.array_arg(),
-                offset,
                 weight.rows as u32,
                 weight.cols as u32,
+                groups,
                 batch,
                 weight.blocksize as u32,
                 double_quant,
                 tiling.rows_per_plane,
                 tiling.unroll,
                 if split { tiling.split } else { 1 },
+                copies as u32,
             );
         } else {
             gemv_any::launch_unchecked::<F, R>(
                 client,
-                cube_count,
+                CubeCount::Static(cubes, 1, 1),
                 cube_dim,
                 x.array_arg(),
                 weight.packed.array_arg(),
                 codes.array_arg(),
                 scales.array_arg(),
+                offsets.array_arg(),
                 map.array_arg(),
                 weight.codebook.array_arg(),
                 y.array_arg(),
-                offset,
                 weight.rows as u32,
                 weight.cols as u32,
                 batch,
@@ -309,13 +419,14 @@ fn block_scale(
     block: u32,
     codes: &Array<u32>,
     scales: &Array<f32>,
+    offsets: &Array<f32>,
     map: &Array<f32>,
-    offset: f32,
     #[comptime] double_quant: bool,
 ) -> f32 {
     if comptime!(double_quant) {
         let code = (codes[(block / 4) as usize] >> ((block % 4) * 8)) & 0xFF;
-        map[code as usize] * scales[(block / 256) as usize] + offset
+        let nested = (block / 256) as usize;
+        map[code as usize] * scales[nested] + offsets[nested]
     } else {
         scales[block as usize]
     }
@@ -332,23 +443,43 @@ fn load_codebook(codebook: &Array<f32>) -> SharedMemory<f32> {
     table
 }
 
+/// The byte-pair table in shared memory: entry `byte * copies + c` holds the values of the byte's two codes (high
+/// nibble first), so that one 8-byte read decodes two codes.
+#[cube]
+fn load_pairs(
+    codebook: &Array<f32>,
+    #[comptime] copies: u32,
+) -> SharedMemory<Vector<f32, Const<2>>> {
+    let mut table = SharedMemory::<Vector<f32, Const<2>>>::new(comptime!(256 * copies) as usize);
+    for i in range_stepped(UNIT_POS, comptime!(256 * copies), CUBE_DIM) {
+        let byte = i / comptime!(copies);
+        let mut pair = Vector::<f32, Const<2>>::empty();
+        pair[0] = codebook[(byte >> 4) as usize];
+        pair[1] = codebook[(byte & 0xF) as usize];
+        table[i as usize] = pair;
+    }
+    sync_cube();
+    table
+}
+
 /// Decodes the 8 codes of one little-endian u32 of packed bytes (byte 0 first, high nibble first) into
-/// `values[base..base + 8]`.
+/// `values[base..base + 8]`, one table read per byte.
 #[cube]
 fn decode_word(
     word: u32,
-    table: &SharedMemory<f32>,
+    table: &SharedMemory<Vector<f32, Const<2>>>,
+    copy: u32,
     values: &mut Array<f32>,
     #[comptime] base: usize,
+    #[comptime] copies: u32,
 ) {
-    values[base] = table[((word >> 4) & 0xF) as usize];
-    values[base + 1] = table[(word & 0xF) as usize];
-    values[base + 2] = table[((word >> 12) & 0xF) as usize];
-    values[base + 3] = table[((word >> 8) & 0xF) as usize];
-    values[base + 4] = table[((word >> 20) & 0xF) as usize];
-    values[base + 5] = table[((word >> 16) & 0xF) as usize];
-    values[base + 6] = table[((word >> 28) & 0xF) as usize];
-    values[base + 7] = table[((word >> 24) & 0xF) as usize];
+    #[unroll]
+    for j in 0..4u32 {
+        let byte = (word >> comptime!(8 * j)) & 0xFF;
+        let pair = table[(byte * comptime!(copies) + copy) as usize];
+        values[base + comptime!(2 * j as usize)] = pair[0];
+        values[base + comptime!(2 * j as usize) + 1] = pair[1];
+    }
 }
 
 #[cube(launch_unchecked)]
@@ -358,52 +489,57 @@ fn gemv_aligned<F: Float, NX: Size>(
     packed: &Array<Vector<u32, Const<4>>>,
     codes: &Array<u32>,
     scales: &Array<f32>,
+    offsets: &Array<f32>,
     map: &Array<f32>,
     codebook: &Array<f32>,
     y: &mut Array<F>,
-    offset: f32,
     rows: u32,
     cols: u32,
+    groups: u32,
     #[comptime] batch: usize,
     #[comptime] blocksize: u32,
     #[comptime] double_quant: bool,
     #[comptime] rows_per_plane: usize,
     #[comptime] unroll: usize,
     #[comptime] split: usize,
+    #[comptime] copies: u32,
 ) {
-    let table = load_codebook(codebook);
+    let table = load_pairs(codebook, copies);
+    let copy = UNIT_POS_X % comptime!(copies);
+    let nx = NX::value();
+    let per_word = comptime!(8 / nx);
+    let chunks = cols / 32;
+    let slots = comptime!(rows_per_plane * unroll);
+    let outputs = comptime!(batch * rows_per_plane);
+    let mut acc = Array::<f32>::new(outputs);
+    let mut words = Array::<Vector<u32, Const<4>>>::new(slots);
+    let mut block_scales = Array::<f32>::new(slots);
+    let mut values = Array::<f32>::new(8 * rows_per_plane);
+    let mut dots = Array::<f32>::new(outputs);
+    let mut partial = SharedMemory::<f32>::new(comptime!(split * outputs));
     // Without split-K each plane of the cube has rows of its own; with it, the cube's planes share the same rows
-    // and each takes every `split`-th group of chunks.
-    let (first_row, lane, width) = if comptime!(split == 1) {
-        (
-            (CUBE_POS_X * CUBE_DIM_Y + UNIT_POS_Y) * comptime!(rows_per_plane as u32),
-            UNIT_POS_X,
-            CUBE_DIM_X,
-        )
-    } else {
-        (
-            CUBE_POS_X * comptime!(rows_per_plane as u32),
-            UNIT_POS_Y * CUBE_DIM_X + UNIT_POS_X,
-            CUBE_DIM_X * CUBE_DIM_Y,
-        )
-    };
-    if first_row < rows {
-        let nx = NX::value();
-        let per_word = comptime!(8 / nx);
-        let chunks = cols / 32;
-        let slots = comptime!(rows_per_plane * unroll);
-        let mut acc = Array::<f32>::new(batch * rows_per_plane);
+    // and each takes every `split`-th group of chunks. The cube loops over row groups (its table is filled once).
+    for group in range_stepped(CUBE_POS_X, groups, CUBE_COUNT_X) {
+        let (first_row, lane, width) = if comptime!(split == 1) {
+            (
+                (group * CUBE_DIM_Y + UNIT_POS_Y) * comptime!(rows_per_plane as u32),
+                UNIT_POS_X,
+                CUBE_DIM_X,
+            )
+        } else {
+            (
+                group * comptime!(rows_per_plane as u32),
+                UNIT_POS_Y * CUBE_DIM_X + UNIT_POS_X,
+                CUBE_DIM_X * CUBE_DIM_Y,
+            )
+        };
         #[unroll]
-        for i in 0..batch * rows_per_plane {
+        for i in 0..outputs {
             acc[i] = 0.0;
         }
-        let mut words = Array::<Vector<u32, Const<4>>>::new(slots);
-        let mut block_scales = Array::<f32>::new(slots);
-        let mut values = Array::<f32>::new(8 * rows_per_plane);
-        let mut dots = Array::<f32>::new(batch * rows_per_plane);
-        // Each step, lane `i` takes chunks `first + u * plane + i` (`u < unroll`) of each of the plane's rows, and
-        // issues every load of the step before using any. Rows past the end re-read the last row; their sums are
-        // not written.
+        // Each step, lane `i` takes chunks `first + u * width + i` (`u < unroll`) of each of the plane's rows,
+        // and issues every load of the step before using any. Rows past the end re-read the last row; their sums
+        // are not written.
         for first in range_stepped(0, chunks, width * comptime!(unroll as u32)) {
             #[unroll]
             for u in 0..unroll {
@@ -422,8 +558,8 @@ fn gemv_aligned<F: Float, NX: Size>(
                             (row * cols + chunk * 32) / blocksize,
                             codes,
                             scales,
+                            offsets,
                             map,
-                            offset,
                             double_quant,
                         );
                     }
@@ -434,7 +570,7 @@ fn gemv_aligned<F: Float, NX: Size>(
                 let chunk = first + width * comptime!(u as u32) + lane;
                 if chunk < chunks {
                     #[unroll]
-                    for i in 0..batch * rows_per_plane {
+                    for i in 0..outputs {
                         dots[i] = 0.0;
                     }
                     // Word `w` of the chunk holds codes `8w..8w + 8`: decode it for every row, then multiply by
@@ -444,7 +580,7 @@ fn gemv_aligned<F: Float, NX: Size>(
                         #[unroll]
                         for r in 0..rows_per_plane {
                             let word = words[u * rows_per_plane + r];
-                            decode_word(word[w], &table, &mut values, r * 8);
+                            decode_word(word[w], &table, copy, &mut values, r * 8, copies);
                         }
                         #[unroll]
                         for b in 0..batch {
@@ -489,8 +625,6 @@ fn gemv_aligned<F: Float, NX: Size>(
             }
         } else {
             // Each plane's sums through shared memory; the first unit adds the planes' and writes.
-            let outputs = comptime!(batch * rows_per_plane);
-            let mut partial = SharedMemory::<f32>::new(comptime!(split * batch * rows_per_plane));
             #[unroll]
             for i in 0..outputs {
                 let total = plane_sum(acc[i]);
@@ -516,6 +650,8 @@ fn gemv_aligned<F: Float, NX: Size>(
                     }
                 }
             }
+            // The next group overwrites the sums only after they were read.
+            sync_cube();
         }
     }
 }
@@ -527,10 +663,10 @@ fn gemv_any<F: Float>(
     packed: &Array<u32>,
     codes: &Array<u32>,
     scales: &Array<f32>,
+    offsets: &Array<f32>,
     map: &Array<f32>,
     codebook: &Array<f32>,
     y: &mut Array<F>,
-    offset: f32,
     rows: u32,
     cols: u32,
     #[comptime] batch: usize,
@@ -553,7 +689,7 @@ fn gemv_any<F: Float>(
             } else {
                 byte & 0xF
             };
-            let scale = block_scale(index / blocksize, codes, scales, map, offset, double_quant);
+            let scale = block_scale(index / blocksize, codes, scales, offsets, map, double_quant);
             let w = table[code as usize] * scale;
             #[unroll]
             for b in 0..batch {

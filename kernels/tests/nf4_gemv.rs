@@ -70,15 +70,27 @@ fn check_with<R: Runtime, F: Host>(
     seed: u64,
     tiling: Option<GemvTiling>,
 ) -> f32 {
-    let (rows, cols) = (weight.shape[0], weight.shape[1]);
+    check_stack::<R, F>(client, &[weight], batch, seed, tiling)
+}
+
+/// [`check_with`] for the matrix `Nf4Matrix::stack` makes of `parts`: its outputs are each part's, one after the
+/// other.
+fn check_stack<R: Runtime, F: Host>(
+    client: &ComputeClient<R>,
+    parts: &[&Nf4Tensor],
+    batch: usize,
+    seed: u64,
+    tiling: Option<GemvTiling>,
+) -> f32 {
+    let cols = parts[0].shape[1];
+    let rows: usize = parts.iter().map(|p| p.shape[0]).sum();
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let x: Vec<F> = (0..batch * cols)
         .map(|_| F::host_from(rng.random_range(-1.0..1.0)))
         .collect();
     let x_f32: Vec<f32> = x.iter().map(|v| v.host_to()).collect();
-    let expected = reference::nf4_gemv(&x_f32, batch, weight);
 
-    let matrix = Nf4Matrix::upload(client, weight).unwrap();
+    let matrix = Nf4Matrix::stack(client, parts).unwrap();
     let x_dev = Buffer::from_slice(client, &x);
     let y_dev = Buffer::<F>::empty(client, batch * rows);
     match tiling {
@@ -88,26 +100,79 @@ fn check_with<R: Runtime, F: Host>(
     let got = y_dev.read(client).unwrap();
 
     // Tolerance: f32 accumulation over `cols` products, plus one rounding of the output to F.
-    let w = weight.dequantize();
     let mut worst = 0.0f32;
-    for b in 0..batch {
-        for n in 0..rows {
-            let magnitude: f32 = (0..cols)
-                .map(|k| (x_f32[b * cols + k] * w[n * cols + k]).abs())
-                .sum();
-            let e = expected[b * rows + n];
-            let tol = 1e-5 * magnitude + F::EPS * e.abs() + 1e-6;
-            let err = (got[b * rows + n].host_to() - e).abs() / tol;
-            assert!(
-                err <= 1.0,
-                "{rows}x{cols} batch {batch} block {} {tiling:?}: y[{b},{n}] = {} expected {e} (tolerance {tol})",
-                weight.blocksize,
-                got[b * rows + n].host_to()
-            );
-            worst = worst.max(err);
+    let mut first_row = 0;
+    for weight in parts {
+        let part_rows = weight.shape[0];
+        let expected = reference::nf4_gemv(&x_f32, batch, weight);
+        let w = weight.dequantize();
+        for b in 0..batch {
+            for n in 0..part_rows {
+                let magnitude: f32 = (0..cols)
+                    .map(|k| (x_f32[b * cols + k] * w[n * cols + k]).abs())
+                    .sum();
+                let e = expected[b * part_rows + n];
+                let tol = 1e-5 * magnitude + F::EPS * e.abs() + 1e-6;
+                let value = got[b * rows + first_row + n].host_to();
+                let err = (value - e).abs() / tol;
+                assert!(
+                    err <= 1.0,
+                    "{rows}x{cols} batch {batch} block {} {tiling:?}: y[{b},{}] = {value} expected {e} (tolerance {tol})",
+                    weight.blocksize,
+                    first_row + n,
+                );
+                worst = worst.max(err);
+            }
         }
+        first_row += part_rows;
     }
     worst
+}
+
+/// Stacked matrices (the plan's fused q/k/v and gate/up): each part quantized on its own, so with its own
+/// double-quantization offset; parts that are whole nested blocks keep double quantization, others fall back to
+/// f32 scales, and both give each part's products.
+fn stacked<R: Runtime, F: Host>(client: &ComputeClient<R>) {
+    // 64x256 = 256 blocks of 64 = one nested block: double quantization survives the stack.
+    let q = random_weight(64, 256, 64, true, 1);
+    let k = random_weight(64, 256, 64, true, 2);
+    let v = random_weight(24, 256, 64, true, 3);
+    let offsets: Vec<f32> = [&q, &k, &v]
+        .iter()
+        .map(|t| match t.absmax {
+            medvl_nf4::Absmax::Double { offset, .. } => offset,
+            medvl_nf4::Absmax::Plain(_) => f32::NAN,
+        })
+        .collect();
+    assert!(
+        offsets[0] != offsets[1],
+        "the parts' offsets should differ: {offsets:?}"
+    );
+    assert!(
+        Nf4Matrix::stack(client, &[&q, &k, &v])
+            .unwrap()
+            .double_quant()
+    );
+    for batch in [1, 3, 8] {
+        check_stack::<R, F>(client, &[&q, &k, &v], batch, 5, None);
+    }
+    // 8x256 = 32 blocks, not a whole nested block: f32 scales.
+    let small = random_weight(8, 256, 64, true, 4);
+    let plain = Nf4Matrix::stack(client, &[&small, &q]).unwrap();
+    assert!(!plain.double_quant());
+    check_stack::<R, F>(client, &[&small, &q], 2, 6, None);
+    // Different widths, and a part that is not whole blocks, are refused.
+    let narrow = random_weight(64, 128, 64, true, 5);
+    assert!(matches!(
+        Nf4Matrix::stack(client, &[&q, &narrow]),
+        Err(KernelError::Unsupported(_))
+    ));
+    let ragged = random_weight(1, 96, 64, false, 6);
+    let ragged2 = random_weight(2, 96, 64, false, 7);
+    assert!(matches!(
+        Nf4Matrix::stack(client, &[&ragged, &ragged2]),
+        Err(KernelError::Unsupported(_))
+    ));
 }
 
 /// Shapes `[out, in]`: the 7B decoder's q/o, k/v, gate/up and down projections, the vision MLP's, and odd ones
@@ -154,6 +219,7 @@ fn every_tiling<R: Runtime, F: Host>(client: &ComputeClient<R>) {
                             rows_per_plane,
                             unroll,
                             split,
+                            copies: if unroll == 1 { 1 } else { 16 },
                         };
                         check_with::<R, F>(client, &weight, batch, 9, Some(tiling));
                     }
@@ -244,6 +310,11 @@ mod wgpu {
     }
 
     #[test]
+    fn stacked_f32() {
+        stacked::<WgpuRuntime, f32>(&client());
+    }
+
+    #[test]
     fn copy_probe_wgpu() {
         copy_probe_copies::<WgpuRuntime>(&client());
     }
@@ -283,6 +354,13 @@ mod cuda {
     fn cuda_every_tiling() {
         every_tiling::<CudaRuntime, f32>(&client());
         every_tiling::<CudaRuntime, bf16>(&client());
+    }
+
+    #[test]
+    #[ignore = "needs an NVIDIA GPU"]
+    fn cuda_stacked() {
+        stacked::<CudaRuntime, f32>(&client());
+        stacked::<CudaRuntime, bf16>(&client());
     }
 
     #[test]

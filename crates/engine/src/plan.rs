@@ -1,9 +1,10 @@
 //! The decode step as a fixed plan of medvl's own CubeCL kernels (`medvl-kernels`), launched in a fixed order on
 //! buffers allocated once: per decoder layer
 //!
-//! 1. residual add + RMSNorm, 2. q, k, v GEMVs (dense or NF4), 3. bias + rotary + KV-cache append,
-//! 4. attention of the new token over its cache (split, then combined), 5. o GEMV, 6. residual add + RMSNorm,
-//! 7. gate and up GEMVs, 8. SiLU-gated product, 9. down GEMV;
+//! 1. residual add + RMSNorm, 2. one GEMV for q, k and v (dense or NF4, the three weights stacked into one
+//! matrix), 3. bias + rotary + KV-cache append, 4. attention of the new token over its cache (split, then
+//! combined), 5. o GEMV, 6. residual add + RMSNorm, 7. one GEMV for gate and up (stacked), 8. SiLU-gated product,
+//! 9. down GEMV (10 launches);
 //!
 //! then the final norm, the lm_head GEMV and the argmax, which also moves every sequence's length on. Inside a
 //! step nothing is allocated, no burn op runs, and the host reads back only the sampled token ids.
@@ -331,21 +332,51 @@ impl<F: Activation> Matrix<F> {
         what: &str,
         expected: [usize; 2],
     ) -> Result<Self> {
-        if host.shape() != expected {
-            return Err(EngineError::Plan(format!(
-                "{what}: shape {:?}, the plan needs {expected:?}",
-                host.shape()
-            )));
+        Self::stack(client, &[(host, expected)], what)
+    }
+
+    /// One matrix of `parts` stacked along their rows (each with the shape it must have), so that one launch
+    /// computes all their products: NF4 stays NF4 ([`Nf4Matrix::stack`]); dense stays dense; a mix is
+    /// dequantized to dense.
+    fn stack<R: Runtime>(
+        client: &ComputeClient<R>,
+        parts: &[(&HostMatrix, [usize; 2])],
+        what: &str,
+    ) -> Result<Self> {
+        for &(host, expected) in parts {
+            if host.shape() != expected {
+                return Err(EngineError::Plan(format!(
+                    "{what}: shape {:?}, the plan needs {expected:?}",
+                    host.shape()
+                )));
+            }
         }
-        Ok(match host {
-            HostMatrix::Dense { values, rows, cols } => Self::Dense(DenseMatrix::upload(
-                client,
-                &to_f::<F>(values),
-                *rows,
-                *cols,
-            )?),
-            HostMatrix::Nf4(t) => Self::Nf4(Box::new(Nf4Matrix::upload(client, t)?)),
-        })
+        let nf4: Vec<&Nf4Tensor> = parts
+            .iter()
+            .filter_map(|(host, _)| match host {
+                HostMatrix::Nf4(t) => Some(t),
+                HostMatrix::Dense { .. } => None,
+            })
+            .collect();
+        if nf4.len() == parts.len() {
+            let matrix = Nf4Matrix::stack(client, &nf4)
+                .map_err(|e| EngineError::Plan(format!("{what}: {e}")))?;
+            return Ok(Self::Nf4(Box::new(matrix)));
+        }
+        let mut values = Vec::new();
+        for (host, _) in parts {
+            match host {
+                HostMatrix::Dense { values: v, .. } => {
+                    values.extend(v.iter().map(|&x| F::from_host(x)))
+                }
+                HostMatrix::Nf4(t) => values.extend(t.dequantize().into_iter().map(F::from_host)),
+            }
+        }
+        let rows = parts.iter().map(|(_, [r, _])| r).sum();
+        let cols = parts[0].1[1];
+        Ok(Self::Dense(DenseMatrix::upload(
+            client, &values, rows, cols,
+        )?))
     }
 
     fn apply<R: Runtime>(
@@ -393,18 +424,17 @@ fn to_f<F: Activation>(values: &[f32]) -> Vec<F> {
     values.iter().map(|&v| F::from_host(v)).collect()
 }
 
+/// One decoder layer on the device; q/k/v and gate/up are stacked into one matrix each (one launch).
 struct Layer<F> {
     input_norm: Buffer<F>,
-    q: Matrix<F>,
-    k: Matrix<F>,
-    v: Matrix<F>,
-    q_bias: Buffer<F>,
-    k_bias: Buffer<F>,
-    v_bias: Buffer<F>,
+    /// `[q; k; v]`: `[heads * head_dim + 2 * kv_heads * head_dim, hidden]`.
+    qkv: Matrix<F>,
+    /// `[q_bias, k_bias, v_bias]`.
+    qkv_bias: Buffer<F>,
     o: Matrix<F>,
     post_norm: Buffer<F>,
-    gate: Matrix<F>,
-    up: Matrix<F>,
+    /// `[gate; up]`: `[2 * intermediate, hidden]`.
+    gate_up: Matrix<F>,
     down: Matrix<F>,
     k_cache: Buffer<F>,
     v_cache: Buffer<F>,
@@ -428,40 +458,50 @@ impl<F: Activation> Layer<F> {
             }
             Ok(Buffer::from_slice(client, &to_f::<F>(values)))
         };
-        let matrix = |m: &HostMatrix, what: &str, shape: [usize; 2]| {
-            Matrix::upload(client, m, &format!("layer {index} {what}"), shape)
-        };
+        let name = |what: &str| format!("layer {index} {what}");
+        let biases = [
+            (&host.q_bias, "q bias", qd),
+            (&host.k_bias, "k bias", kvd),
+            (&host.v_bias, "v bias", kvd),
+        ];
+        let mut qkv_bias = Vec::with_capacity(qd + 2 * kvd);
+        for (values, what, n) in biases {
+            if values.len() != n {
+                return Err(EngineError::Plan(format!(
+                    "layer {index} {what}: {} values, the plan needs {n}",
+                    values.len()
+                )));
+            }
+            qkv_bias.extend(values.iter().map(|&v| F::from_host(v)));
+        }
         let cache = config.attention().cache_len();
         Ok(Self {
             input_norm: vector(&host.input_norm, "input norm", h)?,
-            q: matrix(&host.q, "q_proj", [qd, h])?,
-            k: matrix(&host.k, "k_proj", [kvd, h])?,
-            v: matrix(&host.v, "v_proj", [kvd, h])?,
-            q_bias: vector(&host.q_bias, "q bias", qd)?,
-            k_bias: vector(&host.k_bias, "k bias", kvd)?,
-            v_bias: vector(&host.v_bias, "v bias", kvd)?,
-            o: matrix(&host.o, "o_proj", [h, qd])?,
+            qkv: Matrix::stack(
+                client,
+                &[(&host.q, [qd, h]), (&host.k, [kvd, h]), (&host.v, [kvd, h])],
+                &name("q/k/v_proj"),
+            )?,
+            qkv_bias: Buffer::from_slice(client, &qkv_bias),
+            o: Matrix::upload(client, &host.o, &name("o_proj"), [h, qd])?,
             post_norm: vector(&host.post_norm, "post-attention norm", h)?,
-            gate: matrix(&host.gate, "gate_proj", [i, h])?,
-            up: matrix(&host.up, "up_proj", [i, h])?,
-            down: matrix(&host.down, "down_proj", [h, i])?,
+            gate_up: Matrix::stack(
+                client,
+                &[(&host.gate, [i, h]), (&host.up, [i, h])],
+                &name("gate/up_proj"),
+            )?,
+            down: Matrix::upload(client, &host.down, &name("down_proj"), [h, i])?,
             k_cache: Buffer::from_slice(client, &vec![F::from_host(0.0); cache]),
             v_cache: Buffer::from_slice(client, &vec![F::from_host(0.0); cache]),
         })
     }
 
     fn weight_bytes(&self) -> usize {
-        let vectors = self.input_norm.len()
-            + self.post_norm.len()
-            + self.q_bias.len()
-            + self.k_bias.len()
-            + self.v_bias.len();
-        [
-            &self.q, &self.k, &self.v, &self.o, &self.gate, &self.up, &self.down,
-        ]
-        .iter()
-        .map(|m| m.weight_bytes())
-        .sum::<usize>()
+        let vectors = self.input_norm.len() + self.post_norm.len() + self.qkv_bias.len();
+        [&self.qkv, &self.o, &self.gate_up, &self.down]
+            .iter()
+            .map(|m| m.weight_bytes())
+            .sum::<usize>()
             + vectors * size_of::<F>()
     }
 }
@@ -470,14 +510,13 @@ impl<F: Activation> Layer<F> {
 struct Activations<F> {
     residual: Buffer<F>,
     normed: Buffer<F>,
-    q: Buffer<F>,
-    k: Buffer<F>,
-    v: Buffer<F>,
+    /// `[batch, q | k | v]`.
+    qkv: Buffer<F>,
     q_rot: Buffer<F>,
     attn: Buffer<F>,
     o: Buffer<F>,
-    gate: Buffer<F>,
-    up: Buffer<F>,
+    /// `[batch, gate | up]`.
+    gate_up: Buffer<F>,
     act: Buffer<F>,
     down: Buffer<F>,
     logits: Buffer<F>,
@@ -532,15 +571,12 @@ impl Prefilled {
 enum Op {
     Embed,
     InputNorm,
-    Q,
-    K,
-    V,
+    Qkv,
     Rope,
     Attention,
     O,
     PostNorm,
-    Gate,
-    Up,
+    GateUp,
     SiluMul,
     Down,
     FinalNorm,
@@ -552,15 +588,12 @@ impl Op {
     /// A decoder layer's operations, in order.
     const LAYER: &'static [Op] = &[
         Op::InputNorm,
-        Op::Q,
-        Op::K,
-        Op::V,
+        Op::Qkv,
         Op::Rope,
         Op::Attention,
         Op::O,
         Op::PostNorm,
-        Op::Gate,
-        Op::Up,
+        Op::GateUp,
         Op::SiluMul,
         Op::Down,
     ];
@@ -571,15 +604,12 @@ impl Op {
         match self {
             Op::Embed => "embed",
             Op::InputNorm => "input add+norm",
-            Op::Q => "q_proj",
-            Op::K => "k_proj",
-            Op::V => "v_proj",
+            Op::Qkv => "q/k/v_proj",
             Op::Rope => "bias+rope+append",
             Op::Attention => "attention",
             Op::O => "o_proj",
             Op::PostNorm => "post add+norm",
-            Op::Gate => "gate_proj",
-            Op::Up => "up_proj",
+            Op::GateUp => "gate/up_proj",
             Op::SiluMul => "silu*up",
             Op::Down => "down_proj",
             Op::FinalNorm => "final add+norm",
@@ -676,14 +706,11 @@ impl<R: Runtime, F: Activation> DecodePlan<R, F> {
             act: Activations {
                 residual: empty(h),
                 normed: empty(h),
-                q: empty(qd),
-                k: empty(kvd),
-                v: empty(kvd),
+                qkv: empty(qd + 2 * kvd),
                 q_rot: empty(qd),
                 attn: empty(qd),
                 o: empty(h),
-                gate: empty(config.intermediate),
-                up: empty(config.intermediate),
+                gate_up: empty(2 * config.intermediate),
                 act: empty(config.intermediate),
                 down: empty(h),
                 logits: empty(config.vocab),
@@ -850,12 +877,9 @@ impl<R: Runtime, F: Activation> DecodePlan<R, F> {
     fn gemv(&self, op: Op, layer: usize) -> Option<(&Matrix<F>, &Buffer<F>, &Buffer<F>)> {
         let (a, l) = (&self.act, &self.layers[layer]);
         Some(match op {
-            Op::Q => (&l.q, &a.normed, &a.q),
-            Op::K => (&l.k, &a.normed, &a.k),
-            Op::V => (&l.v, &a.normed, &a.v),
+            Op::Qkv => (&l.qkv, &a.normed, &a.qkv),
             Op::O => (&l.o, &a.attn, &a.o),
-            Op::Gate => (&l.gate, &a.normed, &a.gate),
-            Op::Up => (&l.up, &a.normed, &a.up),
+            Op::GateUp => (&l.gate_up, &a.normed, &a.gate_up),
             Op::Down => (&l.down, &a.act, &a.down),
             Op::LmHead => (&self.lm_head, &a.normed, &a.logits),
             _ => return None,
@@ -919,8 +943,8 @@ impl<R: Runtime, F: Activation> DecodePlan<R, F> {
             Op::Rope => decode::rope_append(
                 c,
                 shape,
-                (&a.q, &a.k, &a.v),
-                (&l.q_bias, &l.k_bias, &l.v_bias),
+                &a.qkv,
+                &l.qkv_bias,
                 &self.inv_freq,
                 &self.lens,
                 &self.deltas,
@@ -940,9 +964,7 @@ impl<R: Runtime, F: Activation> DecodePlan<R, F> {
             Op::PostNorm => {
                 decode::add_rms_norm(c, &a.residual, Some(&a.o), &l.post_norm, b, eps, &a.normed)?
             }
-            Op::SiluMul => {
-                decode::silu_mul(c, &a.gate, &a.up, b * self.config.intermediate, &a.act)?
-            }
+            Op::SiluMul => decode::silu_mul(c, &a.gate_up, b, self.config.intermediate, &a.act)?,
             Op::FinalNorm => {
                 decode::add_rms_norm(c, &a.residual, Some(&a.down), &self.norm, b, eps, &a.normed)?
             }
@@ -956,7 +978,7 @@ impl<R: Runtime, F: Activation> DecodePlan<R, F> {
                 &self.lens,
             )?,
             // The weight products, launched above.
-            Op::Q | Op::K | Op::V | Op::O | Op::Gate | Op::Up | Op::Down | Op::LmHead => {}
+            Op::Qkv | Op::O | Op::GateUp | Op::Down | Op::LmHead => {}
         }
         Ok(())
     }
