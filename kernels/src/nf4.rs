@@ -243,11 +243,6 @@ pub struct GemvTiling {
     pub unroll: usize,
     /// Planes sharing the same rows, each over part of the width (split-K inside a cube); 1 for none.
     pub split: usize,
-    /// Copies of the byte-pair table in shared memory (a power of two, 1 to 16): lane `i` reads copy
-    /// `i % copies`. With 16, the 16 lanes of each half-warp's 8-byte reads hit distinct banks (32 KiB per
-    /// cube); fewer copies take less shared memory and conflict more. Capped at what the device's shared memory
-    /// holds.
-    pub copies: usize,
 }
 
 impl GemvTiling {
@@ -266,16 +261,9 @@ impl GemvTiling {
             rows_per_plane,
             unroll,
             split,
-            copies: MAX_COPIES,
         }
     }
 }
-
-/// Most copies of the byte-pair table.
-const MAX_COPIES: usize = 16;
-
-/// Bytes of one copy of the byte-pair table: 256 entries of two f32.
-const PAIR_TABLE_BYTES: usize = 256 * 8;
 
 /// `y = x W^T`: `x` is `[batch, cols]`, `y` is `[batch, rows]`, both row-major in `F`, `batch` in `1..=8`.
 /// Launches one kernel; nothing is read back.
@@ -313,16 +301,13 @@ pub fn gemv_tiled<R: Runtime, F: Activation>(
     if ![tiling.rows_per_plane, tiling.unroll, tiling.split]
         .iter()
         .all(|v| (1..=8).contains(v))
-        || !tiling.copies.is_power_of_two()
-        || tiling.copies > MAX_COPIES
     {
         return Err(KernelError::Unsupported(format!(
-            "tiling {tiling:?}: rows, unroll and split 1 to 8 each, copies a power of two up to {MAX_COPIES}"
+            "tiling {tiling:?}: 1 to 8 each"
         )));
     }
     x.check("x", batch * weight.cols)?;
     y.check("y", batch * weight.rows)?;
-    let hardware = &client.properties().hardware;
     let plane = crate::plane_size(client);
     let aligned = weight.cols.is_multiple_of(32);
     let split = aligned && tiling.split > 1;
@@ -336,19 +321,7 @@ pub fn gemv_tiled<R: Runtime, F: Activation>(
     } else {
         PLANES_PER_CUBE
     };
-    // Half the shared memory at most for the table, the rest for the split-K sums and other cubes.
-    let mut copies = tiling.copies;
-    while copies > 1 && copies * PAIR_TABLE_BYTES > hardware.max_shared_memory_size / 2 {
-        copies /= 2;
-    }
-    // Each cube fills its table once and then loops over row groups: no more cubes than stay resident.
-    let groups = (weight.rows as u32).div_ceil(rows_per_cube);
-    let resident =
-        (hardware.max_shared_memory_size / (copies * PAIR_TABLE_BYTES)).clamp(1, 16) as u32;
-    let cubes = match hardware.num_streaming_multiprocessors {
-        Some(sms) if aligned => groups.min(sms * resident),
-        _ => groups,
-    };
+    let cube_count = CubeCount::Static((weight.rows as u32).div_ceil(rows_per_cube), 1, 1);
     let cube_dim = CubeDim::new_2d(plane, planes);
     let (codes, scales, offsets, map, double_quant) = match &weight.scales {
         Scales::Double {
@@ -367,7 +340,7 @@ pub fn gemv_tiled<R: Runtime, F: Activation>(
         if aligned {
             gemv_aligned::launch_unchecked::<F, R>(
                 client,
-                CubeCount::Static(cubes, 1, 1),
+                cube_count.clone(),
                 cube_dim,
                 16 / size_of::<F>(),
                 x.array_arg(),
@@ -380,19 +353,17 @@ pub fn gemv_tiled<R: Runtime, F: Activation>(
                 y.array_arg(),
                 weight.rows as u32,
                 weight.cols as u32,
-                groups,
                 batch,
                 weight.blocksize as u32,
                 double_quant,
                 tiling.rows_per_plane,
                 tiling.unroll,
                 if split { tiling.split } else { 1 },
-                copies as u32,
             );
         } else {
             gemv_any::launch_unchecked::<F, R>(
                 client,
-                CubeCount::Static(cubes, 1, 1),
+                cube_count,
                 cube_dim,
                 x.array_arg(),
                 weight.packed.array_arg(),
@@ -443,43 +414,23 @@ fn load_codebook(codebook: &Array<f32>) -> SharedMemory<f32> {
     table
 }
 
-/// The byte-pair table in shared memory: entry `byte * copies + c` holds the values of the byte's two codes (high
-/// nibble first), so that one 8-byte read decodes two codes.
-#[cube]
-fn load_pairs(
-    codebook: &Array<f32>,
-    #[comptime] copies: u32,
-) -> SharedMemory<Vector<f32, Const<2>>> {
-    let mut table = SharedMemory::<Vector<f32, Const<2>>>::new(comptime!(256 * copies) as usize);
-    for i in range_stepped(UNIT_POS, comptime!(256 * copies), CUBE_DIM) {
-        let byte = i / comptime!(copies);
-        let mut pair = Vector::<f32, Const<2>>::empty();
-        pair[0] = codebook[(byte >> 4) as usize];
-        pair[1] = codebook[(byte & 0xF) as usize];
-        table[i as usize] = pair;
-    }
-    sync_cube();
-    table
-}
-
 /// Decodes the 8 codes of one little-endian u32 of packed bytes (byte 0 first, high nibble first) into
-/// `values[base..base + 8]`, one table read per byte.
+/// `values[base..base + 8]`.
 #[cube]
 fn decode_word(
     word: u32,
-    table: &SharedMemory<Vector<f32, Const<2>>>,
-    copy: u32,
+    table: &SharedMemory<f32>,
     values: &mut Array<f32>,
     #[comptime] base: usize,
-    #[comptime] copies: u32,
 ) {
-    #[unroll]
-    for j in 0..4u32 {
-        let byte = (word >> comptime!(8 * j)) & 0xFF;
-        let pair = table[(byte * comptime!(copies) + copy) as usize];
-        values[base + comptime!(2 * j as usize)] = pair[0];
-        values[base + comptime!(2 * j as usize) + 1] = pair[1];
-    }
+    values[base] = table[((word >> 4) & 0xF) as usize];
+    values[base + 1] = table[(word & 0xF) as usize];
+    values[base + 2] = table[((word >> 12) & 0xF) as usize];
+    values[base + 3] = table[((word >> 8) & 0xF) as usize];
+    values[base + 4] = table[((word >> 20) & 0xF) as usize];
+    values[base + 5] = table[((word >> 16) & 0xF) as usize];
+    values[base + 6] = table[((word >> 28) & 0xF) as usize];
+    values[base + 7] = table[((word >> 24) & 0xF) as usize];
 }
 
 #[cube(launch_unchecked)]
@@ -495,51 +446,46 @@ fn gemv_aligned<F: Float, NX: Size>(
     y: &mut Array<F>,
     rows: u32,
     cols: u32,
-    groups: u32,
     #[comptime] batch: usize,
     #[comptime] blocksize: u32,
     #[comptime] double_quant: bool,
     #[comptime] rows_per_plane: usize,
     #[comptime] unroll: usize,
     #[comptime] split: usize,
-    #[comptime] copies: u32,
 ) {
-    let table = load_pairs(codebook, copies);
-    let copy = UNIT_POS_X % comptime!(copies);
-    let nx = NX::value();
-    let per_word = comptime!(8 / nx);
-    let chunks = cols / 32;
-    let slots = comptime!(rows_per_plane * unroll);
-    let outputs = comptime!(batch * rows_per_plane);
-    let mut acc = Array::<f32>::new(outputs);
-    let mut words = Array::<Vector<u32, Const<4>>>::new(slots);
-    let mut block_scales = Array::<f32>::new(slots);
-    let mut values = Array::<f32>::new(8 * rows_per_plane);
-    let mut dots = Array::<f32>::new(outputs);
-    let mut partial = SharedMemory::<f32>::new(comptime!(split * outputs));
+    let table = load_codebook(codebook);
     // Without split-K each plane of the cube has rows of its own; with it, the cube's planes share the same rows
-    // and each takes every `split`-th group of chunks. The cube loops over row groups (its table is filled once).
-    for group in range_stepped(CUBE_POS_X, groups, CUBE_COUNT_X) {
-        let (first_row, lane, width) = if comptime!(split == 1) {
-            (
-                (group * CUBE_DIM_Y + UNIT_POS_Y) * comptime!(rows_per_plane as u32),
-                UNIT_POS_X,
-                CUBE_DIM_X,
-            )
-        } else {
-            (
-                group * comptime!(rows_per_plane as u32),
-                UNIT_POS_Y * CUBE_DIM_X + UNIT_POS_X,
-                CUBE_DIM_X * CUBE_DIM_Y,
-            )
-        };
+    // and each takes every `split`-th group of chunks.
+    let (first_row, lane, width) = if comptime!(split == 1) {
+        (
+            (CUBE_POS_X * CUBE_DIM_Y + UNIT_POS_Y) * comptime!(rows_per_plane as u32),
+            UNIT_POS_X,
+            CUBE_DIM_X,
+        )
+    } else {
+        (
+            CUBE_POS_X * comptime!(rows_per_plane as u32),
+            UNIT_POS_Y * CUBE_DIM_X + UNIT_POS_X,
+            CUBE_DIM_X * CUBE_DIM_Y,
+        )
+    };
+    if first_row < rows {
+        let nx = NX::value();
+        let per_word = comptime!(8 / nx);
+        let chunks = cols / 32;
+        let slots = comptime!(rows_per_plane * unroll);
+        let mut acc = Array::<f32>::new(batch * rows_per_plane);
         #[unroll]
-        for i in 0..outputs {
+        for i in 0..batch * rows_per_plane {
             acc[i] = 0.0;
         }
-        // Each step, lane `i` takes chunks `first + u * width + i` (`u < unroll`) of each of the plane's rows,
-        // and issues every load of the step before using any. Rows past the end re-read the last row; their sums
-        // are not written.
+        let mut words = Array::<Vector<u32, Const<4>>>::new(slots);
+        let mut block_scales = Array::<f32>::new(slots);
+        let mut values = Array::<f32>::new(8 * rows_per_plane);
+        let mut dots = Array::<f32>::new(batch * rows_per_plane);
+        // Each step, lane `i` takes chunks `first + u * plane + i` (`u < unroll`) of each of the plane's rows, and
+        // issues every load of the step before using any. Rows past the end re-read the last row; their sums are
+        // not written.
         for first in range_stepped(0, chunks, width * comptime!(unroll as u32)) {
             #[unroll]
             for u in 0..unroll {
@@ -570,7 +516,7 @@ fn gemv_aligned<F: Float, NX: Size>(
                 let chunk = first + width * comptime!(u as u32) + lane;
                 if chunk < chunks {
                     #[unroll]
-                    for i in 0..outputs {
+                    for i in 0..batch * rows_per_plane {
                         dots[i] = 0.0;
                     }
                     // Word `w` of the chunk holds codes `8w..8w + 8`: decode it for every row, then multiply by
@@ -580,7 +526,7 @@ fn gemv_aligned<F: Float, NX: Size>(
                         #[unroll]
                         for r in 0..rows_per_plane {
                             let word = words[u * rows_per_plane + r];
-                            decode_word(word[w], &table, copy, &mut values, r * 8, copies);
+                            decode_word(word[w], &table, &mut values, r * 8);
                         }
                         #[unroll]
                         for b in 0..batch {
@@ -625,6 +571,8 @@ fn gemv_aligned<F: Float, NX: Size>(
             }
         } else {
             // Each plane's sums through shared memory; the first unit adds the planes' and writes.
+            let outputs = comptime!(batch * rows_per_plane);
+            let mut partial = SharedMemory::<f32>::new(comptime!(split * batch * rows_per_plane));
             #[unroll]
             for i in 0..outputs {
                 let total = plane_sum(acc[i]);
@@ -650,8 +598,6 @@ fn gemv_aligned<F: Float, NX: Size>(
                     }
                 }
             }
-            // The next group overwrites the sums only after they were read.
-            sync_cube();
         }
     }
 }

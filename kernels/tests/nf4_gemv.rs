@@ -219,7 +219,6 @@ fn every_tiling<R: Runtime, F: Host>(client: &ComputeClient<R>) {
                             rows_per_plane,
                             unroll,
                             split,
-                            copies: if unroll == 1 { 1 } else { 16 },
                         };
                         check_with::<R, F>(client, &weight, batch, 9, Some(tiling));
                     }

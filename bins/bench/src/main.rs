@@ -102,8 +102,6 @@ struct Case {
     rows_per_plane: usize,
     unroll: usize,
     split: usize,
-    /// Copies of the byte-pair table in shared memory (capped by the device).
-    copies: usize,
     default_tiling: bool,
     weight_mb: f64,
     kernel_us: f64,
@@ -156,18 +154,7 @@ fn main() -> Result<()> {
 /// The tilings measured per case: the default one first, then the others.
 fn tilings(rows: usize, batch: usize) -> Vec<GemvTiling> {
     let default = GemvTiling::for_shape(rows, batch);
-    // The default with fewer copies of the pair table (bank conflicts against shared memory), then other splits.
-    let mut all = vec![
-        default,
-        GemvTiling {
-            copies: 1,
-            ..default
-        },
-        GemvTiling {
-            copies: 4,
-            ..default
-        },
-    ];
+    let mut all = vec![default];
     for (rows_per_plane, unroll, split) in [
         (1, 4, 1),
         (2, 2, 1),
@@ -183,7 +170,6 @@ fn tilings(rows: usize, batch: usize) -> Vec<GemvTiling> {
             rows_per_plane,
             unroll,
             split,
-            ..default
         };
         if !all.contains(&t) {
             all.push(t);
@@ -231,7 +217,7 @@ fn kernels_in<R: Runtime, F: nf4::Activation>(
     let n = args.launches;
     let mut cases = Vec::new();
     println!(
-        "| matrix | out x in | batch | rows/plane x unroll / split / copies | weight MB | kernel us | GB/s | of copy | launch us |\n|---|---|---|---|---|---|---|---|---|"
+        "| matrix | out x in | batch | rows/plane x unroll / split | weight MB | kernel us | GB/s | of copy | launch us |\n|---|---|---|---|---|---|---|---|---|"
     );
     for &&(name, rows, cols) in &shapes {
         let matrix = Nf4Matrix::upload(&client, &random_nf4(&mut rng, rows, cols))
@@ -278,7 +264,6 @@ fn kernels_in<R: Runtime, F: nf4::Activation>(
                 rows_per_plane: tiling.rows_per_plane,
                 unroll: tiling.unroll,
                 split: tiling.split,
-                copies: tiling.copies,
                 default_tiling: tiling == GemvTiling::for_shape(rows, batch),
                 weight_mb: matrix.weight_bytes() as f64 / 1e6,
                 kernel_us: kernel_s * 1e6,
@@ -287,11 +272,10 @@ fn kernels_in<R: Runtime, F: nf4::Activation>(
                 launch_us: launch_s * 1e6,
             };
             println!(
-                "| {name} | {rows}x{cols} | {batch} | {}x{}/{}/{}{} | {:.1} | {:.1} | {:.0} | {:.0}% | {:.1} |",
+                "| {name} | {rows}x{cols} | {batch} | {}x{}/{}{} | {:.1} | {:.1} | {:.0} | {:.0}% | {:.1} |",
                 tiling.rows_per_plane,
                 tiling.unroll,
                 tiling.split,
-                tiling.copies,
                 if case.default_tiling {
                     " (default)"
                 } else {
