@@ -52,7 +52,8 @@ if [ "${NF4_TESTS:-1}" = 1 ]; then
 fi
 # The decode plan on CUDA (tiny model: transformers' tokens, burn's logits) and the decode kernels.
 if [ "${PLAN_TESTS:-1}" = 1 ]; then
-  for t in cuda::plan_on_cuda_f32_decodes_three_prompts_as_transformers cuda::plan_on_cuda_bf16_matches_burn; do
+  for t in cuda::plan_on_cuda_f32_decodes_three_prompts_as_transformers cuda::plan_on_cuda_bf16_matches_burn \
+      cuda::plan_on_cuda_bf16_nf4_runs_ten_sequences_on_tensor_cores; do
     ( timeout $left $bin/test-plan --ignored --exact $t --nocapture > "$OUT/plan-test-${t##*_on_cuda_}.log" 2>&1
       echo "exit $?" >> "$OUT/plan-test-${t##*_on_cuda_}.log" ) &
   done

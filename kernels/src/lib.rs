@@ -8,6 +8,7 @@
 mod buffer;
 pub mod decode;
 mod error;
+pub mod gemm;
 pub mod nf4;
 pub mod probe;
 pub mod reference;

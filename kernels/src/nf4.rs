@@ -24,7 +24,7 @@ pub const MAX_BATCH: usize = 8;
 const PLANES_PER_CUBE: u32 = 4;
 
 /// Block scales on the device.
-enum Scales {
+pub(crate) enum Scales {
     /// Double quantization: 8-bit codes (4 per u32), then per nested block (256 blocks) its f32 scale and offset,
     /// and the 256-entry map. The offset is kept per nested block so that matrices quantized separately (each with
     /// its own mean offset) can be stacked into one ([`Nf4Matrix::stack`]).
@@ -40,14 +40,14 @@ enum Scales {
 
 /// An NF4 weight matrix `[rows, cols]` (`[out_features, in_features]`) on the device, in the bitsandbytes layout.
 pub struct Nf4Matrix {
-    rows: usize,
-    cols: usize,
-    blocksize: usize,
+    pub(crate) rows: usize,
+    pub(crate) cols: usize,
+    pub(crate) blocksize: usize,
     /// The packed codes as little-endian words, zero-padded to a multiple of 16 bytes.
-    packed: Buffer<u32>,
-    scales: Scales,
+    pub(crate) packed: Buffer<u32>,
+    pub(crate) scales: Scales,
     /// The 16 NF4 code values.
-    codebook: Buffer<f32>,
+    pub(crate) codebook: Buffer<f32>,
 }
 
 /// Bytes as little-endian u32 words, zero-padded to a multiple of `align` bytes (at least one word).
@@ -386,7 +386,7 @@ pub fn gemv_tiled<R: Runtime, F: Activation>(
 
 /// The scale of block `block`.
 #[cube]
-fn block_scale(
+pub(crate) fn block_scale(
     block: u32,
     codes: &Array<u32>,
     scales: &Array<f32>,
@@ -405,7 +405,7 @@ fn block_scale(
 
 /// The 16 NF4 values in shared memory, loaded by the first 16 units of the cube.
 #[cube]
-fn load_codebook(codebook: &Array<f32>) -> SharedMemory<f32> {
+pub(crate) fn load_codebook(codebook: &Array<f32>) -> SharedMemory<f32> {
     let mut table = SharedMemory::<f32>::new(16usize);
     if UNIT_POS < 16 {
         table[UNIT_POS as usize] = codebook[UNIT_POS as usize];
@@ -417,7 +417,7 @@ fn load_codebook(codebook: &Array<f32>) -> SharedMemory<f32> {
 /// Decodes the 8 codes of one little-endian u32 of packed bytes (byte 0 first, high nibble first) into
 /// `values[base..base + 8]`.
 #[cube]
-fn decode_word(
+pub(crate) fn decode_word(
     word: u32,
     table: &SharedMemory<f32>,
     values: &mut Array<f32>,

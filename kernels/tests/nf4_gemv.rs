@@ -1,6 +1,6 @@
 //! The NF4 GEMV kernels against the plain host reference (`medvl_kernels::reference::nf4_gemv`), over the decode
 //! shapes of Qwen2.5-VL-7B, odd shapes, batch sizes 1-8, block sizes, plain and double-quantized scales, and f32/bf16
-//! activations.
+//! activations; and the tensor-core NF4 GEMM (`medvl_kernels::gemm`) for more rows, against the same reference.
 //!
 //! Runs on whichever CubeCL runtime the features enable: `wgpu` (CI: Mesa's lavapipe, a software Vulkan driver,
 //! f32 activations only since WGSL has no bf16) and `cuda` (`--ignored` on the GPU machine).
@@ -8,6 +8,7 @@
 
 use cubecl::prelude::*;
 use half::bf16;
+use medvl_kernels::gemm::{self, GemmTiling};
 use medvl_kernels::nf4::{self, Activation, GemvTiling, Nf4Matrix};
 use medvl_kernels::{Buffer, KernelError, probe, reference};
 use medvl_nf4::{Nf4Tensor, quantize};
@@ -29,6 +30,15 @@ impl Host for f32 {
         self
     }
     const EPS: f32 = f32::EPSILON;
+}
+impl Host for half::f16 {
+    fn host_from(v: f32) -> Self {
+        half::f16::from_f32(v)
+    }
+    fn host_to(self) -> f32 {
+        half::f16::to_f32(self)
+    }
+    const EPS: f32 = 1.0 / 1024.0;
 }
 impl Host for bf16 {
     fn host_from(v: f32) -> Self {
@@ -268,6 +278,98 @@ fn rejects_bad_launches<R: Runtime>(client: &ComputeClient<R>) {
     ));
 }
 
+/// The GEMM of `m` rows against the reference. Its weights are rounded to `F` before the products (as
+/// bitsandbytes dequantizes), so the tolerance is `F`'s precision relative to the sum of |products|.
+fn check_gemm<R: Runtime, F: Host>(
+    client: &ComputeClient<R>,
+    weight: &Nf4Tensor,
+    m: usize,
+    tiling: Option<GemmTiling>,
+) -> f32 {
+    let (rows, cols) = (weight.shape[0], weight.shape[1]);
+    let mut rng = ChaCha8Rng::seed_from_u64(m as u64);
+    let x: Vec<F> = (0..m * cols)
+        .map(|_| F::host_from(rng.random_range(-1.0..1.0)))
+        .collect();
+    let x_f32: Vec<f32> = x.iter().map(|v| v.host_to()).collect();
+    let expected = reference::nf4_gemv(&x_f32, m, weight);
+    let matrix = Nf4Matrix::upload(client, weight).unwrap();
+    let x_dev = Buffer::from_slice(client, &x);
+    let y_dev = Buffer::<F>::empty(client, m * rows);
+    match tiling {
+        Some(t) => gemm::gemm_nf4_tiled(client, &x_dev, m, &matrix, &y_dev, t).unwrap(),
+        None => gemm::gemm_nf4(client, &x_dev, m, &matrix, &y_dev).unwrap(),
+    }
+    let got = y_dev.read(client).unwrap();
+    let w = weight.dequantize();
+    let mut worst = 0.0f32;
+    for b in 0..m {
+        for n in 0..rows {
+            let magnitude: f32 = (0..cols)
+                .map(|k| (x_f32[b * cols + k] * w[n * cols + k]).abs())
+                .sum();
+            let e = expected[b * rows + n];
+            let tol = F::EPS * (magnitude / 2.0 + e.abs()) + 1e-6;
+            let value = got[b * rows + n].host_to();
+            let err = (value - e).abs() / tol;
+            assert!(
+                err <= 1.0,
+                "GEMM {rows}x{cols}, {m} rows, {tiling:?}: y[{b},{n}] = {value} expected {e} (tolerance {tol})"
+            );
+            worst = worst.max(err);
+        }
+    }
+    worst
+}
+
+/// The tensor-core GEMM over the 7B's shapes at decode batches past the GEMV's 8 rows and a prefill-sized one,
+/// odd shapes (outputs not a multiple of the tile, rows not a multiple of 16, a width that ends inside a stage),
+/// and every tiling on a small shape.
+fn gemm_shapes<R: Runtime, F: Host>(client: &ComputeClient<R>) {
+    let cases: [(usize, usize, &[usize]); 6] = [
+        (3584, 3584, &[9, 32][..]),
+        (4608, 3584, &[32][..]),
+        (18944, 3584, &[17, 32][..]),
+        (3584, 18944, &[32][..]),
+        (37, 320, &[1, 9, 16, 33, 100][..]),
+        (100, 96, &[20][..]),
+    ];
+    for (i, (rows, cols, ms)) in cases.into_iter().enumerate() {
+        let weight = random_weight(rows, cols, 64, true, 40 + i as u64);
+        for &m in ms {
+            let worst = check_gemm::<R, F>(client, &weight, m, None);
+            eprintln!("GEMM {rows}x{cols} m {m}: worst error {worst:.3} of tolerance");
+        }
+    }
+    let weight = random_weight(70, 640, 64, false, 50);
+    for m_frags in [1, 2, 4] {
+        for n_planes in [1, 2, 4] {
+            for k_chunks in [2, 4, 8] {
+                let tiling = GemmTiling {
+                    m_frags,
+                    n_planes,
+                    k_chunks,
+                };
+                check_gemm::<R, F>(client, &weight, 40, Some(tiling));
+            }
+        }
+    }
+}
+
+/// Without tensor cores for the type (f32 anywhere; lavapipe), the GEMM says so instead of launching.
+fn gemm_refuses_unsupported<R: Runtime, F: Host>(client: &ComputeClient<R>) {
+    let weight = random_weight(16, 64, 64, true, 1);
+    let matrix = Nf4Matrix::upload(client, &weight).unwrap();
+    let x = Buffer::<F>::empty(client, 16 * 64);
+    let y = Buffer::<F>::empty(client, 16 * 16);
+    let err = gemm::gemm_nf4(client, &x, 16, &matrix, &y).unwrap_err();
+    assert!(
+        matches!(&err, KernelError::Unsupported(m) if m.contains("tensor-core")),
+        "{err}"
+    );
+    assert!(!gemm::supported::<R, F>(client));
+}
+
 fn copy_probe_copies<R: Runtime>(client: &ComputeClient<R>) {
     // More vectors than one grid covers, so the grid-stride loop runs several rounds.
     let values: Vec<u32> = (0..4 * 256 * 4096 * 2 + 8).map(|i| i * 7 + 1).collect();
@@ -306,6 +408,11 @@ mod wgpu {
     #[test]
     fn every_tiling_f32() {
         every_tiling::<WgpuRuntime, f32>(&client());
+    }
+
+    #[test]
+    fn gemm_refuses_f32_and_lavapipe() {
+        gemm_refuses_unsupported::<WgpuRuntime, f32>(&client());
     }
 
     #[test]
@@ -353,6 +460,15 @@ mod cuda {
     fn cuda_every_tiling() {
         every_tiling::<CudaRuntime, f32>(&client());
         every_tiling::<CudaRuntime, bf16>(&client());
+    }
+
+    #[test]
+    #[ignore = "needs an NVIDIA GPU"]
+    fn cuda_gemm() {
+        let client = client();
+        gemm_shapes::<CudaRuntime, bf16>(&client);
+        gemm_shapes::<CudaRuntime, half::f16>(&client);
+        gemm_refuses_unsupported::<CudaRuntime, f32>(&client);
     }
 
     #[test]

@@ -19,6 +19,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use cubecl::prelude::*;
 use medvl_engine::plan::random_nf4;
+use medvl_kernels::gemm::{self, GemmTiling};
 use medvl_kernels::nf4::{self, GemvTiling, Nf4Matrix};
 use medvl_kernels::{Buffer, probe};
 use rand::SeedableRng;
@@ -98,10 +99,10 @@ struct Case {
     name: &'static str,
     rows: usize,
     cols: usize,
+    /// Activation rows.
     batch: usize,
-    rows_per_plane: usize,
-    unroll: usize,
-    split: usize,
+    /// `gemv rows/plane x loads in flight / split-K planes` or `gemm m fragments x n planes / k chunks`.
+    tiling: String,
     default_tiling: bool,
     weight_mb: f64,
     kernel_us: f64,
@@ -202,69 +203,64 @@ fn kernels_in<R: Runtime, F: nf4::Activation>(
     let client = R::client(&Default::default());
     let mut rng = ChaCha8Rng::seed_from_u64(0);
 
-    let CopyProbe {
-        src,
-        dst,
-        seconds: copy_s,
-        gb_per_s: copy_gb_per_s,
-    } = CopyProbe::measure(&client, args.copy_gib)?;
+    let probe = CopyProbe::measure(&client, args.copy_gib)?;
+    let copy_gb_per_s = probe.gb_per_s;
+    let tensor_cores = gemm::supported::<R, F>(&client);
 
     let shapes: Vec<_> = if args.quick {
         SHAPES.iter().filter(|s| s.1 * s.2 < 20_000_000).collect()
     } else {
         SHAPES.iter().collect()
     };
-    let n = args.launches;
     let mut cases = Vec::new();
     println!(
-        "| matrix | out x in | batch | rows/plane x unroll / split | weight MB | kernel us | GB/s | of copy | launch us |\n|---|---|---|---|---|---|---|---|---|"
+        "| matrix | out x in | rows | kernel (tiling) | weight MB | kernel us | GB/s | of copy | launch us |\n|---|---|---|---|---|---|---|---|---|"
     );
     for &&(name, rows, cols) in &shapes {
         let matrix = Nf4Matrix::upload(&client, &random_nf4(&mut rng, rows, cols))
             .with_context(|| format!("upload {rows}x{cols}"))?;
-        for (batch, tiling) in [1usize, 4, 8].into_iter().flat_map(|b| {
-            let mut t = tilings(rows, b);
-            t.truncate(if args.sweep { t.len() } else { 1 });
-            t.into_iter().map(move |t| (b, t))
-        }) {
+        // The GEMV at 1, 4 and 8 rows (every tiling with --sweep), then the tensor-core GEMM at 16 and 32.
+        let mut runs: Vec<(usize, Kernel)> = [1usize, 4, 8]
+            .into_iter()
+            .flat_map(|b| {
+                let mut t = tilings(rows, b);
+                t.truncate(if args.sweep { t.len() } else { 1 });
+                t.into_iter().map(move |t| (b, Kernel::Gemv(t)))
+            })
+            .collect();
+        if tensor_cores {
+            runs.extend([16usize, 32].map(|m| (m, Kernel::Gemm(GemmTiling::for_shape(rows, m)))));
+        }
+        for (batch, kernel) in runs {
             let x = Buffer::<F>::from_slice(&client, &vec![F::from_int(1); batch * cols]);
             let y = Buffer::<F>::empty(&client, batch * rows);
-            let launch = || nf4::gemv_tiled(&client, &x, batch, &matrix, &y, tiling);
-            launch()?;
-            sync(&client)?;
-            // Back to back from the host.
-            let start = Instant::now();
-            for _ in 0..n {
-                launch()?;
-            }
-            sync(&client)?;
-            let launch_s = start.elapsed().as_secs_f64() / n as f64;
-            // Queued behind two copies, so that the GPU runs the launches back to back.
-            let queued = (0..5)
-                .map(|_| -> Result<f64> {
-                    sync(&client)?;
-                    let start = Instant::now();
-                    probe::copy(&client, &src, &dst)?;
-                    probe::copy(&client, &src, &dst)?;
-                    for _ in 0..n {
-                        launch()?;
-                    }
-                    sync(&client)?;
-                    Ok((start.elapsed().as_secs_f64() - 2.0 * copy_s) / n as f64)
-                })
-                .collect::<Result<Vec<_>>>()?;
-            let kernel_s = median(queued).max(1e-9);
+            let launch = || -> Result<()> {
+                match kernel {
+                    Kernel::Gemv(t) => nf4::gemv_tiled(&client, &x, batch, &matrix, &y, t)?,
+                    Kernel::Gemm(t) => gemm::gemm_nf4_tiled(&client, &x, batch, &matrix, &y, t)?,
+                }
+                Ok(())
+            };
+            let (kernel_s, launch_s) = probe.time(&client, args.launches, launch)?;
             let bytes = matrix.weight_bytes() + batch * (rows + cols) * size_of::<F>();
             let gb_per_s = bytes as f64 / kernel_s / 1e9;
+            let (tiling, default_tiling) = match kernel {
+                Kernel::Gemv(t) => (
+                    format!("gemv {}x{}/{}", t.rows_per_plane, t.unroll, t.split),
+                    t == GemvTiling::for_shape(rows, batch),
+                ),
+                Kernel::Gemm(t) => (
+                    format!("gemm {}x{}/{}", t.m_frags, t.n_planes, t.k_chunks),
+                    t == GemmTiling::for_shape(rows, batch),
+                ),
+            };
             let case = Case {
                 name,
                 rows,
                 cols,
                 batch,
-                rows_per_plane: tiling.rows_per_plane,
-                unroll: tiling.unroll,
-                split: tiling.split,
-                default_tiling: tiling == GemvTiling::for_shape(rows, batch),
+                tiling,
+                default_tiling,
                 weight_mb: matrix.weight_bytes() as f64 / 1e6,
                 kernel_us: kernel_s * 1e6,
                 gb_per_s,
@@ -272,10 +268,8 @@ fn kernels_in<R: Runtime, F: nf4::Activation>(
                 launch_us: launch_s * 1e6,
             };
             println!(
-                "| {name} | {rows}x{cols} | {batch} | {}x{}/{}{} | {:.1} | {:.1} | {:.0} | {:.0}% | {:.1} |",
-                tiling.rows_per_plane,
-                tiling.unroll,
-                tiling.split,
+                "| {name} | {rows}x{cols} | {batch} | {}{} | {:.1} | {:.1} | {:.0} | {:.0}% | {:.1} |",
+                case.tiling,
                 if case.default_tiling {
                     " (default)"
                 } else {
@@ -300,6 +294,13 @@ fn kernels_in<R: Runtime, F: nf4::Activation>(
         cases,
     };
     args.run.write_report(&report)
+}
+
+/// Which NF4 product a case measures.
+#[derive(Clone, Copy)]
+enum Kernel {
+    Gemv(GemvTiling),
+    Gemm(GemmTiling),
 }
 
 impl RunInfo {
@@ -351,6 +352,39 @@ impl CopyProbe {
             seconds,
             gb_per_s,
         })
+    }
+
+    /// Times `launch`: `(kernel s, launch s)`, the GPU time of one launch (launches queued behind two copies,
+    /// so that the GPU runs them back to back; median of 5) and the wall time per launch back to back from the
+    /// host.
+    pub(crate) fn time<R: Runtime>(
+        &self,
+        client: &ComputeClient<R>,
+        n: usize,
+        launch: impl Fn() -> Result<()>,
+    ) -> Result<(f64, f64)> {
+        launch()?;
+        sync(client)?;
+        let start = Instant::now();
+        for _ in 0..n {
+            launch()?;
+        }
+        sync(client)?;
+        let launch_s = start.elapsed().as_secs_f64() / n as f64;
+        let queued = (0..5)
+            .map(|_| -> Result<f64> {
+                sync(client)?;
+                let start = Instant::now();
+                probe::copy(client, &self.src, &self.dst)?;
+                probe::copy(client, &self.src, &self.dst)?;
+                for _ in 0..n {
+                    launch()?;
+                }
+                sync(client)?;
+                Ok((start.elapsed().as_secs_f64() - 2.0 * self.seconds) / n as f64)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok((median(queued).max(1e-9), launch_s))
     }
 }
 

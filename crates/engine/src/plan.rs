@@ -17,6 +17,7 @@ use cubecl::prelude::{ComputeClient, Runtime};
 use medvl_kernels::decode::{
     self, ArgmaxScratch, AttentionScratch, AttentionShape, DenseMatrix, MAX_DENSE_BATCH,
 };
+use medvl_kernels::gemm;
 use medvl_kernels::nf4::{self, Activation, MAX_BATCH, Nf4Matrix};
 use medvl_kernels::{Buffer, KernelError};
 use medvl_model::layers::{Linear, LinearWeight};
@@ -379,13 +380,22 @@ impl<F: Activation> Matrix<F> {
         )?))
     }
 
+    /// `y = x W^T` for `batch` rows: NF4 past the GEMV's rows in one tensor-core GEMM where the device has
+    /// them (`tensor_cores`), otherwise GEMVs of up to [`GEMV_GROUP`] rows each.
     fn apply<R: Runtime>(
         &self,
         client: &ComputeClient<R>,
         x: &Buffer<F>,
         batch: usize,
         y: &Buffer<F>,
+        tensor_cores: bool,
     ) -> Result<(), KernelError> {
+        if let Self::Nf4(m) = self
+            && batch > GEMV_GROUP
+            && tensor_cores
+        {
+            return gemm::gemm_nf4(client, x, batch, m, y);
+        }
         let [rows, cols] = self.shape();
         for first in (0..batch).step_by(GEMV_GROUP) {
             let n = GEMV_GROUP.min(batch - first);
@@ -657,6 +667,8 @@ pub struct DecodePlan<R: Runtime, F: Activation> {
     deltas: Buffer<i32>,
     ids: Buffer<u32>,
     slots: Vec<Slot>,
+    /// Whether NF4 products of more than [`GEMV_GROUP`] rows run on the tensor cores ([`gemm::supported`]).
+    tensor_cores: bool,
 }
 
 impl<R: Runtime, F: Activation> DecodePlan<R, F> {
@@ -719,6 +731,7 @@ impl<R: Runtime, F: Activation> DecodePlan<R, F> {
             deltas: Buffer::from_slice(client, &vec![0i32; b]),
             ids: Buffer::from_slice(client, &vec![0u32; b]),
             slots: vec![Slot::default(); b],
+            tensor_cores: gemm::supported::<R, F>(client),
             config,
         })
     }
@@ -918,7 +931,7 @@ impl<R: Runtime, F: Activation> DecodePlan<R, F> {
     fn launch_op(&self, op: Op, layer: usize, b: usize, longest: usize) -> Result<()> {
         let c = &self.client;
         if let Some((matrix, x, y)) = self.gemv(op, layer) {
-            return Ok(matrix.apply(c, x, b, y)?);
+            return Ok(matrix.apply(c, x, b, y, self.tensor_cores)?);
         }
         let a = &self.act;
         let l = &self.layers[layer];

@@ -222,4 +222,23 @@ mod cuda {
             assert!(same >= 8, "{case}: {same} tokens");
         }
     }
+    #[test]
+    #[ignore = "needs an NVIDIA GPU"]
+    fn plan_on_cuda_bf16_nf4_runs_ten_sequences_on_tensor_cores() {
+        let device = Default::default();
+        let model = medvl_model::load_dir_with::<CudaBf16>(
+            &fixtures().join("hub"),
+            &device,
+            Some(Default::default()),
+        )
+        .unwrap();
+        assert!(model.text.layers[0].mlp.up_proj.is_quantized());
+        let client = CudaRuntime::client(&CudaDevice::default());
+        // 10 sequences: past the GEMV's 8 rows, every NF4 projection runs as one tensor-core GEMM.
+        assert!(medvl_kernels::gemm::supported::<CudaRuntime, half::bf16>(
+            &client
+        ));
+        let counts = run::<_, _, half::bf16>(&model, &device, &client, 10, 5e-2);
+        assert_eq!(counts.len(), 10);
+    }
 }
