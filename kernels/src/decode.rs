@@ -51,9 +51,9 @@ fn unsupported(what: String) -> KernelError {
 
 /// A dense weight matrix `[rows, cols]` (`[out_features, in_features]`) in the activation type.
 pub struct DenseMatrix<F> {
-    rows: usize,
-    cols: usize,
-    weight: Buffer<F>,
+    pub(crate) rows: usize,
+    pub(crate) cols: usize,
+    pub(crate) weight: Buffer<F>,
 }
 
 impl<F: Activation> DenseMatrix<F> {

@@ -1,13 +1,14 @@
 //! Matrix products with more activation rows than the GEMV takes, on the tensor cores:
 //! `y[m, n] = sum_k x[m, k] * W[n, k]` for any number of rows `m` (decode batches past 8, prefill).
 //!
-//! Each cube computes a tile of `16 * m_frags` rows by `16 * n_planes` outputs. Stage by stage along `k`, its
-//! 128 units dequantize the weight tile (NF4 in the bitsandbytes layout of [`Nf4Matrix`]: codes looked up in a
-//! 16-entry table, times the block scale, rounded to the activation type as bitsandbytes' dequantization does)
-//! and copy the activation tile into shared memory; then each of its 4 planes multiplies 16x16x16 fragments with
+//! Weights NF4 ([`gemm_nf4`]) or dense in the activation type ([`gemm_dense`]). Each cube computes a tile of
+//! `16 * m_frags` rows by `16 * n_planes` outputs. Stage by stage along `k`, its 128 units fill the weight tile
+//! in shared memory (NF4 in the bitsandbytes layout of [`Nf4Matrix`] dequantized: codes looked up in a 16-entry
+//! table, times the block scale, rounded to the activation type as bitsandbytes' dequantization does; dense
+//! copied) and copy the activation tile beside it; then each of its 4 planes multiplies 16x16x16 fragments with
 //! CubeCL's `cmma` (bf16 or f16 in, f32 accumulation). With fewer than 4 planes along `n` the others split the
 //! stage's width (split-K inside the cube) and the planes' sums are added through shared memory at the end. The
-//! weight is read once per 16 * `m_frags` rows.
+//! weight is read once per `16 * m_frags` rows.
 //!
 //! The tensor cores are needed: [`supported`] says whether the device has them for the activation type
 //! (NVIDIA since Volta for f16, Ampere for bf16; not CPU Vulkan drivers).
@@ -15,6 +16,7 @@
 use cubecl::ir::features::MmaConfig;
 use cubecl::prelude::*;
 
+use crate::decode::DenseMatrix;
 use crate::nf4::{Activation, Nf4Matrix, Scales, block_scale, decode_word, load_codebook};
 use crate::{Buffer, KernelError};
 
@@ -113,33 +115,7 @@ pub fn gemm_nf4_tiled<R: Runtime, F: Activation>(
     y: &Buffer<F>,
     tiling: GemmTiling,
 ) -> Result<(), KernelError> {
-    tiling.validate()?;
-    if !supported::<R, F>(client) {
-        return Err(KernelError::Unsupported(format!(
-            "the device has no 16x16x16 tensor-core product for {} activations",
-            std::any::type_name::<F>()
-        )));
-    }
-    if m == 0 || !weight.cols.is_multiple_of(32) {
-        return Err(KernelError::Unsupported(format!(
-            "GEMM of {m} rows by a {}x{} NF4 matrix: at least one row and a width that is a multiple of 32",
-            weight.rows, weight.cols
-        )));
-    }
-    if m * weight.cols >= u32::MAX as usize || m * weight.rows >= u32::MAX as usize {
-        return Err(KernelError::Unsupported(format!(
-            "{m} rows of {} inputs and {} outputs: more values than 32-bit indexing covers",
-            weight.cols, weight.rows
-        )));
-    }
-    x.check("x", m * weight.cols)?;
-    y.check("y", m * weight.rows)?;
-    let plane = crate::plane_size(client);
-    let cube_count = CubeCount::Static(
-        (weight.rows as u32).div_ceil(16 * tiling.n_planes as u32),
-        (m as u32).div_ceil(16 * tiling.m_frags as u32),
-        1,
-    );
+    check_launch::<R, F>(client, x, m, weight.rows, weight.cols, y, tiling)?;
     let (codes, scales, offsets, map, double_quant) = match &weight.scales {
         Scales::Double {
             codes,
@@ -157,8 +133,8 @@ pub fn gemm_nf4_tiled<R: Runtime, F: Activation>(
     unsafe {
         gemm_nf4_kernel::launch_unchecked::<F, R>(
             client,
-            cube_count,
-            CubeDim::new_2d(plane, PLANES as u32),
+            cube_count(m, weight.rows, tiling),
+            CubeDim::new_2d(crate::plane_size(client), PLANES as u32),
             16 / size_of::<F>(),
             x.array_arg(),
             weight.packed.array_arg(),
@@ -179,6 +155,262 @@ pub fn gemm_nf4_tiled<R: Runtime, F: Activation>(
         );
     }
     Ok(())
+}
+
+/// `y = x W^T` for a dense `W` in the activation type: `x` is `[m, cols]`, `y` is `[m, rows]`, row-major, any
+/// `m >= 1`; `cols` a multiple of 32. Launches one kernel; nothing is read back.
+pub fn gemm_dense<R: Runtime, F: Activation>(
+    client: &ComputeClient<R>,
+    x: &Buffer<F>,
+    m: usize,
+    weight: &DenseMatrix<F>,
+    y: &Buffer<F>,
+) -> Result<(), KernelError> {
+    let tiling = GemmTiling::for_shape(weight.rows, m);
+    check_launch::<R, F>(client, x, m, weight.rows, weight.cols, y, tiling)?;
+    // SAFETY: as in `gemm_nf4_tiled`: the arrays are passed with their own lengths, and the kernel stays inside
+    // `[m, cols]`, `[rows, cols]` and `[m, rows]`, checked above.
+    #[allow(unsafe_code)]
+    unsafe {
+        gemm_dense_kernel::launch_unchecked::<F, R>(
+            client,
+            cube_count(m, weight.rows, tiling),
+            CubeDim::new_2d(crate::plane_size(client), PLANES as u32),
+            16 / size_of::<F>(),
+            x.array_arg(),
+            weight.weight.array_arg(),
+            y.array_arg(),
+            m as u32,
+            weight.rows as u32,
+            weight.cols as u32,
+            tiling.m_frags,
+            tiling.n_planes,
+            tiling.k_chunks,
+        );
+    }
+    Ok(())
+}
+
+/// The checks every GEMM launch makes: tiling, tensor cores, shapes, buffer lengths.
+fn check_launch<R: Runtime, F: Activation>(
+    client: &ComputeClient<R>,
+    x: &Buffer<F>,
+    m: usize,
+    rows: usize,
+    cols: usize,
+    y: &Buffer<F>,
+    tiling: GemmTiling,
+) -> Result<(), KernelError> {
+    tiling.validate()?;
+    if !supported::<R, F>(client) {
+        return Err(KernelError::Unsupported(format!(
+            "the device has no 16x16x16 tensor-core product for {} activations",
+            std::any::type_name::<F>()
+        )));
+    }
+    if m == 0 || !cols.is_multiple_of(32) {
+        return Err(KernelError::Unsupported(format!(
+            "GEMM of {m} rows by a {rows}x{cols} matrix: at least one row and a width that is a multiple of 32"
+        )));
+    }
+    if m * cols >= u32::MAX as usize
+        || m * rows >= u32::MAX as usize
+        || rows * cols >= u32::MAX as usize
+    {
+        return Err(KernelError::Unsupported(format!(
+            "{m} rows of {cols} inputs and {rows} outputs: more values than 32-bit indexing covers"
+        )));
+    }
+    x.check("x", m * cols)?;
+    y.check("y", m * rows)
+}
+
+/// One cube per tile of outputs and rows.
+fn cube_count(m: usize, rows: usize, tiling: GemmTiling) -> CubeCount {
+    CubeCount::Static(
+        (rows as u32).div_ceil(16 * tiling.n_planes as u32),
+        (m as u32).div_ceil(16 * tiling.m_frags as u32),
+        1,
+    )
+}
+
+/// The sizes of a cube's tiles for a tiling (compile-time constants of the kernels).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Tile {
+    m_frags: usize,
+    n_planes: usize,
+    /// Planes splitting the width.
+    k_planes: usize,
+    /// Rows of `x` per cube.
+    m: usize,
+    /// Outputs per cube.
+    n: usize,
+    /// Width of one plane's part of a stage.
+    plane_k: usize,
+    /// Width of a stage.
+    stage_k: usize,
+}
+
+impl Tile {
+    fn new(m_frags: usize, n_planes: usize, k_chunks: usize) -> Self {
+        let k_planes = PLANES / n_planes;
+        Self {
+            m_frags,
+            n_planes,
+            k_planes,
+            m: 16 * m_frags,
+            n: 16 * n_planes,
+            plane_k: 32 * k_chunks,
+            stage_k: 32 * k_chunks * k_planes,
+        }
+    }
+}
+
+/// Zeroed accumulators, one per 16-row fragment of the cube's rows.
+#[cube]
+fn accumulators(#[comptime] m_frags: usize) -> Sequence<cmma::Matrix<f32>> {
+    let mut accs = Sequence::<cmma::Matrix<f32>>::new();
+    #[unroll]
+    for _ in 0..m_frags {
+        accs.push(cmma::Matrix::<f32>::from_value(
+            cmma::MatrixIdent::Accumulator,
+            16usize,
+            16usize,
+            16usize,
+            cmma::MatrixLayout::Undefined,
+            0.0,
+        ));
+    }
+    accs
+}
+
+/// Copies the activation tile of the stage at `k0` into `xs` (`tile.m` rows of `tile.stage_k` values); rows past
+/// `m` and widths past `cols` are zeros.
+#[cube]
+fn load_x_tile<F: Float, NX: Size>(
+    x: &Array<Vector<F, NX>>,
+    xs: &mut SharedMemory<F>,
+    m: u32,
+    cols: u32,
+    m0: u32,
+    k0: u32,
+    #[comptime] tile: Tile,
+) {
+    let nx = NX::value();
+    let row_vectors = comptime!(tile.stage_k) / nx;
+    for v in range_stepped(
+        UNIT_POS as usize,
+        comptime!(tile.m * tile.stage_k) / nx,
+        CUBE_DIM as usize,
+    ) {
+        let r = v / row_vectors;
+        let c = v % row_vectors;
+        let col = k0 as usize + c * nx;
+        let base = r * comptime!(tile.stage_k) + c * nx;
+        if m0 as usize + r < m as usize && col < cols as usize {
+            let xv = x[(m0 as usize + r) * (cols as usize / nx) + col / nx];
+            #[unroll]
+            for e in 0..nx {
+                xs[base + e] = xv[e];
+            }
+        } else {
+            #[unroll]
+            for e in 0..nx {
+                xs[base + e] = F::cast_from(0.0f32);
+            }
+        }
+    }
+}
+
+/// This plane's products over its part of the stage: outputs `16 * (plane % n_planes)..` of the cube, every
+/// row fragment.
+#[cube]
+fn multiply_stage<F: Float>(
+    xs: &SharedMemory<F>,
+    ws: &SharedMemory<F>,
+    accs: &Sequence<cmma::Matrix<f32>>,
+    #[comptime] tile: Tile,
+) {
+    let plane = UNIT_POS_Y as usize;
+    let plane_n = plane % comptime!(tile.n_planes);
+    let plane_kk = plane / comptime!(tile.n_planes);
+    let stride = comptime!(tile.stage_k as u32);
+    #[unroll]
+    for kk in 0..comptime!(tile.plane_k / 16) {
+        let col = plane_kk * comptime!(tile.plane_k) + kk * 16;
+        let b = cmma::Matrix::<F>::from_slice(
+            cmma::MatrixIdent::B,
+            16usize,
+            16usize,
+            16usize,
+            cmma::MatrixLayout::ColMajor,
+            &ws.slice(
+                plane_n * 16 * comptime!(tile.stage_k) + col,
+                comptime!(tile.n * tile.stage_k),
+            ),
+            stride,
+        );
+        #[unroll]
+        for i in 0..comptime!(tile.m_frags) {
+            let a = cmma::Matrix::<F>::from_slice(
+                cmma::MatrixIdent::A,
+                16usize,
+                16usize,
+                16usize,
+                cmma::MatrixLayout::RowMajor,
+                &xs.slice(
+                    i * 16 * comptime!(tile.stage_k) + col,
+                    comptime!(tile.m * tile.stage_k),
+                ),
+                stride,
+            );
+            let acc = accs.index(i);
+            cmma::execute::<F, F, f32, f32>(&a, &b, acc, acc);
+        }
+    }
+}
+
+/// Each plane's sums into shared memory, then the planes that split the width added and written to
+/// `y[m0.., n0..]` inside `[m, rows]`.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn write_tile<F: Float>(
+    accs: &Sequence<cmma::Matrix<f32>>,
+    y: &mut Array<F>,
+    m: u32,
+    rows: u32,
+    m0: u32,
+    n0: u32,
+    #[comptime] tile: Tile,
+) {
+    let size = comptime!(tile.m * tile.n);
+    let mut sums = SharedMemory::<f32>::new_aligned(comptime!(tile.k_planes * size), 32usize);
+    let plane = UNIT_POS_Y as usize;
+    let plane_n = plane % comptime!(tile.n_planes);
+    let plane_kk = plane / comptime!(tile.n_planes);
+    #[unroll]
+    for i in 0..comptime!(tile.m_frags) {
+        let start = plane_kk * size + i * 16 * comptime!(tile.n) + plane_n * 16;
+        cmma::store(
+            &mut sums.slice_mut(start, comptime!(tile.k_planes * size)),
+            accs.index(i),
+            comptime!(tile.n as u32),
+            cmma::MatrixLayout::RowMajor,
+        );
+    }
+    sync_cube();
+    for at in range_stepped(UNIT_POS, comptime!(size as u32), CUBE_DIM) {
+        let r = at / comptime!(tile.n as u32);
+        let c = at % comptime!(tile.n as u32);
+        if m0 + r < m && n0 + c < rows {
+            let mut total = 0.0f32;
+            #[unroll]
+            for p in 0..comptime!(tile.k_planes) {
+                total += sums[p * size + at as usize];
+            }
+            y[((m0 + r) * rows + n0 + c) as usize] = F::cast_from(total);
+        }
+    }
 }
 
 #[cube(launch_unchecked)]
@@ -202,51 +434,26 @@ fn gemm_nf4_kernel<F: Float, NX: Size>(
     #[comptime] k_chunks: usize,
 ) {
     let table = load_codebook(codebook);
-    let k_planes = comptime!(PLANES / n_planes);
-    let tile_m = comptime!(16 * m_frags);
-    let tile_n = comptime!(16 * n_planes);
-    // Width of one plane's part of a stage, and of the whole stage.
-    let plane_k = comptime!(32 * k_chunks);
-    let stage_k = comptime!(plane_k * k_planes);
-    let stage_units = comptime!(tile_n * stage_k / 32);
-    let nx = NX::value();
-    let x_vectors = comptime!(tile_m * stage_k) / nx;
-
-    // Fragment loads and stores need 32-byte aligned rows: every row offset below is a multiple of 16 values.
-    let mut xs = SharedMemory::<F>::new_aligned(comptime!(tile_m * stage_k), 32usize);
-    let mut ws = SharedMemory::<F>::new_aligned(comptime!(tile_n * stage_k), 32usize);
-    let mut sums = SharedMemory::<f32>::new_aligned(comptime!(k_planes * tile_m * tile_n), 32usize);
-
-    let n0 = CUBE_POS_X * comptime!(tile_n as u32);
-    let m0 = CUBE_POS_Y * comptime!(tile_m as u32);
-    let plane = UNIT_POS_Y as usize;
-    let plane_n = plane % n_planes;
-    let plane_kk = plane / n_planes;
+    let tile = comptime!(Tile::new(m_frags, n_planes, k_chunks));
+    let stage_units = comptime!(tile.n * tile.stage_k / 32);
+    let units_per_row = comptime!((tile.stage_k / 32) as u32);
+    // Fragment loads and stores need 32-byte aligned rows: every row offset is a multiple of 16 values.
+    let mut xs = SharedMemory::<F>::new_aligned(comptime!(tile.m * tile.stage_k), 32usize);
+    let mut ws = SharedMemory::<F>::new_aligned(comptime!(tile.n * tile.stage_k), 32usize);
+    let n0 = CUBE_POS_X * comptime!(tile.n as u32);
+    let m0 = CUBE_POS_Y * comptime!(tile.m as u32);
     let chunks = cols / 32;
-    let x_row_vectors = cols as usize / nx;
-
-    let mut accs = Sequence::<cmma::Matrix<f32>>::new();
-    #[unroll]
-    for _ in 0..m_frags {
-        accs.push(cmma::Matrix::<f32>::from_value(
-            cmma::MatrixIdent::Accumulator,
-            16usize,
-            16usize,
-            16usize,
-            cmma::MatrixLayout::Undefined,
-            0.0,
-        ));
-    }
+    let accs = accumulators(m_frags);
     let mut values = Array::<f32>::new(8usize);
 
-    for k0 in range_stepped(0, cols, comptime!(stage_k as u32)) {
-        // The weight tile: `tile_n` rows of `stage_k` values, 32 (one 16-byte word group, inside one block) per
-        // unit of work; rows past the end re-read the last row, widths past the end are zeros.
+    for k0 in range_stepped(0, cols, comptime!(tile.stage_k as u32)) {
+        // The weight tile: `tile.n` rows of `stage_k` values, 32 (one 16-byte group of codes, inside one block)
+        // per unit of work; rows past the end re-read the last row, widths past the end are zeros.
         for unit in range_stepped(UNIT_POS, comptime!(stage_units as u32), CUBE_DIM) {
-            let r = unit / comptime!((stage_k / 32) as u32);
-            let c = unit % comptime!((stage_k / 32) as u32);
+            let r = unit / units_per_row;
+            let c = unit % units_per_row;
             let chunk = k0 / 32 + c;
-            let base = (r * comptime!(stage_k as u32) + c * 32) as usize;
+            let base = (r * comptime!(tile.stage_k as u32) + c * 32) as usize;
             if chunk < chunks {
                 let mut row = n0 + r;
                 if row >= rows {
@@ -276,80 +483,69 @@ fn gemm_nf4_kernel<F: Float, NX: Size>(
                 }
             }
         }
-        // The activation tile: `tile_m` rows of `stage_k` values; rows past `m` and widths past the end are
+        load_x_tile(x, &mut xs, m, cols, m0, k0, tile);
+        sync_cube();
+        multiply_stage(&xs, &ws, &accs, tile);
+        sync_cube();
+    }
+    write_tile(&accs, y, m, rows, m0, n0, tile);
+}
+
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+fn gemm_dense_kernel<F: Float, NX: Size>(
+    x: &Array<Vector<F, NX>>,
+    weight: &Array<Vector<F, NX>>,
+    y: &mut Array<F>,
+    m: u32,
+    rows: u32,
+    cols: u32,
+    #[comptime] m_frags: usize,
+    #[comptime] n_planes: usize,
+    #[comptime] k_chunks: usize,
+) {
+    let tile = comptime!(Tile::new(m_frags, n_planes, k_chunks));
+    let nx = NX::value();
+    let row_vectors = comptime!(tile.stage_k) / nx;
+    let mut xs = SharedMemory::<F>::new_aligned(comptime!(tile.m * tile.stage_k), 32usize);
+    let mut ws = SharedMemory::<F>::new_aligned(comptime!(tile.n * tile.stage_k), 32usize);
+    let n0 = CUBE_POS_X * comptime!(tile.n as u32);
+    let m0 = CUBE_POS_Y * comptime!(tile.m as u32);
+    let accs = accumulators(m_frags);
+
+    for k0 in range_stepped(0, cols, comptime!(tile.stage_k as u32)) {
+        // The weight tile, 16 bytes per load; rows past the end re-read the last row, widths past the end are
         // zeros.
-        for v in range_stepped(UNIT_POS as usize, x_vectors, CUBE_DIM as usize) {
-            let r = v / (stage_k / nx);
-            let c = v % (stage_k / nx);
+        for v in range_stepped(
+            UNIT_POS as usize,
+            comptime!(tile.n * tile.stage_k) / nx,
+            CUBE_DIM as usize,
+        ) {
+            let r = v / row_vectors;
+            let c = v % row_vectors;
             let col = k0 as usize + c * nx;
-            let base = r * stage_k + c * nx;
-            if m0 as usize + r < m as usize && col < cols as usize {
-                let xv = x[(m0 as usize + r) * x_row_vectors + col / nx];
+            let base = r * comptime!(tile.stage_k) + c * nx;
+            if col < cols as usize {
+                let mut row = n0 as usize + r;
+                if row >= rows as usize {
+                    row = rows as usize - 1;
+                }
+                let wv = weight[row * (cols as usize / nx) + col / nx];
                 #[unroll]
                 for e in 0..nx {
-                    xs[base + e] = xv[e];
+                    ws[base + e] = wv[e];
                 }
             } else {
                 #[unroll]
                 for e in 0..nx {
-                    xs[base + e] = F::cast_from(0.0f32);
+                    ws[base + e] = F::cast_from(0.0f32);
                 }
             }
         }
+        load_x_tile(x, &mut xs, m, cols, m0, k0, tile);
         sync_cube();
-        // This plane's outputs `16 * plane_n ..` over its part of the stage.
-        #[unroll]
-        for kk in 0..comptime!(plane_k / 16) {
-            let col = plane_kk * plane_k + kk * 16;
-            let b = cmma::Matrix::<F>::from_slice(
-                cmma::MatrixIdent::B,
-                16usize,
-                16usize,
-                16usize,
-                cmma::MatrixLayout::ColMajor,
-                &ws.slice(plane_n * 16 * stage_k + col, comptime!(tile_n * stage_k)),
-                comptime!(stage_k as u32),
-            );
-            #[unroll]
-            for i in 0..m_frags {
-                let a = cmma::Matrix::<F>::from_slice(
-                    cmma::MatrixIdent::A,
-                    16usize,
-                    16usize,
-                    16usize,
-                    cmma::MatrixLayout::RowMajor,
-                    &xs.slice(i * 16 * stage_k + col, comptime!(tile_m * stage_k)),
-                    comptime!(stage_k as u32),
-                );
-                let acc = accs.index(i);
-                cmma::execute::<F, F, f32, f32>(&a, &b, acc, acc);
-            }
-        }
+        multiply_stage(&xs, &ws, &accs, tile);
         sync_cube();
     }
-
-    // Each plane's sums into shared memory, then the planes that split the width are added and written.
-    #[unroll]
-    for i in 0..m_frags {
-        let start = plane_kk * tile_m * tile_n + i * 16 * tile_n + plane_n * 16;
-        cmma::store(
-            &mut sums.slice_mut(start, comptime!(k_planes * tile_m * tile_n)),
-            accs.index(i),
-            comptime!(tile_n as u32),
-            cmma::MatrixLayout::RowMajor,
-        );
-    }
-    sync_cube();
-    for at in range_stepped(UNIT_POS, comptime!((tile_m * tile_n) as u32), CUBE_DIM) {
-        let r = at / comptime!(tile_n as u32);
-        let c = at % comptime!(tile_n as u32);
-        if m0 + r < m && n0 + c < rows {
-            let mut total = 0.0f32;
-            #[unroll]
-            for p in 0..k_planes {
-                total += sums[p * tile_m * tile_n + at as usize];
-            }
-            y[((m0 + r) * rows + n0 + c) as usize] = F::cast_from(total);
-        }
-    }
+    write_tile(&accs, y, m, rows, m0, n0, tile);
 }

@@ -356,6 +356,46 @@ fn gemm_shapes<R: Runtime, F: Host>(client: &ComputeClient<R>) {
     }
 }
 
+/// The dense GEMM against f64 products of the same (rounded) values: 7B shapes and odd ones.
+fn gemm_dense_shapes<R: Runtime, F: Host>(client: &ComputeClient<R>) {
+    for (rows, cols, m) in [
+        (3584, 3584, 32),
+        (37888, 3584, 9),
+        (37, 320, 33),
+        (100, 96, 20),
+    ] {
+        let mut rng = ChaCha8Rng::seed_from_u64((rows + m) as u64);
+        let w: Vec<F> = (0..rows * cols)
+            .map(|_| F::host_from(rng.random_range(-0.05..0.05)))
+            .collect();
+        let x: Vec<F> = (0..m * cols)
+            .map(|_| F::host_from(rng.random_range(-1.0..1.0)))
+            .collect();
+        let matrix = medvl_kernels::decode::DenseMatrix::upload(client, &w, rows, cols).unwrap();
+        let x_dev = Buffer::from_slice(client, &x);
+        let y_dev = Buffer::<F>::empty(client, m * rows);
+        gemm::gemm_dense(client, &x_dev, m, &matrix, &y_dev).unwrap();
+        let got = y_dev.read(client).unwrap();
+        for b in 0..m {
+            for n in (0..rows).step_by(7) {
+                let (mut dot, mut magnitude) = (0f64, 0f64);
+                for k in 0..cols {
+                    let p =
+                        f64::from(x[b * cols + k].host_to()) * f64::from(w[n * cols + k].host_to());
+                    dot += p;
+                    magnitude += p.abs();
+                }
+                let tol = 1e-5 * magnitude + f64::from(F::EPS) * dot.abs() + 1e-6;
+                let value = f64::from(got[b * rows + n].host_to());
+                assert!(
+                    (value - dot).abs() <= tol,
+                    "dense GEMM {rows}x{cols}, {m} rows: y[{b},{n}] = {value} expected {dot} (tolerance {tol})"
+                );
+            }
+        }
+    }
+}
+
 /// Without tensor cores for the type (f32 anywhere; lavapipe), the GEMM says so instead of launching.
 fn gemm_refuses_unsupported<R: Runtime, F: Host>(client: &ComputeClient<R>) {
     let weight = random_weight(16, 64, 64, true, 1);
@@ -468,6 +508,7 @@ mod cuda {
         let client = client();
         gemm_shapes::<CudaRuntime, bf16>(&client);
         gemm_shapes::<CudaRuntime, half::f16>(&client);
+        gemm_dense_shapes::<CudaRuntime, bf16>(&client);
         gemm_refuses_unsupported::<CudaRuntime, f32>(&client);
     }
 

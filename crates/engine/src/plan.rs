@@ -380,8 +380,8 @@ impl<F: Activation> Matrix<F> {
         )?))
     }
 
-    /// `y = x W^T` for `batch` rows: NF4 past the GEMV's rows in one tensor-core GEMM where the device has
-    /// them (`tensor_cores`), otherwise GEMVs of up to [`GEMV_GROUP`] rows each.
+    /// `y = x W^T` for `batch` rows: past the GEMV's rows in one tensor-core GEMM where the device has them
+    /// (`tensor_cores`) and the width is a multiple of 32, otherwise GEMVs of up to [`GEMV_GROUP`] rows each.
     fn apply<R: Runtime>(
         &self,
         client: &ComputeClient<R>,
@@ -390,13 +390,13 @@ impl<F: Activation> Matrix<F> {
         y: &Buffer<F>,
         tensor_cores: bool,
     ) -> Result<(), KernelError> {
-        if let Self::Nf4(m) = self
-            && batch > GEMV_GROUP
-            && tensor_cores
-        {
-            return gemm::gemm_nf4(client, x, batch, m, y);
-        }
         let [rows, cols] = self.shape();
+        if batch > GEMV_GROUP && tensor_cores && cols.is_multiple_of(32) {
+            return match self {
+                Self::Dense(m) => gemm::gemm_dense(client, x, batch, m, y),
+                Self::Nf4(m) => gemm::gemm_nf4(client, x, batch, m, y),
+            };
+        }
         for first in (0..batch).step_by(GEMV_GROUP) {
             let n = GEMV_GROUP.min(batch - first);
             let (xs, ys) = if batch <= GEMV_GROUP {
@@ -667,7 +667,7 @@ pub struct DecodePlan<R: Runtime, F: Activation> {
     deltas: Buffer<i32>,
     ids: Buffer<u32>,
     slots: Vec<Slot>,
-    /// Whether NF4 products of more than [`GEMV_GROUP`] rows run on the tensor cores ([`gemm::supported`]).
+    /// Whether products of more than [`GEMV_GROUP`] rows run on the tensor cores ([`gemm::supported`]).
     tensor_cores: bool,
 }
 
