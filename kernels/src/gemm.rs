@@ -202,7 +202,7 @@ fn check_launch<R: Runtime, F: Activation>(
     tiling: GemmTiling,
 ) -> Result<(), KernelError> {
     tiling.validate()?;
-    if !supported::<R, F>(client) {
+    if size_of::<F>() != 2 || !supported::<R, F>(client) {
         return Err(KernelError::Unsupported(format!(
             "the device has no 16x16x16 tensor-core product for {} activations",
             std::any::type_name::<F>()
@@ -249,6 +249,10 @@ struct Tile {
     plane_k: usize,
     /// Width of a stage.
     stage_k: usize,
+    /// Values from one row of a shared tile to the next: the stage's width plus 8, so that consecutive rows
+    /// start 16 bytes apart in the banks (fragment loads of 16 rows then spread over all of them) and every
+    /// fragment stays 32-byte aligned.
+    stride: usize,
 }
 
 impl Tile {
@@ -262,6 +266,7 @@ impl Tile {
             n: 16 * n_planes,
             plane_k: 32 * k_chunks,
             stage_k: 32 * k_chunks * k_planes,
+            stride: 32 * k_chunks * k_planes + 8,
         }
     }
 }
@@ -284,12 +289,12 @@ fn accumulators(#[comptime] m_frags: usize) -> Sequence<cmma::Matrix<f32>> {
     accs
 }
 
-/// Copies the activation tile of the stage at `k0` into `xs` (`tile.m` rows of `tile.stage_k` values); rows past
-/// `m` and widths past `cols` are zeros.
+/// Copies the activation tile of the stage at `k0` into `xs` (`tile.m` rows of `tile.stage_k` values, 16 bytes
+/// per load and store); rows past `m` and widths past `cols` are zeros.
 #[cube]
 fn load_x_tile<F: Float, NX: Size>(
     x: &Array<Vector<F, NX>>,
-    xs: &mut SharedMemory<F>,
+    xs: &mut SharedMemory<Vector<F, NX>>,
     m: u32,
     cols: u32,
     m0: u32,
@@ -306,18 +311,11 @@ fn load_x_tile<F: Float, NX: Size>(
         let r = v / row_vectors;
         let c = v % row_vectors;
         let col = k0 as usize + c * nx;
-        let base = r * comptime!(tile.stage_k) + c * nx;
+        let at = (r * comptime!(tile.stride) + c * nx) / nx;
         if m0 as usize + r < m as usize && col < cols as usize {
-            let xv = x[(m0 as usize + r) * (cols as usize / nx) + col / nx];
-            #[unroll]
-            for e in 0..nx {
-                xs[base + e] = xv[e];
-            }
+            xs[at] = x[(m0 as usize + r) * (cols as usize / nx) + col / nx];
         } else {
-            #[unroll]
-            for e in 0..nx {
-                xs[base + e] = F::cast_from(0.0f32);
-            }
+            xs[at] = Vector::new(F::cast_from(0.0f32));
         }
     }
 }
@@ -325,42 +323,51 @@ fn load_x_tile<F: Float, NX: Size>(
 /// This plane's products over its part of the stage: outputs `16 * (plane % n_planes)..` of the cube, every
 /// row fragment.
 #[cube]
-fn multiply_stage<F: Float>(
-    xs: &SharedMemory<F>,
-    ws: &SharedMemory<F>,
+fn multiply_stage<F: Float, NX: Size>(
+    xs: &SharedMemory<Vector<F, NX>>,
+    ws: &SharedMemory<Vector<F, NX>>,
     accs: &Sequence<cmma::Matrix<f32>>,
     #[comptime] tile: Tile,
 ) {
+    let nx = NX::value();
     let plane = UNIT_POS_Y as usize;
     let plane_n = plane % comptime!(tile.n_planes);
     let plane_kk = plane / comptime!(tile.n_planes);
-    let stride = comptime!(tile.stage_k as u32);
+    let stride = comptime!(tile.stride as u32);
     #[unroll]
     for kk in 0..comptime!(tile.plane_k / 16) {
         let col = plane_kk * comptime!(tile.plane_k) + kk * 16;
-        let b = cmma::Matrix::<F>::from_slice(
+        let b = cmma::Matrix::<F>::from_value(
             cmma::MatrixIdent::B,
             16usize,
             16usize,
             16usize,
             cmma::MatrixLayout::ColMajor,
+            F::cast_from(0.0f32),
+        );
+        cmma::load(
+            &b,
             &ws.slice(
-                plane_n * 16 * comptime!(tile.stage_k) + col,
-                comptime!(tile.n * tile.stage_k),
+                (plane_n * 16 * comptime!(tile.stride) + col) / nx,
+                comptime!(tile.n * tile.stride) / nx,
             ),
             stride,
         );
         #[unroll]
         for i in 0..comptime!(tile.m_frags) {
-            let a = cmma::Matrix::<F>::from_slice(
+            let a = cmma::Matrix::<F>::from_value(
                 cmma::MatrixIdent::A,
                 16usize,
                 16usize,
                 16usize,
                 cmma::MatrixLayout::RowMajor,
+                F::cast_from(0.0f32),
+            );
+            cmma::load(
+                &a,
                 &xs.slice(
-                    i * 16 * comptime!(tile.stage_k) + col,
-                    comptime!(tile.m * tile.stage_k),
+                    (i * 16 * comptime!(tile.stride) + col) / nx,
+                    comptime!(tile.m * tile.stride) / nx,
                 ),
                 stride,
             );
@@ -417,7 +424,7 @@ fn write_tile<F: Float>(
 #[allow(clippy::too_many_arguments)]
 fn gemm_nf4_kernel<F: Float, NX: Size>(
     x: &Array<Vector<F, NX>>,
-    packed: &Array<Vector<u32, Const<4>>>,
+    packed: &Array<u32>,
     codes: &Array<u32>,
     scales: &Array<f32>,
     offsets: &Array<f32>,
@@ -435,11 +442,15 @@ fn gemm_nf4_kernel<F: Float, NX: Size>(
 ) {
     let table = load_codebook(codebook);
     let tile = comptime!(Tile::new(m_frags, n_planes, k_chunks));
-    let stage_units = comptime!(tile.n * tile.stage_k / 32);
-    let units_per_row = comptime!((tile.stage_k / 32) as u32);
+    let nx = NX::value();
+    // Units of work: one u32 of codes (8 values, one 16-byte store), four per 32-value chunk.
+    let stage_words = comptime!(tile.n * tile.stage_k / 8);
+    let words_per_row = comptime!((tile.stage_k / 8) as u32);
     // Fragment loads and stores need 32-byte aligned rows: every row offset is a multiple of 16 values.
-    let mut xs = SharedMemory::<F>::new_aligned(comptime!(tile.m * tile.stage_k), 32usize);
-    let mut ws = SharedMemory::<F>::new_aligned(comptime!(tile.n * tile.stage_k), 32usize);
+    let mut xs =
+        SharedMemory::<Vector<F, NX>>::new_aligned(comptime!(tile.m * tile.stride / nx), 32usize);
+    let mut ws =
+        SharedMemory::<Vector<F, NX>>::new_aligned(comptime!(tile.n * tile.stride / nx), 32usize);
     let n0 = CUBE_POS_X * comptime!(tile.n as u32);
     let m0 = CUBE_POS_Y * comptime!(tile.m as u32);
     let chunks = cols / 32;
@@ -447,19 +458,20 @@ fn gemm_nf4_kernel<F: Float, NX: Size>(
     let mut values = Array::<f32>::new(8usize);
 
     for k0 in range_stepped(0, cols, comptime!(tile.stage_k as u32)) {
-        // The weight tile: `tile.n` rows of `stage_k` values, 32 (one 16-byte group of codes, inside one block)
-        // per unit of work; rows past the end re-read the last row, widths past the end are zeros.
-        for unit in range_stepped(UNIT_POS, comptime!(stage_units as u32), CUBE_DIM) {
-            let r = unit / units_per_row;
-            let c = unit % units_per_row;
-            let chunk = k0 / 32 + c;
-            let base = (r * comptime!(tile.stage_k as u32) + c * 32) as usize;
+        // The weight tile: `tile.n` rows of `stage_k` values; consecutive units take consecutive words of a row
+        // (coalesced loads, conflict-free stores). Rows past the end re-read the last row, widths past the end
+        // are zeros.
+        for unit in range_stepped(UNIT_POS, comptime!(stage_words as u32), CUBE_DIM) {
+            let r = unit / words_per_row;
+            let c = unit % words_per_row;
+            let chunk = k0 / 32 + c / 4;
+            let at = ((r * comptime!(tile.stride as u32) + c * 8) as usize) / nx;
             if chunk < chunks {
                 let mut row = n0 + r;
                 if row >= rows {
                     row = rows - 1;
                 }
-                let words = packed[(row * chunks + chunk) as usize];
+                let word = packed[((row * chunks + chunk) * 4 + c % 4) as usize];
                 let scale = block_scale(
                     (row * cols + chunk * 32) / blocksize,
                     codes,
@@ -468,19 +480,15 @@ fn gemm_nf4_kernel<F: Float, NX: Size>(
                     map,
                     double_quant,
                 );
+                decode_word(word, &table, &mut values, 0usize);
+                let mut v = Vector::<F, NX>::empty();
                 #[unroll]
-                for w in 0..4usize {
-                    decode_word(words[w], &table, &mut values, 0usize);
-                    #[unroll]
-                    for j in 0..8usize {
-                        ws[base + w * 8 + j] = F::cast_from(values[j] * scale);
-                    }
+                for j in 0..nx {
+                    v[j] = F::cast_from(values[j] * scale);
                 }
+                ws[at] = v;
             } else {
-                #[unroll]
-                for j in 0..32usize {
-                    ws[base + j] = F::cast_from(0.0f32);
-                }
+                ws[at] = Vector::new(F::cast_from(0.0f32));
             }
         }
         load_x_tile(x, &mut xs, m, cols, m0, k0, tile);
@@ -507,15 +515,17 @@ fn gemm_dense_kernel<F: Float, NX: Size>(
     let tile = comptime!(Tile::new(m_frags, n_planes, k_chunks));
     let nx = NX::value();
     let row_vectors = comptime!(tile.stage_k) / nx;
-    let mut xs = SharedMemory::<F>::new_aligned(comptime!(tile.m * tile.stage_k), 32usize);
-    let mut ws = SharedMemory::<F>::new_aligned(comptime!(tile.n * tile.stage_k), 32usize);
+    let mut xs =
+        SharedMemory::<Vector<F, NX>>::new_aligned(comptime!(tile.m * tile.stride / nx), 32usize);
+    let mut ws =
+        SharedMemory::<Vector<F, NX>>::new_aligned(comptime!(tile.n * tile.stride / nx), 32usize);
     let n0 = CUBE_POS_X * comptime!(tile.n as u32);
     let m0 = CUBE_POS_Y * comptime!(tile.m as u32);
     let accs = accumulators(m_frags);
 
     for k0 in range_stepped(0, cols, comptime!(tile.stage_k as u32)) {
-        // The weight tile, 16 bytes per load; rows past the end re-read the last row, widths past the end are
-        // zeros.
+        // The weight tile, 16 bytes per load and store; rows past the end re-read the last row, widths past the
+        // end are zeros.
         for v in range_stepped(
             UNIT_POS as usize,
             comptime!(tile.n * tile.stage_k) / nx,
@@ -524,22 +534,15 @@ fn gemm_dense_kernel<F: Float, NX: Size>(
             let r = v / row_vectors;
             let c = v % row_vectors;
             let col = k0 as usize + c * nx;
-            let base = r * comptime!(tile.stage_k) + c * nx;
+            let at = (r * comptime!(tile.stride) + c * nx) / nx;
             if col < cols as usize {
                 let mut row = n0 as usize + r;
                 if row >= rows as usize {
                     row = rows as usize - 1;
                 }
-                let wv = weight[row * (cols as usize / nx) + col / nx];
-                #[unroll]
-                for e in 0..nx {
-                    ws[base + e] = wv[e];
-                }
+                ws[at] = weight[row * (cols as usize / nx) + col / nx];
             } else {
-                #[unroll]
-                for e in 0..nx {
-                    ws[base + e] = F::cast_from(0.0f32);
-                }
+                ws[at] = Vector::new(F::cast_from(0.0f32));
             }
         }
         load_x_tile(x, &mut xs, m, cols, m0, k0, tile);
