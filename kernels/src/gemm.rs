@@ -17,7 +17,7 @@ use cubecl::ir::features::MmaConfig;
 use cubecl::prelude::*;
 
 use crate::decode::DenseMatrix;
-use crate::nf4::{Activation, Nf4Matrix, Scales, block_scale, decode_word, load_codebook};
+use crate::nf4::{Activation, Nf4Matrix, block_scale, decode_word, load_codebook};
 use crate::{Buffer, KernelError};
 
 /// Planes (warps) per cube.
@@ -116,16 +116,7 @@ pub fn gemm_nf4_tiled<R: Runtime, F: Activation>(
     tiling: GemmTiling,
 ) -> Result<(), KernelError> {
     check_launch::<R, F>(client, x, m, weight.rows, weight.cols, y, tiling)?;
-    let (codes, scales, offsets, map, double_quant) = match &weight.scales {
-        Scales::Double {
-            codes,
-            nested,
-            offsets,
-            map,
-        } => (codes, nested, offsets, map, true),
-        // The code, offset and map arguments are not read without double quantization.
-        Scales::Plain(absmax) => (&weight.packed, absmax, absmax, &weight.codebook, false),
-    };
+    let (codes, scales, offsets, map, double_quant) = weight.scale_args();
     // SAFETY: every array is passed with the element count of its own buffer; the kernel reads `x` only below
     // row `m` and column `cols`, the weight only below row `rows`, and writes `y` only inside `[m, rows]`, all
     // checked above.

@@ -24,7 +24,9 @@ pub const MAX_BATCH: usize = 8;
 const PLANES_PER_CUBE: u32 = 4;
 
 /// Block scales on the device.
-pub(crate) enum Scales {
+// One per matrix, built once and never moved on a hot path: the size difference does not matter.
+#[allow(clippy::large_enum_variant)]
+enum Scales {
     /// Double quantization: 8-bit codes (4 per u32), then per nested block (256 blocks) its f32 scale and offset,
     /// and the 256-entry map. The offset is kept per nested block so that matrices quantized separately (each with
     /// its own mean offset) can be stacked into one ([`Nf4Matrix::stack`]).
@@ -45,7 +47,7 @@ pub struct Nf4Matrix {
     pub(crate) blocksize: usize,
     /// The packed codes as little-endian words, zero-padded to a multiple of 16 bytes.
     pub(crate) packed: Buffer<u32>,
-    pub(crate) scales: Scales,
+    scales: Scales,
     /// The 16 NF4 code values.
     pub(crate) codebook: Buffer<f32>,
 }
@@ -174,6 +176,24 @@ impl Nf4Matrix {
             scales,
             codebook: Buffer::from_slice(client, &NF4_CODE),
         })
+    }
+
+    /// The scale arrays as the kernels take them: the 8-bit codes, the nested (or per-block) scales, the
+    /// offsets, the map, and whether the scales are double-quantized. Without double quantization the code,
+    /// offset and map arguments are not read, and other buffers stand in for them.
+    #[allow(clippy::type_complexity)]
+    pub(crate) fn scale_args(
+        &self,
+    ) -> (&Buffer<u32>, &Buffer<f32>, &Buffer<f32>, &Buffer<f32>, bool) {
+        match &self.scales {
+            Scales::Double {
+                codes,
+                nested,
+                offsets,
+                map,
+            } => (codes, nested, offsets, map, true),
+            Scales::Plain(absmax) => (&self.packed, absmax, absmax, &self.codebook, false),
+        }
     }
 
     /// Output features.
@@ -323,16 +343,7 @@ pub fn gemv_tiled<R: Runtime, F: Activation>(
     };
     let cube_count = CubeCount::Static((weight.rows as u32).div_ceil(rows_per_cube), 1, 1);
     let cube_dim = CubeDim::new_2d(plane, planes);
-    let (codes, scales, offsets, map, double_quant) = match &weight.scales {
-        Scales::Double {
-            codes,
-            nested,
-            offsets,
-            map,
-        } => (codes, nested, offsets, map, true),
-        // The code, offset and map arguments are not read without double quantization.
-        Scales::Plain(absmax) => (&weight.packed, absmax, absmax, &weight.codebook, false),
-    };
+    let (codes, scales, offsets, map, double_quant) = weight.scale_args();
     // SAFETY: every array is passed with the element count of its own buffer, and the kernels index only inside
     // the shapes checked above (`rows`, `cols`, `batch`) plus the scale arrays sized by `Nf4Tensor::validate`.
     #[allow(unsafe_code)]

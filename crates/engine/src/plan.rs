@@ -1,10 +1,10 @@
 //! The decode step as a fixed plan of medvl's own CubeCL kernels (`medvl-kernels`), launched in a fixed order on
 //! buffers allocated once: per decoder layer
 //!
-//! 1. residual add + RMSNorm, 2. one GEMV for q, k and v (dense or NF4, the three weights stacked into one
-//! matrix), 3. bias + rotary + KV-cache append, 4. attention of the new token over its cache (split, then
-//! combined), 5. o GEMV, 6. residual add + RMSNorm, 7. one GEMV for gate and up (stacked), 8. SiLU-gated product,
-//! 9. down GEMV (10 launches);
+//! residual add + RMSNorm; one GEMV for q, k and v (dense or NF4, the three weights stacked into one matrix);
+//! bias + rotary + KV-cache append; attention of the new token over its cache (split, then combined); o GEMV;
+//! residual add + RMSNorm; one GEMV for gate and up (stacked); SiLU-gated product; down GEMV (10 launches; past 8
+//! sequences the products run as tensor-core GEMMs where the device has them);
 //!
 //! then the final norm, the lm_head GEMV and the argmax, which also moves every sequence's length on. Inside a
 //! step nothing is allocated, no burn op runs, and the host reads back only the sampled token ids.
