@@ -17,7 +17,7 @@ test-cuda:
     cargo test -p medvl-kernels --features cuda --test decode -- --ignored --nocapture
     cargo test -p medvl-engine --features cuda --test plan -- --ignored --nocapture --test-threads 1
 
-# Kernel benchmark: NF4 GEMV GB/s at the 7B's decode shapes against the card's measured copy bandwidth.
+# Kernel benchmark: NF4 GEMV (1-8 rows) and tensor-core GEMM (16, 32 rows) GB/s at the 7B's decode shapes against the card's measured copy bandwidth.
 bench-kernels:
     cargo run --release -p medvl-bench --features cuda -- kernels --out benchmarks/kernels.json
 
