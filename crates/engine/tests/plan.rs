@@ -124,6 +124,15 @@ fn run<B: Backend, R: Runtime, F: Activation>(
         .collect()
 }
 
+/// The tiny model quantized to NF4 while loading (`--quant nf4`).
+fn load_nf4<B: Backend>(device: &B::Device) -> QwenVl<B> {
+    let model =
+        medvl_model::load_dir_with::<B>(&fixtures().join("hub"), device, Some(Default::default()))
+            .unwrap();
+    assert!(model.text.layers[0].mlp.up_proj.is_quantized());
+    model
+}
+
 #[test]
 fn plan_on_wgpu_decodes_three_prompts_as_transformers() {
     use cubecl::wgpu::{WgpuDevice, WgpuRuntime};
@@ -142,13 +151,7 @@ fn plan_on_wgpu_decodes_three_prompts_as_transformers() {
 fn plan_on_wgpu_runs_nf4_weights_as_burn() {
     use cubecl::wgpu::{WgpuDevice, WgpuRuntime};
     let device = Default::default();
-    let model = medvl_model::load_dir_with::<medvl_model::backend::Cpu>(
-        &fixtures().join("hub"),
-        &device,
-        Some(Default::default()),
-    )
-    .unwrap();
-    assert!(model.text.layers[0].mlp.up_proj.is_quantized());
+    let model = load_nf4::<medvl_model::backend::Cpu>(&device);
     let client = WgpuRuntime::client(&WgpuDevice::default());
     // The step's logits are asserted against burn's NF4 decode; NF4 tokens need not be transformers' f32 ones.
     let counts = run::<_, _, f32>(&model, &device, &client, 3, 1e-4);
@@ -226,13 +229,7 @@ mod cuda {
     #[ignore = "needs an NVIDIA GPU"]
     fn plan_on_cuda_bf16_nf4_runs_ten_sequences_on_tensor_cores() {
         let device = Default::default();
-        let model = medvl_model::load_dir_with::<CudaBf16>(
-            &fixtures().join("hub"),
-            &device,
-            Some(Default::default()),
-        )
-        .unwrap();
-        assert!(model.text.layers[0].mlp.up_proj.is_quantized());
+        let model = load_nf4::<CudaBf16>(&device);
         let client = CudaRuntime::client(&CudaDevice::default());
         // 10 sequences: past the GEMV's 8 rows, every NF4 projection runs as one tensor-core GEMM.
         assert!(medvl_kernels::gemm::supported::<CudaRuntime, half::bf16>(
