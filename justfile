@@ -13,6 +13,7 @@ lint:
 # the NF4 and decode kernels against their host references, the decode plan against transformers and burn.
 test-cuda:
     cargo test -p medvl-model --features cuda --test fidelity -- --ignored --nocapture --exact gpu::cuda_bf16_matches_transformers gpu::cuda_f32_matches_transformers
+    cargo test -p medvl-model --features cuda --test nf4 -- --ignored --nocapture
     cargo test -p medvl-kernels --features cuda --test nf4_gemv -- --ignored --nocapture
     cargo test -p medvl-kernels --features cuda --test decode -- --ignored --nocapture
     cargo test -p medvl-engine --features cuda --test plan -- --ignored --nocapture --test-threads 1
@@ -21,11 +22,15 @@ test-cuda:
 bench-kernels:
     cargo run --release -p medvl-bench --features cuda -- kernels --out benchmarks/kernels.json
 
-# Decode benchmark: the 7B decoder's step through the decode plan (random weights; bf16, NF4, NF4 + lm_head; batch
-# 1, 8, 32), then transformers' decode on the same card (needs python3 with torch + transformers).
+# Benchmarks on the GPU, 7B with random weights, each next to the Python stack on the same card (needs python3 with
+# torch + transformers; bitsandbytes for the NF4 baselines: `pip install bitsandbytes==0.50.2`):
+# a page end to end (bf16, NF4; 1,260 and 2,772 image tokens; 256 new tokens), then the decode step (bf16, NF4,
+# NF4 + lm_head; batch 1, 8, 16, 32).
 bench:
-    cargo run --release -p medvl-bench --features cuda -- decode --out benchmarks/decode.json
-    python3 benches/python/decode_baseline.py --out benchmarks/decode-python.json
+    cargo run --release -p medvl-bench --features cuda -- page --out benchmarks/page.json
+    python3 benches/python/page_baseline.py --image-tokens 1260,2772 --out benchmarks/page-python.json
+    cargo run --release -p medvl-bench --features cuda -- decode --batches 1,8,16,32 --out benchmarks/decode.json
+    python3 benches/python/decode_baseline.py --batches 1,8,16,32 --out benchmarks/decode-python.json
 
 # Regenerate the reference fixtures with transformers (CPU is enough; installs fixtures/requirements.txt in a venv).
 golden:

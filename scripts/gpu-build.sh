@@ -11,6 +11,7 @@ rm -rf .gpu/bin && mkdir -p .gpu/bin
   cargo test --workspace --features "$features" --no-run --message-format=json 2>/dev/null; } \
   | jq -r 'select(.reason == "compiler-artifact" and .executable != null)
            | select(.target.name == "fidelity" or .target.name == "nf4_gemv" or .target.name == "medvl"
+                    or .target.name == "nf4"
                     or .target.name == "medvl-bench" or .target.name == "plan" or .target.name == "decode")
            | "\(.target.name) \(.executable)"' \
   | while read -r name exe; do

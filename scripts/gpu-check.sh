@@ -1,6 +1,12 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark in one run on the GPU machine (binaries from scripts/gpu-build.sh in .gpu/).
 # Writes full logs and the kernel benchmark JSON under $OUT and prints a short summary last.
+#   P. the page benchmark, 7B with random weights, end to end through the engine (PAGE_FORMATS, default bf16,nf4,
+#      empty for none; PAGE_TOKENS, default 1260,2772), then the Python stack on the same pages (PY_PAGE=1;
+#      PY_PAGE_FORMATS, PY_PAGE_TOKENS, PY_PAGE_RUNS);
+#   B. with bitsandbytes' wheel carried (.gpu/whl/repacked, from scripts/bnb-wheel.sh): installed for the Python
+#      NF4 baselines; fixtures/nf4/tiny_logits_cuda_bf16.safetensors made when missing (copied to $OUT), and the
+#      CUDA NF4 model test against it (NF4_MODEL_TEST=1);
 #   0. the decode plan benchmark, 7B decoder with random weights (DECODE_FORMATS, default dense,nf4,nf4-lm-head;
 #      empty for none; DECODE_BATCHES, default 1,8,32), then the Python stack's decode on the same card
 #      (PY_BASELINE=0 to skip), each alone on the card;
@@ -22,6 +28,26 @@ commit=$(cat .gpu/COMMIT 2>/dev/null | tr -d '\n' || echo unknown)
 export MEDVL_FIXTURES=$PWD/fixtures/tiny RUST_BACKTRACE=0 CUBECL_AUTOTUNE_LEVEL=${CUBECL_AUTOTUNE_LEVEL:-minimal}
 budget=${GPU_CHECK_SECONDS:-540}
 start=$(date +%s)
+
+if ls .gpu/whl/repacked/*.whl > /dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/whl/repacked/*.whl > "$OUT/bnb-install.log" 2>&1
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+if [ ! -f fixtures/nf4/tiny_logits_cuda_bf16.safetensors ] && python3 -c "import bitsandbytes" 2> /dev/null; then
+  timeout 120 python3 fixtures/nf4.py --cuda > "$OUT/nf4-fixture.log" 2>&1
+  cp fixtures/nf4/tiny_logits_cuda_bf16.safetensors "$OUT/" 2>> "$OUT/nf4-fixture.log"
+fi
+
+page=${PAGE_FORMATS-bf16,nf4}
+if [ -n "$page" ]; then
+  timeout 400 $bin/medvl-bench page --formats "$page" --image-tokens "${PAGE_TOKENS:-1260,2772}" --card "$card" \
+    --commit "$commit" --out "$OUT/page.json" > "$OUT/page.log" 2>&1; echo "page bench exit $?" >> "$OUT/page.log"
+fi
+if [ "${PY_PAGE:-0}" = 1 ]; then
+  timeout 420 python3 benches/python/page_baseline.py --formats "${PY_PAGE_FORMATS:-bf16,nf4}" \
+    --image-tokens "${PY_PAGE_TOKENS:-1260}" --runs "${PY_PAGE_RUNS:-2}" --out "$OUT/page-python.json" \
+    > "$OUT/page-python.log" 2>&1; echo "python page baseline exit $?" >> "$OUT/page-python.log"
+fi
 
 formats=${DECODE_FORMATS-dense,nf4,nf4-lm-head}
 if [ -n "$formats" ]; then
@@ -60,6 +86,10 @@ if [ "${PLAN_TESTS:-1}" = 1 ]; then
   ( timeout $left $bin/test-decode --ignored --nocapture > "$OUT/decode-test.log" 2>&1
     echo "exit $?" >> "$OUT/decode-test.log" ) &
 fi
+if [ "${NF4_MODEL_TEST:-1}" = 1 ]; then
+  ( timeout $left $bin/test-nf4 --ignored --nocapture > "$OUT/nf4-model-test.log" 2>&1
+    echo "exit $?" >> "$OUT/nf4-model-test.log" ) &
+fi
 # `medvl ask` on CUDA in each dtype.
 for dtype in ${ASK_DTYPES-bf16 f32}; do
   ( timeout $left $bin/medvl ask fixtures/tiny/page.png --prompt "What is the diagnosis?" --model fixtures/tiny/v5 \
@@ -76,6 +106,10 @@ fi
 wait
 
 echo "== $card ($commit), $(( $(date +%s) - start )) s"
+[ -f "$OUT/page.log" ] && grep -E "^\||on cuda|exit|rror" "$OUT/page.log"
+[ -f "$OUT/page-python.log" ] && tail -8 "$OUT/page-python.log"
+[ -f "$OUT/nf4-fixture.log" ] && tail -3 "$OUT/nf4-fixture.log"
+[ -f "$OUT/nf4-model-test.log" ] && grep -E "against|rel Frobenius|^test |panicked|^exit" "$OUT/nf4-model-test.log"
 [ -f "$OUT/decode.log" ] && grep -E "^\||decoder|exit|rror" "$OUT/decode.log"
 [ -f "$OUT/python.log" ] && tail -8 "$OUT/python.log"
 [ -f "$OUT/bench.log" ] && grep -E "copy probe|^\| [a-z]|exit" "$OUT/bench.log"

@@ -24,6 +24,9 @@ use crate::{ActivationKind, CopyProbe, RunInfo, RuntimeKind};
 pub struct DecodeArgs {
     #[command(flatten)]
     run: RunInfo,
+    /// Where to run.
+    #[arg(long, value_enum, default_value = "cuda")]
+    runtime: RuntimeKind,
     /// Model sizes.
     #[arg(long, value_enum, default_value = "7b")]
     model: ModelSize,
@@ -116,7 +119,7 @@ struct Report {
 }
 
 pub fn run(args: &DecodeArgs) -> Result<()> {
-    match (args.run.runtime, args.activations) {
+    match (args.runtime, args.activations) {
         #[cfg(feature = "cuda")]
         (RuntimeKind::Cuda, ActivationKind::Bf16) => {
             run_in::<cubecl::cuda::CudaRuntime, half::bf16>(args, "cuda", "bf16")

@@ -2,6 +2,8 @@
 //!
 //! `medvl-bench decode` times the decode plan of Qwen2.5-VL's decoder with random weights (see `decode.rs`).
 //!
+//! `medvl-bench page` times a document page end to end through the engine (see `page.rs`).
+//!
 //! `medvl-bench kernels` rates the NF4 decode GEMV at the shapes of Qwen2.5-VL-7B's decoder against the card's
 //! copy bandwidth measured in the same run, and writes the numbers as JSON.
 //!
@@ -11,6 +13,7 @@
 //! launches pays when the kernel is shorter than the host's launch cost).
 
 mod decode;
+mod page;
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -39,6 +42,9 @@ enum Command {
     Kernels(KernelArgs),
     /// The decode step of the 7B decoder (random weights) per weight format and batch: tokens/s, memory.
     Decode(decode::DecodeArgs),
+    /// A page end to end through the engine (random weights): load, memory, vision and decoder prefill, time
+    /// to first token, decode tokens/s, page + 256 tokens avg/min/max.
+    Page(page::PageArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -49,12 +55,9 @@ pub(crate) enum RuntimeKind {
     Wgpu,
 }
 
-/// Where a benchmark runs and what its report records.
+/// What a benchmark's report records, and where it goes.
 #[derive(clap::Args)]
 pub(crate) struct RunInfo {
-    /// Where to run.
-    #[arg(long, value_enum, default_value = "cuda")]
-    pub(crate) runtime: RuntimeKind,
     /// The card's name, recorded in the report (e.g. from `nvidia-smi --query-gpu=name --format=csv,noheader`).
     #[arg(long, default_value = "unknown")]
     pub(crate) card: String,
@@ -70,6 +73,9 @@ pub(crate) struct RunInfo {
 struct KernelArgs {
     #[command(flatten)]
     run: RunInfo,
+    /// Where to run.
+    #[arg(long, value_enum, default_value = "cuda")]
+    runtime: RuntimeKind,
     /// Bytes the copy probe moves each way (GiB).
     #[arg(long, default_value_t = 1.0)]
     copy_gib: f64,
@@ -139,7 +145,8 @@ fn main() -> Result<()> {
         .init();
     match Cli::parse().command {
         Command::Decode(args) => decode::run(&args),
-        Command::Kernels(args) => match args.run.runtime {
+        Command::Page(args) => page::run(&args),
+        Command::Kernels(args) => match args.runtime {
             #[cfg(feature = "cuda")]
             RuntimeKind::Cuda => kernels::<cubecl::cuda::CudaRuntime>(&args, "cuda"),
             #[cfg(feature = "wgpu")]

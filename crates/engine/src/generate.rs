@@ -118,7 +118,7 @@ pub struct Engine<B: Backend> {
     processor: ProcessorConfig,
     template: ChatTemplate,
     device: B::Device,
-    dir: PathBuf,
+    dir: Option<PathBuf>,
     plan: Option<PlanSlot>,
 }
 
@@ -154,15 +154,29 @@ impl<B: Backend> Engine<B> {
         let processor = ProcessorConfig::from_model_dir(dir)?;
         let template = ChatTemplate::from_model_dir(dir)?;
         tracing::info!(dir = %dir.display(), seconds = start.elapsed().as_secs_f64(), "model loaded");
-        Ok(Self {
+        let mut engine = Self::from_parts(model, tokenizer, processor, template, device);
+        engine.dir = Some(dir.to_path_buf());
+        Ok(engine)
+    }
+
+    /// An engine over a model built some other way (random weights for benchmarks, a model embedded in another
+    /// service), with its tokenizer, image processor settings and chat template.
+    pub fn from_parts(
+        model: QwenVl<B>,
+        tokenizer: Tokenizer,
+        processor: ProcessorConfig,
+        template: ChatTemplate,
+        device: B::Device,
+    ) -> Self {
+        Self {
             model,
             tokenizer,
             processor,
             template,
             device,
-            dir: dir.to_path_buf(),
+            dir: None,
             plan: None,
-        })
+        }
     }
 
     /// Decodes greedy requests through `plan` (medvl's own kernels, [`crate::plan`]) from now on; the prefill
@@ -200,9 +214,9 @@ impl<B: Backend> Engine<B> {
         &mut self.processor
     }
 
-    /// The directory the model was loaded from.
-    pub fn dir(&self) -> &Path {
-        &self.dir
+    /// The directory the model was loaded from (none when built with [`Self::from_parts`]).
+    pub fn dir(&self) -> Option<&Path> {
+        self.dir.as_deref()
     }
 
     /// Runs one request; `on_text` receives each completed piece of text as it is generated.

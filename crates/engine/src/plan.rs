@@ -302,15 +302,8 @@ impl HostMatrix {
                 cols,
             },
             LinearWeight::Nf4(w) => {
-                let packed = w
-                    .packed
-                    .clone()
-                    .into_data()
-                    .convert::<i64>()
-                    .to_vec::<i64>()
-                    .map_err(|e| EngineError::Plan(format!("reading NF4 codes: {e:?}")))?;
                 Self::Nf4(Nf4Tensor {
-                    packed: packed.into_iter().map(|b| b as u8).collect(),
+                    packed: w.packed_bytes()?,
                     absmax: Absmax::Plain(host_values(w.absmax.clone())?),
                     blocksize: w.blocksize,
                     shape: vec![rows, cols],

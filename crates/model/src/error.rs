@@ -105,6 +105,14 @@ pub enum ModelError {
         /// What went wrong.
         reason: String,
     },
+    /// A tensor could not be read back from the device.
+    #[error("reading {what} back from the device: {reason}")]
+    Readback {
+        /// Which tensor.
+        what: &'static str,
+        /// The backend's error.
+        reason: String,
+    },
     /// Model input is inconsistent (token ids vs images, shapes).
     #[error("invalid input: {0}")]
     Input(String),

@@ -29,12 +29,14 @@ pub enum LinearWeight<B: Backend> {
     Nf4(Nf4Weight<B>),
 }
 
-/// An NF4 weight on the device: packed codes (two per byte, high nibble first) and one f32 scale per block.
+/// An NF4 weight on the device: packed codes and one f32 scale per block. The codes are bitsandbytes' byte
+/// stream (two per byte, high nibble first) read as little-endian 32-bit words, eight codes per word, exactly the
+/// bits the CubeCL kernels of `medvl-kernels` read, in half a byte per weight.
 /// This is the reference path (dequantize with tensor ops, then a dense matmul); the fused CubeCL kernels of
 /// `medvl-kernels` replace it on CUDA.
 #[derive(Module, Debug)]
 pub struct Nf4Weight<B: Backend> {
-    /// `[ceil(out * in / 2)]` packed codes.
+    /// `[ceil(out * in / 8)]` words of packed codes (the byte stream zero-padded to whole words).
     pub packed: Tensor<B, 1, Int>,
     /// `[blocks]` scales (double quantization already resolved).
     pub absmax: Tensor<B, 1>,
@@ -52,10 +54,19 @@ impl<B: Backend> Nf4Weight<B> {
     /// Uploads a host NF4 tensor of shape `[out, in]`.
     pub fn from_host(tensor: &medvl_nf4::Nf4Tensor, device: &B::Device) -> Self {
         let shape = [tensor.shape[0], tensor.shape[1]];
-        let packed: Vec<i32> = tensor.packed.iter().map(|&b| i32::from(b)).collect();
+        let packed: Vec<i32> = tensor
+            .packed
+            .chunks(4)
+            .map(|c| {
+                let mut word = [0u8; 4];
+                word[..c.len()].copy_from_slice(c);
+                i32::from_le_bytes(word)
+            })
+            .collect();
+        let words = packed.len();
         let absmax = tensor.absmax.to_f32();
         Self {
-            packed: Tensor::from_data(TensorData::new(packed, [tensor.packed.len()]), device),
+            packed: Tensor::from_data(TensorData::new(packed, [words]), device),
             absmax: Tensor::from_data(TensorData::new(absmax.clone(), [absmax.len()]), device),
             code: Tensor::from_data(TensorData::new(medvl_nf4::NF4_CODE.to_vec(), [16]), device),
             shape,
@@ -63,16 +74,46 @@ impl<B: Backend> Nf4Weight<B> {
         }
     }
 
+    /// The packed codes as bitsandbytes stores them: `ceil(out * in / 2)` bytes, high nibble first.
+    pub fn packed_bytes(&self) -> Result<Vec<u8>, crate::error::ModelError> {
+        let [out, inp] = self.shape;
+        let words = self
+            .packed
+            .clone()
+            .into_data()
+            .convert::<i64>()
+            .to_vec::<i64>()
+            .map_err(|e| crate::error::ModelError::Readback {
+                what: "NF4 codes",
+                reason: format!("{e:?}"),
+            })?;
+        let mut bytes: Vec<u8> = words
+            .into_iter()
+            .flat_map(|w| (w as i32).to_le_bytes())
+            .collect();
+        bytes.truncate((out * inp).div_ceil(2));
+        Ok(bytes)
+    }
+
     /// The dense `[out, in]` weight: `code[nibble] * absmax[block]`.
     pub fn dequantize(&self) -> Tensor<B, 2> {
         let [out, inp] = self.shape;
         let n = out * inp;
-        let pairs = self.packed.dims()[0];
-        // [pairs] -> [pairs, 2] (high nibble first) -> [2 * pairs]
-        let hi = self.packed.clone().div_scalar(16);
-        let lo = self.packed.clone().remainder_scalar(16);
-        let codes = Tensor::stack::<2>(vec![hi, lo], 1)
-            .reshape([2 * pairs])
+        let words = self.packed.dims()[0];
+        let device = self.packed.device();
+        // Code i of a word sits at bits SHIFTS[i]..+4 (byte 0 lowest, high nibble first within a byte).
+        const SHIFTS: [i32; 8] = [4, 0, 12, 8, 20, 16, 28, 24];
+        let shifts = Tensor::<B, 1, Int>::from_data(TensorData::new(SHIFTS.to_vec(), [8]), &device)
+            .reshape([1, 8])
+            .expand([words, 8]);
+        let codes = self
+            .packed
+            .clone()
+            .reshape([words, 1])
+            .expand([words, 8])
+            .bitwise_right_shift(shifts)
+            .bitwise_and_scalar(0xF.elem())
+            .reshape([8 * words])
             .narrow(0, 0, n);
         let values = self.code.clone().select(0, codes);
         let blocks = self.absmax.dims()[0];

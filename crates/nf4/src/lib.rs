@@ -386,21 +386,28 @@ pub fn quantize(
     if let Some((index, &value)) = values.iter().enumerate().find(|(_, v)| !v.is_finite()) {
         return Err(Nf4Error::NonFinite { index, value });
     }
-    let n = values.len();
-    let mut codes = Vec::with_capacity(n + 1);
-    let mut absmax = Vec::with_capacity(n.div_ceil(blocksize));
-    for block in values.chunks(blocksize) {
-        let max = block.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-        absmax.push(max);
-        let max = max.max(1e-38);
-        if block.len() == blocksize {
-            // Full blocks multiply by the reciprocal, the tail block divides (as bitsandbytes does).
-            let inv = 1.0 / max;
-            codes.extend(block.iter().map(|v| nf4_index((v * inv).clamp(-1.0, 1.0))));
-        } else {
-            codes.extend(block.iter().map(|v| nf4_index((v / max).clamp(-1.0, 1.0))));
-        }
-    }
+    // Blocks are independent: large tensors are split among the cores at block boundaries.
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let blocks = values.len().div_ceil(blocksize);
+    let per_thread = blocks.div_ceil(threads).max((1 << 16) / blocksize) * blocksize;
+    let (mut codes, absmax) = if values.len() <= per_thread {
+        quantize_blocks(values, blocksize)
+    } else {
+        std::thread::scope(|scope| {
+            let parts: Vec<_> = values
+                .chunks(per_thread)
+                .map(|part| scope.spawn(move || quantize_blocks(part, blocksize)))
+                .collect();
+            let mut codes = Vec::with_capacity(values.len() + 1);
+            let mut absmax = Vec::with_capacity(blocks);
+            for part in parts {
+                let (c, a) = part.join().unwrap_or_else(|e| std::panic::resume_unwind(e));
+                codes.extend(c);
+                absmax.extend(a);
+            }
+            (codes, absmax)
+        })
+    };
     if codes.len() % 2 == 1 {
         codes.push(nf4_index(0.0));
     }
@@ -416,6 +423,25 @@ pub fn quantize(
         blocksize,
         shape: shape.to_vec(),
     })
+}
+
+/// NF4 codes (one per byte) and absmax of consecutive blocks of `values`.
+fn quantize_blocks(values: &[f32], blocksize: usize) -> (Vec<u8>, Vec<f32>) {
+    let mut codes = Vec::with_capacity(values.len() + 1);
+    let mut absmax = Vec::with_capacity(values.len().div_ceil(blocksize));
+    for block in values.chunks(blocksize) {
+        let max = block.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        absmax.push(max);
+        let max = max.max(1e-38);
+        if block.len() == blocksize {
+            // Full blocks multiply by the reciprocal, the tail block divides (as bitsandbytes does).
+            let inv = 1.0 / max;
+            codes.extend(block.iter().map(|v| nf4_index((v * inv).clamp(-1.0, 1.0))));
+        } else {
+            codes.extend(block.iter().map(|v| nf4_index((v / max).clamp(-1.0, 1.0))));
+        }
+    }
+    (codes, absmax)
 }
 
 /// Index of the code of `map` (sorted) nearest to `x`; on a tie the lower one.

@@ -286,3 +286,26 @@ fn bnb_parts_round_trip() {
             .contains("nested_absmax")
     );
 }
+
+/// Large tensors are quantized on several threads, split at block boundaries: the result equals quantizing each
+/// block alone (whose codes the bitsandbytes fixtures check), the tail block and double quantization included.
+#[test]
+fn threaded_quantization_equals_block_by_block() {
+    let (rows, cols) = (7, 100_003); // 700,021 values: many blocks per thread, an odd tail block
+    let values: Vec<f32> = (0..rows * cols)
+        .map(|i| ((i as u64 * 2_654_435_761) % 20_011) as f32 / 10_005.0 - 1.0)
+        .collect();
+    let whole = quantize(&values, &[rows, cols], 64, true).unwrap();
+    let mut codes = Vec::new();
+    let mut absmax = Vec::new();
+    for block in values.chunks(64) {
+        let q = quantize(block, &[block.len()], 64, false).unwrap();
+        let nibbles = q.packed.iter().flat_map(|b| [b >> 4, b & 0xF]);
+        codes.extend(nibbles.take(block.len()));
+        absmax.extend(q.absmax.to_f32());
+    }
+    let unpacked: Vec<u8> = whole.packed.iter().flat_map(|b| [b >> 4, b & 0xF]).collect();
+    assert_eq!(unpacked.len(), codes.len() + 1);
+    assert_eq!(&unpacked[..codes.len()], &codes[..]);
+    assert_eq!(medvl_nf4::double_quantize(&absmax), whole.absmax);
+}

@@ -1,0 +1,474 @@
+//! `medvl-bench page`: one document page end to end through the engine, as the reference report measures it:
+//! a letter page at 1,260 or 2,772 image tokens, an extraction prompt (the chat template's text around it is about
+//! 60 tokens), 256 new tokens forced (end-of-sequence ignored, so random weights are measured fairly), greedy,
+//! batch 1. Per weight format (bf16, NF4 with double quantization as bitsandbytes does it):
+//! - load: building the model with random weights (NF4: quantized on the host while building) and the decode plan;
+//! - memory: the allocator's bytes in use after the model, after the plan, and reserved after the runs;
+//! - per run (after one warm-up run): preprocessing (PNG decode, resize, patchify, template, tokenize), prefill
+//!   (vision tower + decoder over the prompt, until the first token is on the host), decode time and tokens/s of
+//!   the other 255 tokens, end to end; avg/min/max over the runs;
+//! - the prefill split in two, each timed alone with a device sync after it: vision tower, decoder prefill.
+//!
+//! On CUDA the decode runs through the plan (medvl's kernels) like `medvl ask --device cuda`; `--decode burn`
+//! measures burn's decode instead. `--runtime cpu --model toy` is a smoke run of the whole path.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use burn::prelude::*;
+use clap::ValueEnum;
+use medvl_engine::generate::{Engine, GenerateParams, Generation, Request};
+use medvl_engine::plan::Decoder;
+use medvl_model::chat::{ChatTemplate, Message, expand_image_pads};
+use medvl_model::image::{ProcessorConfig, preprocess_bytes};
+use medvl_model::loader::{RandomSource, build};
+use medvl_model::{QuantizeOptions, QwenVlConfig, Tokenizer};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::Serialize;
+
+use crate::RunInfo;
+
+/// The extraction prompt (the reference service's default asks for the same fields).
+const PROMPT: &str = "Extract all medical information from this document: diagnoses, medications with dose, route \
+                      and frequency, laboratory values with units and reference ranges, vital signs and procedures.";
+
+#[derive(clap::Args)]
+pub struct PageArgs {
+    #[command(flatten)]
+    run: RunInfo,
+    /// Where to run (`cpu`: burn's CPU backend, a smoke run).
+    #[arg(long, value_enum, default_value = "cuda")]
+    device: PageDevice,
+    /// Model sizes.
+    #[arg(long, value_enum, default_value = "7b")]
+    model: PageModel,
+    /// Weight formats, comma-separated.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "bf16,nf4")]
+    formats: Vec<PageFormat>,
+    /// Pages, in image tokens: 1260 (an 840x1176 px page, max_pixels 1280*28*28) and/or 2772 (1232x1764 px, the
+    /// hub's default max_pixels).
+    #[arg(long, value_delimiter = ',', default_value = "1260,2772")]
+    image_tokens: Vec<usize>,
+    /// Tokens generated per run (end-of-sequence ignored).
+    #[arg(long, default_value_t = 256)]
+    new_tokens: usize,
+    /// Timed runs per case, after one warm-up run.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// How the tokens after the first are decoded.
+    #[arg(long, value_enum, default_value = "plan")]
+    decode: PageDecode,
+    /// Qwen2.5-VL's `tokenizer.json` (gzip-compressed if the name ends in `.gz`).
+    #[arg(long, default_value = "fixtures/qwen/tokenizer.json.gz")]
+    tokenizer: PathBuf,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum PageDevice {
+    Cuda,
+    Cpu,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum PageModel {
+    /// Qwen2.5-VL-7B-Instruct.
+    #[value(name = "7b")]
+    Q7b,
+    /// Qwen2.5-VL-3B-Instruct.
+    #[value(name = "3b")]
+    Q3b,
+    /// The 3B with 2 decoder layers and 2 vision blocks (smoke runs).
+    Toy,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+enum PageFormat {
+    /// Every weight in bf16 (f32 on the CPU).
+    Bf16,
+    /// Linear layers NF4 (blocksize 64, double quantization), lm_head, embeddings and norms dense: transformers +
+    /// bitsandbytes `load_in_4bit`.
+    Nf4,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+enum PageDecode {
+    /// The decode plan (CUDA only).
+    Plan,
+    /// burn's decode.
+    Burn,
+}
+
+/// One timed run.
+#[derive(Serialize)]
+struct Run {
+    preprocess_s: f64,
+    prefill_s: f64,
+    time_to_first_token_s: f64,
+    decode_s: f64,
+    decode_tokens_per_s: f64,
+    total_s: f64,
+    new_tokens: usize,
+}
+
+#[derive(Serialize)]
+struct Spread {
+    avg: f64,
+    min: f64,
+    max: f64,
+}
+
+impl Spread {
+    fn of(values: impl Iterator<Item = f64>) -> Self {
+        let v: Vec<f64> = values.collect();
+        Self {
+            avg: v.iter().sum::<f64>() / v.len().max(1) as f64,
+            min: v.iter().copied().fold(f64::INFINITY, f64::min),
+            max: v.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct Case {
+    format: PageFormat,
+    decode: PageDecode,
+    image_tokens: usize,
+    width: u32,
+    height: u32,
+    prompt_tokens: usize,
+    load_s: f64,
+    /// Allocator bytes in use after building the model (its weights), MB.
+    model_mb: Option<f64>,
+    /// The decode plan's weights (the plan holds its own copy), MB.
+    plan_weights_mb: Option<f64>,
+    /// Allocator bytes in use and reserved after the runs, MB.
+    in_use_mb: Option<f64>,
+    reserved_mb: Option<f64>,
+    /// The vision tower alone (median of the runs), s.
+    vision_s: f64,
+    /// The decoder's prefill over the prompt alone, image features given (median), s.
+    llm_prefill_s: f64,
+    total_s: Spread,
+    time_to_first_token_s: Spread,
+    decode_tokens_per_s: Spread,
+    runs: Vec<Run>,
+}
+
+#[derive(Serialize)]
+struct Report {
+    card: String,
+    device: &'static str,
+    git_commit: String,
+    model: &'static str,
+    new_tokens: usize,
+    cases: Vec<Case>,
+}
+
+/// Page size in pixels (width, height) for a number of image tokens: the reference report's two pages.
+fn page_size(image_tokens: usize) -> Result<(u32, u32)> {
+    match image_tokens {
+        1260 => Ok((840, 1176)),
+        2772 => Ok((1232, 1764)),
+        n => bail!("no page size for {n} image tokens: use 1260 (840x1176 px) or 2772 (1232x1764 px)"),
+    }
+}
+
+/// A synthetic page, PNG-encoded: white, with dark lines of word-sized marks where text would be.
+fn page_png(width: u32, height: u32, seed: u64) -> Result<Vec<u8>> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut page = image::RgbImage::from_pixel(width, height, image::Rgb([255, 255, 255]));
+    let margin = width / 12;
+    let mut y = height / 14;
+    while y + 14 < height - height / 14 {
+        let mut x = margin;
+        while x < width - margin {
+            let word = rng.random_range(12..70).min(width - margin - x);
+            for dy in 0..12 {
+                for dx in 0..word {
+                    let shade = rng.random_range(0..90u8);
+                    page.put_pixel(x + dx, y + dy, image::Rgb([shade, shade, shade]));
+                }
+            }
+            x += word + rng.random_range(6..14);
+        }
+        y += rng.random_range(20..34);
+    }
+    let mut png = Vec::new();
+    page.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)?;
+    Ok(png)
+}
+
+fn tokenizer(path: &Path) -> Result<Tokenizer> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let json = if path.extension().is_some_and(|e| e == "gz") {
+        let mut json = Vec::new();
+        flate2::read::GzDecoder::new(&bytes[..])
+            .read_to_end(&mut json)
+            .with_context(|| format!("decompressing {}", path.display()))?;
+        json
+    } else {
+        bytes
+    };
+    Tokenizer::from_bytes(&json).with_context(|| format!("parsing {}", path.display()))
+}
+
+fn config(model: PageModel) -> (QwenVlConfig, &'static str) {
+    match model {
+        PageModel::Q7b => (QwenVlConfig::qwen2_5_vl_7b(), "Qwen2.5-VL-7B-Instruct"),
+        PageModel::Q3b => (QwenVlConfig::qwen2_5_vl_3b(), "Qwen2.5-VL-3B-Instruct"),
+        PageModel::Toy => {
+            let mut config = QwenVlConfig::qwen2_5_vl_3b();
+            config.text.num_hidden_layers = 2;
+            config.vision.depth = 2;
+            config.vision.fullatt_block_indexes = vec![1];
+            (config, "toy (the 3B with 2 decoder layers, 2 vision blocks)")
+        }
+    }
+}
+
+pub fn run(args: &PageArgs) -> Result<()> {
+    match args.device {
+        #[cfg(feature = "cuda")]
+        PageDevice::Cuda => run_on::<medvl_model::backend::CudaBf16>(
+            args,
+            Default::default(),
+            "cuda bf16",
+            cuda::memory,
+            |engine, capacity| match args.decode {
+                PageDecode::Plan => cuda::plan(engine, capacity).map(Some),
+                PageDecode::Burn => Ok(None),
+            },
+        ),
+        #[cfg(not(feature = "cuda"))]
+        PageDevice::Cuda => bail!("this medvl-bench was built without the `cuda` feature"),
+        PageDevice::Cpu => {
+            if args.decode == PageDecode::Plan {
+                bail!("the decode plan runs on CUDA: use `--decode burn` with `--device cpu`");
+            }
+            run_on::<medvl_model::backend::Cpu>(
+                args,
+                Default::default(),
+                "cpu f32",
+                || None,
+                |_, _| Ok(None),
+            )
+        }
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use anyhow::{Context, Result};
+    use cubecl::Runtime;
+    use cubecl::cuda::{CudaDevice, CudaRuntime};
+    use medvl_engine::DecodePlan;
+    use medvl_engine::generate::Engine;
+    use medvl_engine::plan::Decoder;
+    use medvl_model::backend::CudaBf16;
+
+    /// (bytes in use, bytes reserved) of the CUDA allocator burn and the plan share, MB.
+    pub(super) fn memory() -> Option<(f64, f64)> {
+        let usage = CudaRuntime::client(&CudaDevice::default())
+            .memory_usage()
+            .ok()?;
+        Some((
+            usage.bytes_in_use as f64 / 1e6,
+            usage.bytes_reserved as f64 / 1e6,
+        ))
+    }
+
+    pub(super) fn plan(engine: &Engine<CudaBf16>, capacity: usize) -> Result<Box<dyn Decoder>> {
+        let client = CudaRuntime::client(&CudaDevice::default());
+        let plan = DecodePlan::<CudaRuntime, half::bf16>::from_model(
+            &client,
+            engine.model(),
+            1,
+            capacity,
+        )
+        .context("building the decode plan")?;
+        Ok(Box::new(plan))
+    }
+}
+
+fn run_on<B: Backend>(
+    args: &PageArgs,
+    device: B::Device,
+    device_name: &'static str,
+    memory: impl Fn() -> Option<(f64, f64)>,
+    plan: impl Fn(&Engine<B>, usize) -> Result<Option<Box<dyn Decoder>>>,
+) -> Result<()> {
+    if args.runs == 0 || args.new_tokens == 0 {
+        bail!("--runs and --new-tokens must be at least 1");
+    }
+    let (config, model_name) = config(args.model);
+    let tokenizer = tokenizer(&args.tokenizer)?;
+    let pages: Vec<(usize, (u32, u32))> = args
+        .image_tokens
+        .iter()
+        .map(|&n| Ok((n, page_size(n)?)))
+        .collect::<Result<_>>()?;
+    let longest = pages.iter().map(|p| p.0).max().unwrap_or(0);
+    // Room for the template's text around the page, the prompt and the new tokens.
+    let capacity = longest + 128 + args.new_tokens;
+    println!(
+        "{model_name} on {device_name}, {} new tokens, {} runs after a warm-up\n\n| weights | image tokens | load s | model MB | plan MB | vision s | LLM prefill s | TTFT s | decode tok/s | page + {} tokens s (min-max) |\n|---|---|---|---|---|---|---|---|---|---|",
+        args.new_tokens, args.runs, args.new_tokens
+    );
+    let mut cases = Vec::new();
+    for &format in &args.formats {
+        let start = Instant::now();
+        B::seed(&device, 7);
+        let model = match format {
+            PageFormat::Bf16 => build(&config, &mut RandomSource::<B>::new(&device))?,
+            PageFormat::Nf4 => build(
+                &config,
+                &mut RandomSource::<B>::quantized(&device, QuantizeOptions::default()),
+            )?,
+        };
+        B::sync(&device).map_err(|e| anyhow::anyhow!("device sync: {e:?}"))?;
+        let model_mb = memory().map(|m| m.0);
+        let mut engine = Engine::from_parts(
+            model,
+            tokenizer.clone(),
+            ProcessorConfig::default(),
+            ChatTemplate::Builtin,
+            device.clone(),
+        );
+        let plan_weights_mb = match plan(&engine, capacity)? {
+            Some(plan) => {
+                let mb = memory().zip(model_mb).map(|(m, model)| m.0 - model);
+                engine.attach_plan(plan);
+                mb
+            }
+            None => None,
+        };
+        let load_s = start.elapsed().as_secs_f64();
+        for &(image_tokens, (width, height)) in &pages {
+            let png = page_png(width, height, image_tokens as u64)?;
+            let request = Request {
+                messages: vec![Message::user_with_images(1, PROMPT)],
+                images: vec![png.clone()],
+                params: GenerateParams {
+                    ignore_eos: true,
+                    ..GenerateParams::greedy(args.new_tokens)
+                },
+            };
+            let warm = engine.generate(&request, |_| {})?;
+            if warm.image_tokens != image_tokens {
+                bail!(
+                    "the {width}x{height} page gave {} image tokens, expected {image_tokens}",
+                    warm.image_tokens
+                );
+            }
+            let mut runs = Vec::new();
+            let mut vision = Vec::new();
+            let mut llm = Vec::new();
+            for _ in 0..args.runs {
+                let start = Instant::now();
+                let g = engine.generate(&request, |_| {})?;
+                runs.push(run_of(&g, start.elapsed().as_secs_f64()));
+                let (v, l) = prefill_split(&engine, &png, &device)?;
+                vision.push(v);
+                llm.push(l);
+            }
+            let usage = memory();
+            let case = Case {
+                format,
+                decode: if engine.has_plan() {
+                    PageDecode::Plan
+                } else {
+                    PageDecode::Burn
+                },
+                image_tokens,
+                width,
+                height,
+                prompt_tokens: warm.prompt_tokens,
+                load_s,
+                model_mb,
+                plan_weights_mb,
+                in_use_mb: usage.map(|m| m.0),
+                reserved_mb: usage.map(|m| m.1),
+                vision_s: median(vision),
+                llm_prefill_s: median(llm),
+                total_s: Spread::of(runs.iter().map(|r| r.total_s)),
+                time_to_first_token_s: Spread::of(runs.iter().map(|r| r.time_to_first_token_s)),
+                decode_tokens_per_s: Spread::of(runs.iter().map(|r| r.decode_tokens_per_s)),
+                runs,
+            };
+            let mb = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.0}"));
+            println!(
+                "| {} | {image_tokens} | {:.1} | {} | {} | {:.3} | {:.3} | {:.3} | {:.1} | {:.3} ({:.3}-{:.3}) |",
+                format
+                    .to_possible_value()
+                    .map(|v| v.get_name().to_string())
+                    .unwrap_or_default(),
+                case.load_s,
+                mb(case.model_mb),
+                mb(case.plan_weights_mb),
+                case.vision_s,
+                case.llm_prefill_s,
+                case.time_to_first_token_s.avg,
+                case.decode_tokens_per_s.avg,
+                case.total_s.avg,
+                case.total_s.min,
+                case.total_s.max,
+            );
+            cases.push(case);
+        }
+    }
+    args.run.write_report(&Report {
+        card: args.run.card.clone(),
+        device: device_name,
+        git_commit: args.run.commit.clone(),
+        model: model_name,
+        new_tokens: args.new_tokens,
+        cases,
+    })
+}
+
+fn run_of(g: &Generation, total_s: f64) -> Run {
+    let t = &g.timings;
+    Run {
+        preprocess_s: t.preprocess_s,
+        prefill_s: t.prefill_s,
+        time_to_first_token_s: t.preprocess_s + t.prefill_s,
+        decode_s: t.decode_s,
+        decode_tokens_per_s: t.decode_tokens_per_s,
+        total_s,
+        new_tokens: g.token_ids.len(),
+    }
+}
+
+/// The vision tower and the decoder's prefill of one page, each timed alone up to a device sync.
+fn prefill_split<B: Backend>(engine: &Engine<B>, png: &[u8], device: &B::Device) -> Result<(f64, f64)> {
+    let model = engine.model();
+    let pixels = preprocess_bytes(png, &ProcessorConfig::default())?;
+    let text = engine
+        .chat_template()
+        .render(&[Message::user_with_images(1, PROMPT)], true)?;
+    let ids = engine.tokenizer().encode(&text)?;
+    let merge = model.config.vision.spatial_merge_size;
+    let ids = expand_image_pads(&ids, model.config.tokens.image, &[pixels.num_tokens(merge)])?;
+    let sync = || B::sync(device).map_err(|e| anyhow::anyhow!("device sync: {e:?}"));
+    sync()?;
+    let start = Instant::now();
+    let features = model.encode_images(std::slice::from_ref(&pixels), device)?;
+    sync()?;
+    let vision_s = start.elapsed().as_secs_f64();
+    let start = Instant::now();
+    let mut cache = model.new_cache();
+    let prefill = model.prefill_with_features(&ids, features.as_ref(), &mut cache, device)?;
+    sync()?;
+    drop(prefill);
+    Ok((vision_s, start.elapsed().as_secs_f64()))
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
