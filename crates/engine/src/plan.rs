@@ -686,8 +686,16 @@ impl<R: Runtime, F: Activation> DecodePlan<R, F> {
             )));
         }
         let mut uploaded = Vec::with_capacity(config.layers);
+        // The runtime keeps each upload's host copy until a later flush: flush per layer so that host memory
+        // holds one layer's copies at a time, not the model's.
+        let flush = || {
+            client
+                .flush()
+                .map_err(|e| EngineError::Plan(format!("flushing uploads: {e:?}")))
+        };
         for (i, layer) in layers.into_iter().enumerate() {
             uploaded.push(Layer::upload(client, &config, &layer?, i)?);
+            flush()?;
         }
         if uploaded.len() != config.layers {
             return Err(EngineError::Plan(format!(
