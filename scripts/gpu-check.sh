@@ -40,7 +40,7 @@ fi
 
 page=${PAGE_FORMATS-bf16,nf4}
 if [ -n "$page" ]; then
-  timeout 400 $bin/medvl-bench page --formats "$page" --image-tokens "${PAGE_TOKENS:-1260,2772}" --card "$card" \
+  timeout ${PAGE_TIMEOUT:-400} $bin/medvl-bench page --formats "$page" --image-tokens "${PAGE_TOKENS:-1260,2772}" --runs "${PAGE_RUNS:-3}" --card "$card" \
     --commit "$commit" --out "$OUT/page.json" > "$OUT/page.log" 2>&1; echo "page bench exit $?" >> "$OUT/page.log"
 fi
 if [ "${PY_PAGE:-0}" = 1 ]; then

@@ -174,7 +174,9 @@ fn page_size(image_tokens: usize) -> Result<(u32, u32)> {
     match image_tokens {
         1260 => Ok((840, 1176)),
         2772 => Ok((1232, 1764)),
-        n => bail!("no page size for {n} image tokens: use 1260 (840x1176 px) or 2772 (1232x1764 px)"),
+        n => bail!(
+            "no page size for {n} image tokens: use 1260 (840x1176 px) or 2772 (1232x1764 px)"
+        ),
     }
 }
 
@@ -226,7 +228,10 @@ fn config(model: PageModel) -> (QwenVlConfig, &'static str) {
             config.text.num_hidden_layers = 2;
             config.vision.depth = 2;
             config.vision.fullatt_block_indexes = vec![1];
-            (config, "toy (the 3B with 2 decoder layers, 2 vision blocks)")
+            (
+                config,
+                "toy (the 3B with 2 decoder layers, 2 vision blocks)",
+            )
         }
     }
 }
@@ -284,13 +289,9 @@ mod cuda {
 
     pub(super) fn plan(engine: &Engine<CudaBf16>, capacity: usize) -> Result<Box<dyn Decoder>> {
         let client = CudaRuntime::client(&CudaDevice::default());
-        let plan = DecodePlan::<CudaRuntime, half::bf16>::from_model(
-            &client,
-            engine.model(),
-            1,
-            capacity,
-        )
-        .context("building the decode plan")?;
+        let plan =
+            DecodePlan::<CudaRuntime, half::bf16>::from_model(&client, engine.model(), 1, capacity)
+                .context("building the decode plan")?;
         Ok(Box::new(plan))
     }
 }
@@ -332,6 +333,7 @@ fn run_on<B: Backend>(
         };
         B::sync(&device).map_err(|e| anyhow::anyhow!("device sync: {e:?}"))?;
         let model_mb = memory().map(|m| m.0);
+        eprintln!("[{:.1} s] model built", start.elapsed().as_secs_f64());
         let mut engine = Engine::from_parts(
             model,
             tokenizer.clone(),
@@ -348,6 +350,7 @@ fn run_on<B: Backend>(
             None => None,
         };
         let load_s = start.elapsed().as_secs_f64();
+        eprintln!("[{load_s:.1} s] engine ready (plan: {})", engine.has_plan());
         for &(image_tokens, (width, height)) in &pages {
             let png = page_png(width, height, image_tokens as u64)?;
             let request = Request {
@@ -359,6 +362,12 @@ fn run_on<B: Backend>(
                 },
             };
             let warm = engine.generate(&request, |_| {})?;
+            eprintln!(
+                "[{:.1} s] warm-up: prefill {:.3} s, decode {:.1} tokens/s",
+                start.elapsed().as_secs_f64(),
+                warm.timings.prefill_s,
+                warm.timings.decode_tokens_per_s
+            );
             if warm.image_tokens != image_tokens {
                 bail!(
                     "the {width}x{height} page gave {} image tokens, expected {image_tokens}",
@@ -373,6 +382,10 @@ fn run_on<B: Backend>(
                 let g = engine.generate(&request, |_| {})?;
                 runs.push(run_of(&g, start.elapsed().as_secs_f64()));
                 let (v, l) = prefill_split(&engine, &png, &device)?;
+                eprintln!(
+                    "  run: {:.3} s end to end; vision alone {v:.3} s, LLM prefill alone {l:.3} s",
+                    runs.last().map_or(0.0, |r| r.total_s)
+                );
                 vision.push(v);
                 llm.push(l);
             }
@@ -445,7 +458,11 @@ fn run_of(g: &Generation, total_s: f64) -> Run {
 }
 
 /// The vision tower and the decoder's prefill of one page, each timed alone up to a device sync.
-fn prefill_split<B: Backend>(engine: &Engine<B>, png: &[u8], device: &B::Device) -> Result<(f64, f64)> {
+fn prefill_split<B: Backend>(
+    engine: &Engine<B>,
+    png: &[u8],
+    device: &B::Device,
+) -> Result<(f64, f64)> {
     let model = engine.model();
     let pixels = preprocess_bytes(png, &ProcessorConfig::default())?;
     let text = engine

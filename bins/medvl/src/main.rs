@@ -73,6 +73,9 @@ enum Command {
     },
     /// What this machine can run, and what to do about what it cannot.
     Doctor,
+    /// Datasets.
+    #[command(subcommand)]
+    Data(DataCommand),
     /// Write an NF4 checkpoint (bitsandbytes layout, loadable by transformers + bitsandbytes).
     Quantize {
         /// Source model directory or hub repo id.
@@ -93,6 +96,30 @@ enum Command {
         /// Quantize lm_head too.
         #[arg(long)]
         quantize_lm_head: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum DataCommand {
+    /// Write synthetic clinical forms with exact ground truth: per form its page PNGs and `<id>.json`, then
+    /// `manifest.jsonl`, every file written atomically.
+    Synth {
+        /// Form kinds, comma-separated: medication-reconciliation, icu-flowsheet, cardiology-consult, lab-panel,
+        /// operative-note, discharge-summary, prescription (default: all).
+        #[arg(long, value_delimiter = ',')]
+        kind: Vec<medvl_data::synth::FormKind>,
+        /// Forms per kind.
+        #[arg(long, default_value_t = 10)]
+        count: usize,
+        /// First seed (forms use seeds seed..seed + count).
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Output directory.
+        #[arg(long, short)]
+        out: PathBuf,
+        /// Clean digital pages: no blur, speckle or JPEG round trip.
+        #[arg(long)]
+        clean: bool,
     },
 }
 
@@ -201,6 +228,30 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let (images, messages, params, run) = match cli.command {
         Command::Doctor => return doctor::run(),
+        Command::Data(DataCommand::Synth {
+            kind,
+            count,
+            seed,
+            out,
+            clean,
+        }) => {
+            use medvl_data::synth::FormKind;
+            let kinds = if kind.is_empty() {
+                FormKind::ALL.to_vec()
+            } else {
+                kind
+            };
+            let artefacts = clean.then_some(medvl_data::render::Artefacts::NONE);
+            let entries = medvl_data::synth::write_forms(&out, &kinds, count, seed, artefacts)
+                .with_context(|| format!("writing forms to {}", out.display()))?;
+            let pages: usize = entries.iter().map(|e| e.pages.len()).sum();
+            eprintln!(
+                "wrote {} forms ({pages} pages) to {}",
+                entries.len(),
+                out.display()
+            );
+            return Ok(ExitCode::SUCCESS);
+        }
         Command::Quantize {
             model,
             revision,

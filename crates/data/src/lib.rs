@@ -1,8 +1,11 @@
 //! Medical document datasets for medvl: the normalised [`Sample`], deterministic document-level splits
-//! ([`split`]) and the MTSamples transcriptions ([`mtsamples`]). Never depends on the server, training or eval.
+//! ([`split`]), the MTSamples transcriptions ([`mtsamples`]) and synthetic clinical forms with exact ground truth
+//! ([`synth`], drawn by [`render`]). Never depends on the server, training or eval.
 
 pub mod mtsamples;
+pub mod render;
 pub mod split;
+pub mod synth;
 
 use serde::{Deserialize, Serialize};
 
@@ -12,6 +15,14 @@ pub enum DataError {
     /// A file could not be read.
     #[error("cannot read {path}: {reason}")]
     Read {
+        /// The file.
+        path: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// A file could not be written.
+    #[error("cannot write {path}: {reason}")]
+    Write {
         /// The file.
         path: String,
         /// What went wrong.
@@ -37,6 +48,20 @@ pub enum DataError {
         /// What is wrong.
         reason: String,
     },
+}
+
+/// Writes `bytes` to `path` through a temporary file in the same directory renamed into place: readers see the
+/// old file or the whole new one, never a partial write.
+pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
+    let err = |e: std::io::Error| DataError::Write {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    };
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp);
+    std::fs::write(&tmp, bytes).map_err(err)?;
+    std::fs::rename(&tmp, path).map_err(err)
 }
 
 /// Result with [`DataError`].

@@ -301,14 +301,12 @@ impl HostMatrix {
                 rows,
                 cols,
             },
-            LinearWeight::Nf4(w) => {
-                Self::Nf4(Nf4Tensor {
-                    packed: w.packed_bytes()?,
-                    absmax: Absmax::Plain(host_values(w.absmax.clone())?),
-                    blocksize: w.blocksize,
-                    shape: vec![rows, cols],
-                })
-            }
+            LinearWeight::Nf4(w) => Self::Nf4(Nf4Tensor {
+                packed: w.packed_bytes()?,
+                absmax: Absmax::Plain(host_values(w.absmax.clone())?),
+                blocksize: w.blocksize,
+                shape: vec![rows, cols],
+            }),
         })
     }
 }

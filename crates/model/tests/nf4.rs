@@ -106,8 +106,8 @@ fn logits_errors<B: Backend>(model: &QwenVl<B>, fixture: &str) -> Vec<(&'static 
             .fold(0.0, f32::max);
         let scale = theirs.iter().map(|b| b.abs()).fold(0.0, f32::max);
         let sq = |v: &mut dyn Iterator<Item = f32>| v.map(|x| x * x).sum::<f32>().sqrt();
-        let frobenius = sq(&mut ours.iter().zip(&theirs).map(|(a, b)| a - b))
-            / sq(&mut theirs.iter().copied());
+        let frobenius =
+            sq(&mut ours.iter().zip(&theirs).map(|(a, b)| a - b)) / sq(&mut theirs.iter().copied());
         println!(
             "{case}: NF4 logits max rel error {:.2e}, rel Frobenius {frobenius:.2e}",
             diff / scale

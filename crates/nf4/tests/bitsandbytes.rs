@@ -304,7 +304,11 @@ fn threaded_quantization_equals_block_by_block() {
         codes.extend(nibbles.take(block.len()));
         absmax.extend(q.absmax.to_f32());
     }
-    let unpacked: Vec<u8> = whole.packed.iter().flat_map(|b| [b >> 4, b & 0xF]).collect();
+    let unpacked: Vec<u8> = whole
+        .packed
+        .iter()
+        .flat_map(|b| [b >> 4, b & 0xF])
+        .collect();
     assert_eq!(unpacked.len(), codes.len() + 1);
     assert_eq!(&unpacked[..codes.len()], &codes[..]);
     assert_eq!(medvl_nf4::double_quantize(&absmax), whole.absmax);
