@@ -28,6 +28,14 @@ VISION = dict(
 )
 
 
+def write_report(path, report):
+    """Writes the JSON report atomically (a temporary file renamed into place)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(report, f, indent=1)
+    os.replace(tmp, path)
+
+
 def timed_generate(model, ids, new_tokens):
     torch.cuda.synchronize()
     start = time.perf_counter()
@@ -69,10 +77,7 @@ def main():
     report = dict(card=card, stack=f"transformers {__import__('transformers').__version__} + torch {torch.__version__}",
                   weights="bf16", weights_mb=weights_mb, cases=cases)
     if args.out:
-        tmp = args.out + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(report, f, indent=1)
-        os.replace(tmp, args.out)
+        write_report(args.out, report)
 
 
 if __name__ == "__main__":

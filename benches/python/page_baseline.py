@@ -14,7 +14,6 @@ scripts/gpu-check.sh installs it there); without it only bf16 runs.
 
 import argparse
 import gzip
-import json
 import os
 import random
 import time
@@ -24,7 +23,7 @@ from PIL import Image
 from transformers import PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from decode_baseline import TEXT, VISION
+from decode_baseline import TEXT, VISION, write_report
 
 PROMPT = ("Extract all medical information from this document: diagnoses, medications with dose, route and "
           "frequency, laboratory values with units and reference ranges, vital signs and procedures.")
@@ -164,10 +163,7 @@ def main():
         torch.cuda.empty_cache()
     report = dict(card=card, stack=stack, new_tokens=args.new_tokens, cases=cases)
     if args.out:
-        tmp = args.out + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(report, f, indent=1)
-        os.replace(tmp, args.out)
+        write_report(args.out, report)
 
 
 if __name__ == "__main__":
