@@ -39,3 +39,4 @@ golden:
     .venv-fixtures/bin/python fixtures/generate.py
     .venv-fixtures/bin/python fixtures/tensor_list.py
     .venv-fixtures/bin/python fixtures/nf4.py
+    .venv-fixtures/bin/python fixtures/lora.py

@@ -2,13 +2,16 @@
 # Builds, on this (CPU) machine, everything scripts/gpu-check.sh runs on the GPU machine (which has no Rust), with
 # the same features as the README's test command so one build serves both, and packs it into .gpu/bin.tar.xz
 # (stripped, xz-compressed: the device tool carries at most 64 MiB). Then: run `scripts/gpu-check.sh` there with
-# `.gpu` carried.
+# `.gpu` carried. GPU_BINS (names as in .gpu/bin, space-separated, e.g. "medvl-bench") packs only those, to leave
+# room in a carry for the kernel caches and bitsandbytes' wheel.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 features=cuda,medvl-kernels/wgpu
 rm -rf .gpu/bin && mkdir -p .gpu/bin
 { cargo build --workspace --features "$features" --message-format=json 2>/dev/null
-  cargo test --workspace --features "$features" --no-run --message-format=json 2>/dev/null; } \
+  # Test binaries only when some are wanted.
+  case "${GPU_BINS:-test-}" in *test-*)
+    cargo test --workspace --features "$features" --no-run --message-format=json 2>/dev/null ;; esac; } \
   | jq -r 'select(.reason == "compiler-artifact" and .executable != null)
            | select(.target.name == "fidelity" or .target.name == "nf4_gemv" or .target.name == "medvl"
                     or .target.name == "nf4"
@@ -25,6 +28,11 @@ rm -rf .gpu/bin && mkdir -p .gpu/bin
     done
 git rev-parse --short HEAD > .gpu/COMMIT
 git diff --quiet HEAD || echo "+dirty" >> .gpu/COMMIT
+if [ -n "${GPU_BINS:-}" ]; then
+  for f in .gpu/bin/*; do
+    case " $GPU_BINS " in *" $(basename "$f") "*) ;; *) rm "$f" ;; esac
+  done
+fi
 ls -la .gpu/bin
 tar -C .gpu -cJf .gpu/bin.tar.xz bin
 ls -la .gpu/bin.tar.xz

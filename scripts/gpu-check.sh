@@ -2,7 +2,7 @@
 # Every GPU check and benchmark in one run on the GPU machine (binaries from scripts/gpu-build.sh in .gpu/).
 # Writes full logs and the kernel benchmark JSON under $OUT and prints a short summary last.
 #   P. the page benchmark, 7B with random weights, end to end through the engine (PAGE_FORMATS, default bf16,nf4,
-#      empty for none; PAGE_TOKENS, default 1260,2772), then the Python stack on the same pages (PY_PAGE=1;
+#      empty for none; PAGE_TOKENS, default 1260,2772; PAGE_PARALLEL=1: one process per format at once), then the Python stack on the same pages (PY_PAGE=1;
 #      PY_PAGE_FORMATS, PY_PAGE_TOKENS, PY_PAGE_RUNS);
 #   B. with bitsandbytes' wheel carried (.gpu/whl/repacked, from scripts/bnb-wheel.sh): installed for the Python
 #      NF4 baselines; fixtures/nf4/tiny_logits_cuda_bf16.safetensors made when missing (copied to $OUT), and the
@@ -17,6 +17,12 @@
 #      in parallel: on a fresh machine every kernel and autotune candidate is JIT-compiled, which takes minutes;
 #   4. `medvl ask` on CUDA (ASK_DTYPES: bf16 f32 by default, empty for none) against the transformers greedy
 #      tokens (fixtures/tiny/ask.json).
+# Kernel caches: a fresh GPU machine JIT-compiles every burn and CubeCL kernel (and autotunes burn's), which takes
+# minutes per process. CubeCL's PTX and autotune caches and the driver's compute cache are kept under .gpu/cache,
+# restored from .gpu/cache-in/cache.txz.* when carried, and written back at the end as $OUT/cache.txz.* (parts of
+# at most 15 MB: files come back at 16 MiB each; put them in .gpu/cache-in for the next call; KERNEL_CACHE=0 for
+# none). CACHE_LOG=1 logs each kernel compilation (basic level) to
+# $OUT/compile.log.
 set -u
 OUT=${OUT:-/tmp/medvl-gpu}
 mkdir -p "$OUT"
@@ -29,6 +35,23 @@ export MEDVL_FIXTURES=$PWD/fixtures/tiny RUST_BACKTRACE=0 CUBECL_AUTOTUNE_LEVEL=
 budget=${GPU_CHECK_SECONDS:-540}
 start=$(date +%s)
 
+if [ "${KERNEL_CACHE:-1}" = 1 ]; then
+  mkdir -p .gpu/cache
+  ls .gpu/cache-in/cache.txz.* > /dev/null 2>&1 && cat .gpu/cache-in/cache.txz.* | tar -C .gpu -xJf -
+  du -sh .gpu/cache > "$OUT/cache-before.txt" 2>&1
+  # Read by CubeCL from the working directory (and its parents); every binary here runs from the repository root.
+  { printf '[compilation]\ncache = { file = "%s" }\n' "$PWD/.gpu/cache"
+    [ "${CACHE_LOG:-0}" = 1 ] && printf 'logger = { level = "basic", file = "%s" }\n' "$OUT/compile.log"
+    printf '[autotune]\ncache = { file = "%s" }\n' "$PWD/.gpu/cache"; } > cubecl.toml
+  export CUDA_CACHE_PATH=$PWD/.gpu/cache/nv CUDA_CACHE_MAXSIZE=4294967296
+fi
+save_cache() {
+  [ "${KERNEL_CACHE:-1}" = 1 ] || return 0
+  du -sh .gpu/cache .gpu/cache/* > "$OUT/cache-after.txt" 2>&1
+  # The driver's compute cache (SASS, ~0.5 GB for a page benchmark) stays behind: too big to come back.
+  XZ_OPT=-T0 tar -C .gpu --exclude=cache/nv -cJf - cache | split -b 15000000 -a 1 - "$OUT/cache.txz."
+}
+
 if ls .gpu/whl/repacked/*.whl > /dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/whl/repacked/*.whl > "$OUT/bnb-install.log" 2>&1
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
@@ -39,9 +62,17 @@ if [ ! -f fixtures/nf4/tiny_logits_cuda_bf16.safetensors ] && python3 -c "import
 fi
 
 page=${PAGE_FORMATS-bf16,nf4}
-if [ -n "$page" ]; then
-  timeout ${PAGE_TIMEOUT:-400} $bin/medvl-bench page --formats "$page" --image-tokens "${PAGE_TOKENS:-1260,2772}" --runs "${PAGE_RUNS:-3}" --card "$card" \
-    --commit "$commit" --out "$OUT/page.json" > "$OUT/page.log" 2>&1; echo "page bench exit $?" >> "$OUT/page.log"
+page_bench() {  # FORMATS NAME
+  timeout ${PAGE_TIMEOUT:-400} $bin/medvl-bench page --formats "$1" --image-tokens "${PAGE_TOKENS:-1260,2772}" \
+    --runs "${PAGE_RUNS:-3}" --card "$card" --commit "$commit" --out "$OUT/$2.json" > "$OUT/$2.log" 2>&1
+  echo "page bench exit $?" >> "$OUT/$2.log"
+}
+if [ -n "$page" ] && [ "${PAGE_PARALLEL:-0}" = 1 ]; then
+  # One process per format at once: fills the kernel caches in half the time (timings not comparable).
+  for f in ${page//,/ }; do page_bench "$f" "page-$f" & done
+  wait
+elif [ -n "$page" ]; then
+  page_bench "$page" page
 fi
 if [ "${PY_PAGE:-0}" = 1 ]; then
   timeout 420 python3 benches/python/page_baseline.py --formats "${PY_PAGE_FORMATS:-bf16,nf4}" \
@@ -104,9 +135,9 @@ if [ -n "${KERNEL_SOURCE:-}" ]; then
     gzip -c /tmp/kernel-source/compile.log > "$OUT/kernel-source.log.gz" ) &
 fi
 wait
-
+save_cache
 echo "== $card ($commit), $(( $(date +%s) - start )) s"
-[ -f "$OUT/page.log" ] && grep -E "^\||on cuda|exit|rror" "$OUT/page.log"
+for f in "$OUT"/page.log "$OUT"/page-*.log; do [ -f "$f" ] && grep -E "^\||on cuda|exit|rror|warm-up|ready|built" "$f"; done
 [ -f "$OUT/page-python.log" ] && tail -8 "$OUT/page-python.log"
 [ -f "$OUT/nf4-fixture.log" ] && tail -3 "$OUT/nf4-fixture.log"
 [ -f "$OUT/nf4-model-test.log" ] && grep -E "against|rel Frobenius|^test |panicked|^exit" "$OUT/nf4-model-test.log"

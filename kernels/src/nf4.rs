@@ -228,10 +228,16 @@ pub trait Activation: Float + CubeElement {
     fn from_host(value: f32) -> Self;
     /// The value as f32 (exact).
     fn to_host(self) -> f32;
+    /// [`Self::from_host`] of each value. Implemented per type here (not as a generic default), so that the
+    /// conversion of a model's weights is compiled with this crate's optimisations wherever it is called from.
+    fn from_host_slice(values: &[f32]) -> Vec<Self>;
 }
 impl Activation for f32 {
     fn from_host(value: f32) -> Self {
         value
+    }
+    fn from_host_slice(values: &[f32]) -> Vec<Self> {
+        values.to_vec()
     }
     fn to_host(self) -> f32 {
         self
@@ -241,6 +247,12 @@ impl Activation for half::bf16 {
     fn from_host(value: f32) -> Self {
         half::bf16::from_f32(value)
     }
+    fn from_host_slice(values: &[f32]) -> Vec<Self> {
+        use half::slice::HalfFloatSliceExt;
+        let mut out = vec![Self::ZERO; values.len()];
+        out.convert_from_f32_slice(values);
+        out
+    }
     fn to_host(self) -> f32 {
         half::bf16::to_f32(self)
     }
@@ -248,6 +260,12 @@ impl Activation for half::bf16 {
 impl Activation for half::f16 {
     fn from_host(value: f32) -> Self {
         half::f16::from_f32(value)
+    }
+    fn from_host_slice(values: &[f32]) -> Vec<Self> {
+        use half::slice::HalfFloatSliceExt;
+        let mut out = vec![Self::ZERO; values.len()];
+        out.convert_from_f32_slice(values);
+        out
     }
     fn to_host(self) -> f32 {
         half::f16::to_f32(self)

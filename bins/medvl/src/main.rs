@@ -11,6 +11,7 @@ use medvl_model::QuantizeOptions;
 use medvl_model::chat::{Message, Part, Role};
 
 mod doctor;
+mod eval;
 
 /// The default extraction instruction, with the intent of the reference service's prompt.
 const EXTRACT_PROMPT: &str = "Extract all medical information from this document: diagnoses, medications with dose, \
@@ -73,6 +74,9 @@ enum Command {
     },
     /// What this machine can run, and what to do about what it cannot.
     Doctor,
+    /// Score extraction on documents with ground truth (synthetic forms by default): predictions.jsonl,
+    /// evaluation.json and report.md under --out; `medvl eval compare A B` for two runs side by side.
+    Eval(EvalCli),
     /// Datasets.
     #[command(subcommand)]
     Data(DataCommand),
@@ -99,6 +103,28 @@ enum Command {
     },
 }
 
+#[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
+struct EvalCli {
+    #[command(subcommand)]
+    command: Option<EvalCommand>,
+    #[command(flatten)]
+    eval: eval::EvalArgs,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum EvalCommand {
+    /// Two runs side by side (their directories or evaluation.json files; the first is the baseline).
+    Compare {
+        /// The baseline run.
+        a: PathBuf,
+        /// The run compared with it.
+        b: PathBuf,
+    },
+}
+
 #[derive(Subcommand, Debug)]
 enum DataCommand {
     /// Write synthetic clinical forms with exact ground truth: per form its page PNGs and `<id>.json`, then
@@ -117,6 +143,33 @@ enum DataCommand {
         /// Output directory.
         #[arg(long, short)]
         out: PathBuf,
+        /// Clean digital pages: no blur, speckle or JPEG round trip.
+        #[arg(long)]
+        clean: bool,
+    },
+    /// Documents, pages and records of a dataset directory (`medvl data synth` or `medvl data mtsamples`).
+    Stats {
+        /// The dataset directory (with its manifest.jsonl).
+        dir: PathBuf,
+    },
+    /// Draw MTSamples transcriptions (`mtsamples.csv`) as letter pages: `<id>.page<N>.png` per page, then
+    /// `manifest.jsonl` (id, specialty, pages, the transcription), every file written atomically.
+    Mtsamples {
+        /// The CSV (`description, medical_specialty, sample_name, transcription, keywords`).
+        #[arg(long)]
+        csv: PathBuf,
+        /// Output directory.
+        #[arg(long, short)]
+        out: PathBuf,
+        /// Seed of the page styles and artefacts.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// At most this many transcriptions (the first ones).
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Skip rows without a transcription (reported) instead of stopping at the first.
+        #[arg(long)]
+        skip_bad: bool,
         /// Clean digital pages: no blur, speckle or JPEG round trip.
         #[arg(long)]
         clean: bool,
@@ -157,6 +210,10 @@ struct RunArgs {
     /// Quantize the linear layers while loading (pre-quantized checkpoints are NF4 regardless).
     #[arg(long, value_enum)]
     quant: Option<QuantArg>,
+    /// A PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors), applied unmerged on top
+    /// of the (dense or NF4) weights. Tokens then decode through burn: the decode plan does not run adapters.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
     /// How tokens after the first are decoded: `plan` (medvl's own CUDA kernels; greedy requests), `burn` (the
     /// burn model, as the prefill), `auto` (plan on CUDA, burn on the CPU).
     #[arg(long, value_enum, default_value_t = DecodeArg::Auto)]
@@ -225,9 +282,37 @@ fn main() -> ExitCode {
     }
 }
 
+/// What to do with a loaded engine.
+enum Job {
+    /// Generate for one request and print the answer.
+    Generate(Request),
+    /// Evaluate over a dataset, writing under the path.
+    Eval(eval::EvalArgs, PathBuf),
+}
+
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let (images, messages, params, run) = match cli.command {
         Command::Doctor => return doctor::run(),
+        Command::Eval(EvalCli {
+            command: Some(EvalCommand::Compare { a, b }),
+            ..
+        }) => {
+            println!(
+                "{}",
+                medvl_eval::report::compare(&eval::read(&a)?, &eval::read(&b)?)
+            );
+            return Ok(ExitCode::SUCCESS);
+        }
+        Command::Eval(EvalCli {
+            command: None,
+            eval,
+            run,
+        }) => {
+            let Some(out) = eval.out.clone() else {
+                bail!("--out DIR is required: where predictions, evaluation.json and report.md go");
+            };
+            return with_engine(&run, Job::Eval(eval, out));
+        }
         Command::Data(DataCommand::Synth {
             kind,
             count,
@@ -249,6 +334,38 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 "wrote {} forms ({pages} pages) to {}",
                 entries.len(),
                 out.display()
+            );
+            return Ok(ExitCode::SUCCESS);
+        }
+        Command::Data(DataCommand::Stats { dir }) => {
+            let stats = medvl_data::stats::Stats::of_dir(&dir)?;
+            println!("{}", stats.markdown());
+            return Ok(ExitCode::SUCCESS);
+        }
+        Command::Data(DataCommand::Mtsamples {
+            csv,
+            out,
+            seed,
+            limit,
+            skip_bad,
+            clean,
+        }) => {
+            let (mut samples, skipped) = medvl_data::mtsamples::read_csv(&csv, skip_bad)?;
+            for (row, reason) in &skipped.rows {
+                eprintln!("skipped row {row}: {reason}");
+            }
+            if let Some(n) = limit {
+                samples.truncate(n);
+            }
+            let artefacts = clean.then_some(medvl_data::render::Artefacts::NONE);
+            let entries = medvl_data::mtsamples::write_pages(&samples, &out, seed, artefacts)
+                .with_context(|| format!("writing pages to {}", out.display()))?;
+            let pages: usize = entries.iter().map(|e| e.pages.len()).sum();
+            eprintln!(
+                "wrote {} transcriptions ({pages} pages) to {}; {} rows skipped",
+                entries.len(),
+                out.display(),
+                skipped.rows.len()
             );
             return Ok(ExitCode::SUCCESS);
         }
@@ -346,20 +463,23 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         images,
         params,
     };
+    with_engine(&run, Job::Generate(request))
+}
+
+/// Loads the engine `run` describes and does `job` with it.
+fn with_engine(run: &RunArgs, job: Job) -> anyhow::Result<ExitCode> {
     let dir = ModelSource::parse(&run.model, run.revision.as_deref())?.resolve()?;
     match (run.device, run.dtype) {
         (DeviceArg::Cpu, None | Some(DtypeArg::F32)) => {
             if run.decode == DecodeArg::Plan {
                 bail!("--decode plan runs medvl's CUDA kernels: use it with --device cuda");
             }
-            generate::<medvl_model::backend::Cpu>(&dir, Default::default(), &run, &request, |_| {
-                Ok(None)
-            })
+            execute::<medvl_model::backend::Cpu>(&dir, Default::default(), run, &job, |_| Ok(None))
         }
         (DeviceArg::Cpu, Some(DtypeArg::Bf16)) => {
             bail!("--device cpu computes in f32; use --dtype f32 or --device cuda")
         }
-        (DeviceArg::Cuda, dtype) => cuda(&dir, dtype, &run, &request),
+        (DeviceArg::Cuda, dtype) => cuda(&dir, dtype, run, &job),
     }
 }
 
@@ -368,14 +488,14 @@ fn cuda(
     dir: &std::path::Path,
     dtype: Option<DtypeArg>,
     run: &RunArgs,
-    request: &Request,
+    job: &Job,
 ) -> anyhow::Result<ExitCode> {
     use medvl_model::backend::{CudaBf16, CudaF32};
     match dtype.unwrap_or(DtypeArg::Bf16) {
-        DtypeArg::Bf16 => generate::<CudaBf16>(dir, Default::default(), run, request, |engine| {
+        DtypeArg::Bf16 => execute::<CudaBf16>(dir, Default::default(), run, job, |engine| {
             cuda_plan::<_, burn::tensor::bf16>(engine, run)
         }),
-        DtypeArg::F32 => generate::<CudaF32>(dir, Default::default(), run, request, |engine| {
+        DtypeArg::F32 => execute::<CudaF32>(dir, Default::default(), run, job, |engine| {
             cuda_plan::<_, f32>(engine, run)
         }),
     }
@@ -390,6 +510,14 @@ fn cuda_plan<B: Backend, F: medvl_kernels::nf4::Activation>(
     use cubecl::Runtime;
     use cubecl::cuda::{CudaDevice, CudaRuntime};
     if run.decode == DecodeArg::Burn {
+        return Ok(None);
+    }
+    if run.adapter.is_some() {
+        if run.decode == DecodeArg::Plan {
+            bail!(
+                "--decode plan does not run LoRA adapters yet: use --decode burn (or auto) with --adapter"
+            );
+        }
         return Ok(None);
     }
     let client = CudaRuntime::client(&CudaDevice::default());
@@ -408,23 +536,28 @@ fn cuda(
     _: &std::path::Path,
     _: Option<DtypeArg>,
     _: &RunArgs,
-    _: &Request,
+    _: &Job,
 ) -> anyhow::Result<ExitCode> {
     bail!(
         "this medvl was built without CUDA support; rebuild with `cargo build --release --features cuda`"
     )
 }
 
-fn generate<B: Backend>(
+fn execute<B: Backend>(
     dir: &std::path::Path,
     device: B::Device,
     run: &RunArgs,
-    request: &Request,
+    job: &Job,
     plan: impl FnOnce(&Engine<B>) -> anyhow::Result<Option<Box<dyn medvl_engine::plan::Decoder>>>,
 ) -> anyhow::Result<ExitCode> {
     let quantize = run.quant.map(|QuantArg::Nf4| QuantizeOptions::default());
     let mut engine = Engine::<B>::load_with(dir, device, quantize)
         .with_context(|| format!("loading {}", dir.display()))?;
+    if let Some(adapter) = &run.adapter {
+        engine
+            .load_adapter(adapter)
+            .with_context(|| format!("loading the adapter {}", adapter.display()))?;
+    }
     if let Some(plan) = plan(&engine)? {
         engine.attach_plan(plan);
     }
@@ -435,6 +568,21 @@ fn generate<B: Backend>(
     if let Some(v) = run.max_pixels {
         processor.max_pixels = v;
     }
+    let request = match job {
+        Job::Generate(request) => request,
+        Job::Eval(args, out) => {
+            let mut label = run.model.clone();
+            if run.quant.is_some() {
+                label += " (NF4)";
+            }
+            if let Some(adapter) = &run.adapter {
+                label += &format!(" + {}", adapter.display());
+            }
+            let evaluation = eval::run(&engine, args, out, &label, run.max_new_tokens)?;
+            println!("{}", evaluation.markdown());
+            return Ok(ExitCode::SUCCESS);
+        }
+    };
     use std::io::Write;
     let mut stdout = std::io::stdout().lock();
     let json = run.json;

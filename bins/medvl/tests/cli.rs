@@ -257,3 +257,186 @@ fn quantize_then_load_equals_quantize_on_load() {
     assert_ne!(saved, ask(model.to_str().unwrap(), &[]));
     std::fs::remove_dir_all(&out_dir).ok();
 }
+
+/// `medvl eval` end to end on the tiny model (random weights: no accuracy is expected) over synthetic forms: all
+/// outputs written, scores in range; a run cut short resumes without redoing finished documents; `compare` reads
+/// two runs.
+#[test]
+fn eval_writes_scores_resumes_and_compares() {
+    let out = std::env::temp_dir().join(format!("medvl-eval-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let model = fixtures().join("v5");
+    // `medvl eval` on the first `limit` forms (one per kind), 6 new tokens each, into `dir`.
+    let eval_into = |dir: &Path, limit: &str, extra: &[&str]| {
+        let mut args = vec![
+            "eval",
+            "--model",
+            model.to_str().unwrap(),
+            "--count",
+            "1",
+            "--limit",
+            limit,
+            "--max-new-tokens",
+            "6",
+            "--max-pixels",
+            "60000",
+            "--out",
+            dir.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let o = medvl(&args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let eval = |limit: &str| eval_into(&out, limit, &[]);
+    let table = eval("2");
+    assert!(table.contains("2 documents"), "{table}");
+    let predictions = std::fs::read_to_string(out.join("predictions.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = predictions
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    // Forms are made per kind in FormKind::ALL order, seeds from 1,000,000.
+    assert_eq!(lines[0]["id"], "medication-reconciliation-1000000");
+    assert_eq!(lines[0]["kind"], "medication-reconciliation");
+    assert_eq!(lines[0]["generated_tokens"], 6);
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("evaluation.json")).unwrap()).unwrap();
+    let overall = &json["evaluation"]["overall"];
+    assert_eq!(overall["documents"], 2);
+    for metric in ["combined", "precision", "recall", "f1", "lenient_f1"] {
+        let v = overall[metric]["mean"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&v), "{metric} = {v}");
+    }
+    assert_eq!(json["documents"].as_array().unwrap().len(), 2);
+    assert!(
+        std::fs::read_to_string(out.join("report.md"))
+            .unwrap()
+            .contains("| Field F1 (strict) |")
+    );
+
+    // A crash mid-write leaves a torn last line: it is dropped and that document redone, the first kept as is.
+    let first = predictions.lines().next().unwrap().to_string();
+    std::fs::write(
+        out.join("predictions.jsonl"),
+        format!("{first}\n{{\"id\": \"ico"),
+    )
+    .unwrap();
+    let table = eval("3");
+    assert!(table.contains("3 documents"), "{table}");
+    let again = std::fs::read_to_string(out.join("predictions.jsonl")).unwrap();
+    let ids: Vec<String> = again
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(
+        ids,
+        [
+            "medication-reconciliation-1000000",
+            "icu-flowsheet-1000000",
+            "cardiology-consult-1000000"
+        ]
+    );
+    assert_eq!(again.lines().next().unwrap(), first);
+
+    let o = medvl(&[
+        "eval",
+        "compare",
+        out.to_str().unwrap(),
+        out.join("evaluation.json").to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let table = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        table.contains("| Field F1 (strict) |") && table.contains("+0.0 pp"),
+        "{table}"
+    );
+    // With a LoRA adapter (decoding through burn): the run is labelled with it.
+    let tuned = out.join("tuned");
+    let adapter = fixtures().join("lora");
+    eval_into(&tuned, "1", &["--adapter", adapter.to_str().unwrap()]);
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(tuned.join("evaluation.json")).unwrap()).unwrap();
+    let label = json["evaluation"]["label"].as_str().unwrap();
+    assert!(
+        label.ends_with(&format!("v5 + {}", adapter.display())),
+        "{label}"
+    );
+    let o = medvl(&[
+        "eval",
+        "--model",
+        model.to_str().unwrap(),
+        "--count",
+        "1",
+        "--limit",
+        "1",
+    ]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--out DIR is required"));
+    std::fs::remove_dir_all(&out).unwrap();
+}
+
+/// `medvl data mtsamples` draws a CSV's transcriptions as pages (bad rows reported, or an error naming the row)
+/// and `medvl data stats` counts them.
+#[test]
+fn mtsamples_pages_and_stats() {
+    let dir = std::env::temp_dir().join(format!("medvl-cli-mt-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let csv = dir.join("mtsamples.csv");
+    std::fs::write(
+        &csv,
+        "description,medical_specialty,sample_name,transcription,keywords\n\
+         x, Surgery, Appendectomy ,\"PREOPERATIVE DIAGNOSIS:,  Appendicitis.,PROCEDURE:,  Appendectomy.\",k\n\
+         y, Surgery, Empty ,,k\n\
+         z, Cardiology, Consult ,\"HISTORY:,  Chest pain, BP 142/88.\",k\n",
+    )
+    .unwrap();
+    let out = dir.join("pages");
+    let args = |extra: &[&str]| {
+        let mut a = vec![
+            "data",
+            "mtsamples",
+            "--csv",
+            csv.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--clean",
+        ];
+        a.extend_from_slice(extra);
+        medvl(&a.iter().map(|s| &**s).collect::<Vec<_>>())
+    };
+    let o = args(&[]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("row 2: empty transcription"), "{err}");
+    let o = args(&["--skip-bad"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("skipped row 2: empty transcription")
+            && err.contains("wrote 2 transcriptions"),
+        "{err}"
+    );
+    assert!(
+        out.join("mtsamples-1.page1.png").exists() && out.join("mtsamples-3.page1.png").exists()
+    );
+    let o = medvl(&["data", "stats", out.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let table = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        table.starts_with("mtsamples pages: 2 documents, 2 pages"),
+        "{table}"
+    );
+    assert!(
+        table.contains("| Cardiology | 1 | 1 |") && table.contains("| Surgery | 1 | 1 |"),
+        "{table}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

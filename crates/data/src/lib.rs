@@ -5,6 +5,7 @@
 pub mod mtsamples;
 pub mod render;
 pub mod split;
+pub mod stats;
 pub mod synth;
 
 use serde::{Deserialize, Serialize};

@@ -1,10 +1,17 @@
 //! MTSamples transcriptions from the original `mtsamples.csv` (`description, medical_specialty, sample_name,
 //! transcription, keywords`, often with an unnamed index column first; quoted multi-line fields). The
 //! transcriptions mark sections with commas (`SUBJECTIVE:,  text ... ,PAST MEDICAL HISTORY:,  ...`); [`sections`]
-//! puts each heading on its own line, which is how the pages are rendered.
+//! puts each heading on its own line, which is how the pages are rendered: [`blocks`] lays a transcription out
+//! (title, specialty, headings, wrapped paragraphs) and [`write_pages`] draws every sample of a CSV as letter pages
+//! at 150 dpi with the embedded fonts (several pages when long), deterministic per seed, written atomically with a
+//! manifest.
 
 use std::path::Path;
 
+use serde::{Deserialize, Serialize};
+
+use crate::render::Artefacts;
+use crate::synth::Block;
 use crate::{DataError, Result, Sample, Skipped, Source};
 
 /// Puts every `HEADING:` of a transcription on its own line and drops the commas that delimited it.
@@ -134,6 +141,104 @@ pub fn read_csv(path: &Path, skip_bad: bool) -> Result<(Vec<Sample>, Skipped)> {
     Ok((samples, skipped))
 }
 
+/// Whether a line of a sectioned transcription is a heading (`PAST MEDICAL HISTORY:`).
+fn is_heading(line: &str) -> bool {
+    let line = line.trim();
+    line.ends_with(':')
+        && line.chars().filter(|c| c.is_alphabetic()).count() >= 2
+        && !line.chars().any(char::is_lowercase)
+}
+
+/// The page layout of a sample read by [`read_csv`]: its name as the title, its specialty, then each section
+/// heading and paragraph of the transcription in order.
+pub fn blocks(sample: &Sample) -> Vec<Block> {
+    let name = sample.text.lines().next().unwrap_or("").trim();
+    let mut blocks = vec![
+        Block::Title(if name.is_empty() {
+            "Medical Transcription".into()
+        } else {
+            name.to_string()
+        }),
+        Block::Fields(vec![("Specialty".into(), sample.category.clone())]),
+    ];
+    for line in sample
+        .target
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+    {
+        blocks.push(if is_heading(line) {
+            Block::Heading(line.to_string())
+        } else {
+            Block::Paragraph(line.to_string())
+        });
+    }
+    blocks
+}
+
+/// One rendered transcription (a line of `manifest.jsonl` written by [`write_pages`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PageEntry {
+    /// The sample id (`mtsamples-<row>`).
+    pub id: String,
+    /// Medical specialty.
+    pub category: String,
+    /// Page images, relative to the dataset directory.
+    pub pages: Vec<String>,
+    /// The transcription the pages show, sections on their own lines.
+    pub target: String,
+}
+
+/// Draws each sample as pages (style and artefacts from `seed` and the sample's row; `artefacts` None draws mild
+/// scan artefacts, [`Artefacts::NONE`] none) into `out`: `<id>.page<N>.png` per page, then `manifest.jsonl`; every
+/// file written atomically.
+pub fn write_pages(
+    samples: &[Sample],
+    out: &Path,
+    seed: u64,
+    artefacts: Option<Artefacts>,
+) -> Result<Vec<PageEntry>> {
+    std::fs::create_dir_all(out).map_err(|e| DataError::Write {
+        path: out.display().to_string(),
+        reason: e.to_string(),
+    })?;
+    let mut entries = Vec::new();
+    for (i, sample) in samples.iter().enumerate() {
+        let mut pages = Vec::new();
+        let page_seed = seed.wrapping_mul(1_000_003).wrapping_add(i as u64);
+        for (n, page) in crate::render::render(&blocks(sample), page_seed, artefacts)
+            .iter()
+            .enumerate()
+        {
+            let name = format!("{}.page{}.png", sample.id, n + 1);
+            let mut png = Vec::new();
+            page.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+                .map_err(|e| DataError::Write {
+                    path: out.join(&name).display().to_string(),
+                    reason: e.to_string(),
+                })?;
+            crate::write_atomic(&out.join(&name), &png)?;
+            pages.push(name);
+        }
+        entries.push(PageEntry {
+            id: sample.id.clone(),
+            category: sample.category.clone(),
+            pages,
+            target: sample.target.clone(),
+        });
+    }
+    let mut manifest = String::new();
+    for entry in &entries {
+        manifest.push_str(&serde_json::to_string(entry).map_err(|e| DataError::Write {
+            path: out.join("manifest.jsonl").display().to_string(),
+            reason: e.to_string(),
+        })?);
+        manifest.push('\n');
+    }
+    crate::write_atomic(&out.join("manifest.jsonl"), manifest.as_bytes())?;
+    Ok(entries)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -200,5 +305,80 @@ mod tests {
             err.contains("medical_specialty") && err.contains("description, sample_name"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn blocks_lay_out_title_specialty_headings_and_paragraphs() {
+        let path = write("blocks", CSV);
+        let (samples, _) = read_csv(&path, true).unwrap();
+        std::fs::remove_file(&path).ok();
+        let text = |t: &str| t.to_string();
+        assert_eq!(
+            blocks(&samples[0]),
+            vec![
+                Block::Title(text("Allergic Rhinitis")),
+                Block::Fields(vec![(text("Specialty"), text("Allergy / Immunology"))]),
+                Block::Heading(text("SUBJECTIVE:")),
+                Block::Paragraph(text(
+                    "This 23-year-old white female presents with complaint of allergies."
+                )),
+                Block::Heading(text("PAST MEDICAL HISTORY:")),
+                Block::Paragraph(text("No other problems.")),
+                Block::Heading(text("MEDICATIONS:")),
+                Block::Paragraph(text("Ortho Tri-Cyclen and Allegra.")),
+            ]
+        );
+    }
+
+    #[test]
+    fn long_transcriptions_take_several_pages_reproducibly() {
+        let long = Sample {
+            id: "mtsamples-7".into(),
+            document: "mtsamples-7".into(),
+            source: Source::MtSamples,
+            category: "Surgery".into(),
+            text: "Laparoscopic Cholecystectomy\nx".into(),
+            target: (0..60)
+                .map(|i| {
+                    format!(
+                        "SECTION {i}:\n{}",
+                        "The patient tolerated the procedure well. ".repeat(6)
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("\n"),
+        };
+        let dir = std::env::temp_dir().join(format!("medvl-mtpages-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let entries =
+            write_pages(std::slice::from_ref(&long), &dir, 3, Some(Artefacts::NONE)).unwrap();
+        assert_eq!(entries.len(), 1);
+        let pages = &entries[0].pages;
+        assert!(pages.len() >= 3, "{pages:?}");
+        assert_eq!(pages[0], "mtsamples-7.page1.png");
+        let first: Vec<Vec<u8>> = pages
+            .iter()
+            .map(|p| std::fs::read(dir.join(p)).unwrap())
+            .collect();
+        for png in &first {
+            let img = image::load_from_memory(png).unwrap();
+            assert_eq!((img.width(), img.height()), crate::render::PAGE);
+            // Ink on every page.
+            assert!(img.to_luma8().pixels().any(|p| p.0[0] < 100));
+        }
+        let manifest = std::fs::read_to_string(dir.join("manifest.jsonl")).unwrap();
+        let read: PageEntry = serde_json::from_str(manifest.lines().next().unwrap()).unwrap();
+        assert_eq!(read, entries[0]);
+        let stats = crate::stats::Stats::of_dir(&dir).unwrap();
+        assert_eq!(stats.dataset, "mtsamples pages");
+        assert_eq!((stats.total.documents, stats.total.pages), (1, pages.len()));
+        assert_eq!(stats.by_category["Surgery"].pages, pages.len());
+        assert_eq!(stats.characters, long.target.chars().count());
+        // Same seed, same bytes; another seed, another style.
+        write_pages(std::slice::from_ref(&long), &dir, 3, Some(Artefacts::NONE)).unwrap();
+        assert_eq!(std::fs::read(dir.join(&pages[0])).unwrap(), first[0]);
+        write_pages(std::slice::from_ref(&long), &dir, 4, Some(Artefacts::NONE)).unwrap();
+        assert_ne!(std::fs::read(dir.join(&pages[0])).unwrap(), first[0]);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

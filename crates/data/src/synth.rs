@@ -810,3 +810,24 @@ pub fn write_forms(
     crate::write_atomic(&out.join("manifest.jsonl"), manifest.as_bytes())?;
     Ok(entries)
 }
+
+/// The entries of a dataset written by [`write_forms`] (`dir/manifest.jsonl`); a line that is not an entry is an
+/// error naming its line.
+pub fn read_manifest(dir: &std::path::Path) -> crate::Result<Vec<Entry>> {
+    let path = dir.join("manifest.jsonl");
+    let text = std::fs::read_to_string(&path).map_err(|e| crate::DataError::Read {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    })?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, line)| !line.trim().is_empty())
+        .map(|(i, line)| {
+            serde_json::from_str(line).map_err(|e| crate::DataError::BadRow {
+                path: path.display().to_string(),
+                row: i + 1,
+                reason: e.to_string(),
+            })
+        })
+        .collect()
+}

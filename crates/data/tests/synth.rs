@@ -4,7 +4,7 @@
 #![allow(clippy::unwrap_used, missing_docs)]
 
 use medvl_data::render::{Artefacts, PAGE, render};
-use medvl_data::synth::{Entry, Form, FormKind, Truth, write_forms};
+use medvl_data::synth::{Entry, Form, FormKind, Truth, read_manifest, write_forms};
 
 /// Every value of the truth, as the page must show it.
 fn values(t: &Truth) -> Vec<String> {
@@ -173,6 +173,24 @@ fn datasets_are_written_whole() {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     assert_eq!(read, entries);
+    assert_eq!(read_manifest(&dir).unwrap(), entries);
+    let stats = medvl_data::stats::Stats::of_dir(&dir).unwrap();
+    assert_eq!(
+        (stats.total.documents, stats.total.pages),
+        (4, entries.iter().map(|e| e.pages.len()).sum())
+    );
+    assert_eq!(stats.by_category["prescription"].documents, 2);
+    assert_eq!(stats.split.iter().sum::<usize>(), 4);
+    let medications: usize = entries
+        .iter()
+        .map(|e| Form::generate(e.kind, e.seed).truth.medications.len())
+        .sum();
+    assert_eq!(stats.records["medications"], medications);
+    assert!(
+        stats.markdown().starts_with("synthetic forms: 4 documents"),
+        "{}",
+        stats.markdown()
+    );
     for e in &entries {
         let truth: Truth =
             serde_json::from_slice(&std::fs::read(dir.join(&e.truth)).unwrap()).unwrap();
@@ -188,5 +206,13 @@ fn datasets_are_written_whole() {
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     assert!(names.iter().all(|n| !n.contains(".tmp")), "{names:?}");
+    // A damaged manifest is an error naming the file and the line.
+    std::fs::write(
+        dir.join("manifest.jsonl"),
+        format!("{}\n{{\"id\": 3}}\n", manifest.lines().next().unwrap()),
+    )
+    .unwrap();
+    let err = read_manifest(&dir).unwrap_err().to_string();
+    assert!(err.contains("manifest.jsonl, row 2:"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }

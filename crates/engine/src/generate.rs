@@ -189,6 +189,19 @@ impl<B: Backend> Engine<B> {
         });
     }
 
+    /// Loads a PEFT LoRA adapter (`adapter_config.json` + `adapter_model.safetensors`) onto the model, unmerged
+    /// ([`medvl_model::lora`]). The decode plan does not run adapters: load it before attaching none.
+    pub fn load_adapter(&mut self, dir: &Path) -> Result<medvl_model::lora::AdapterSummary> {
+        if self.plan.is_some() {
+            return Err(EngineError::Plan(
+                "the decode plan does not run LoRA adapters: load the adapter on an engine without a plan".into(),
+            ));
+        }
+        let summary = medvl_model::lora::apply_adapter(&mut self.model, dir, &self.device)?;
+        tracing::info!(dir = %dir.display(), modules = summary.modules, "LoRA adapter loaded");
+        Ok(summary)
+    }
+
     /// True when greedy requests decode through a plan.
     pub fn has_plan(&self) -> bool {
         self.plan.is_some()

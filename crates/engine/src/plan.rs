@@ -294,6 +294,11 @@ impl HostMatrix {
 
     /// A linear layer's weight (dense, or NF4 with its scales already resolved), copied to the host.
     pub fn from_linear<B: Backend>(linear: &Linear<B>) -> Result<Self> {
+        if linear.lora.is_some() {
+            return Err(EngineError::Plan(
+                "a LoRA adapter is loaded: the decode plan does not run adapters yet (decode with burn)".into(),
+            ));
+        }
         let [rows, cols] = linear.shape();
         Ok(match &linear.weight {
             LinearWeight::Dense(w) => Self::Dense {
@@ -358,10 +363,8 @@ impl<F: Activation> Matrix<F> {
         let mut values = Vec::new();
         for (host, _) in parts {
             match host {
-                HostMatrix::Dense { values: v, .. } => {
-                    values.extend(v.iter().map(|&x| F::from_host(x)))
-                }
-                HostMatrix::Nf4(t) => values.extend(t.dequantize().into_iter().map(F::from_host)),
+                HostMatrix::Dense { values: v, .. } => values.extend(F::from_host_slice(v)),
+                HostMatrix::Nf4(t) => values.extend(F::from_host_slice(&t.dequantize())),
             }
         }
         let rows = parts.iter().map(|(_, [r, _])| r).sum();
@@ -422,7 +425,7 @@ impl<F: Activation> Matrix<F> {
 }
 
 fn to_f<F: Activation>(values: &[f32]) -> Vec<F> {
-    values.iter().map(|&v| F::from_host(v)).collect()
+    F::from_host_slice(values)
 }
 
 /// One decoder layer on the device; q/k/v and gate/up are stacked into one matrix each (one launch).

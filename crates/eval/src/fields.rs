@@ -5,7 +5,7 @@
 //!
 //! The JSON schema read from both sides (unknown keys are ignored):
 //! `{"diagnoses": [str | {"name"}], "medications": [{"name", "dose", "route", "frequency"}],
-//!   "labs": [{"name", "value", "unit", "reference_range", "flag"}], "vitals": [{"name", "value", "unit"}]}`
+//!   "labs": [{"name", "value", "unit", "reference_range" (or "range"), "flag"}], "vitals": [{"name", "value", "unit"}]}`
 
 use std::collections::BTreeMap;
 
@@ -192,7 +192,11 @@ pub fn fields_from_json(json: &Value) -> Vec<Field> {
         push(
             FieldKind::LabRange,
             &name,
-            &text_of(l.get("reference_range").unwrap_or(&Value::Null)),
+            &text_of(
+                l.get("reference_range")
+                    .or_else(|| l.get("range"))
+                    .unwrap_or(&Value::Null),
+            ),
         );
         push(
             FieldKind::LabFlag,

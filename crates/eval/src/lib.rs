@@ -6,9 +6,12 @@
 //! - [`fields`]: field-level precision, recall and F1 per field type, strict and lenient.
 //! - [`vqa`]: PathVQA yes/no accuracy, exact match, token F1, and DocVQA's ANLS.
 //! - [`aggregate`]: means with bootstrap 95% confidence intervals.
+//! - [`report`]: one run's document scores aggregated per document type and overall, as JSON and markdown, and
+//!   two runs side by side.
 
 pub mod aggregate;
 pub mod fields;
 pub mod legacy;
+pub mod report;
 pub mod text;
 pub mod vqa;

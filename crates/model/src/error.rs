@@ -116,6 +116,14 @@ pub enum ModelError {
     /// Model input is inconsistent (token ids vs images, shapes).
     #[error("invalid input: {0}")]
     Input(String),
+    /// A LoRA adapter cannot be loaded.
+    #[error("LoRA adapter {path}: {reason}")]
+    Adapter {
+        /// The adapter file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
 }
 
 /// Result with [`ModelError`].

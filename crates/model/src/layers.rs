@@ -18,6 +18,20 @@ pub struct Linear<B: Backend> {
     pub weight: LinearWeight<B>,
     /// `[out_features]`, when the layer has a bias.
     pub bias: Option<Param<Tensor<B, 1>>>,
+    /// A LoRA adapter on top of the weight (unmerged), when one is loaded ([`crate::lora`]).
+    pub lora: Option<Lora<B>>,
+}
+
+/// A LoRA adapter of one linear layer: adds `(x A^T) B^T * scale`.
+#[derive(Module, Debug)]
+pub struct Lora<B: Backend> {
+    /// `[r, in_features]`.
+    pub a: Param<Tensor<B, 2>>,
+    /// `[out_features, r]`.
+    pub b: Param<Tensor<B, 2>>,
+    /// `alpha / r` (`alpha / sqrt(r)` with rsLoRA).
+    #[module(skip)]
+    pub scale: f64,
 }
 
 /// How a linear layer stores its weight.
@@ -134,6 +148,7 @@ impl<B: Backend> Linear<B> {
         Self {
             weight: LinearWeight::Dense(Param::from_tensor(weight)),
             bias: bias.map(Param::from_tensor),
+            lora: None,
         }
     }
 
@@ -157,7 +172,19 @@ impl<B: Backend> Linear<B> {
             LinearWeight::Dense(w) => w.val(),
             LinearWeight::Nf4(w) => w.dequantize(),
         };
-        burn::tensor::module::linear(x, weight.transpose(), self.bias.as_ref().map(|b| b.val()))
+        let y = burn::tensor::module::linear(
+            x.clone(),
+            weight.transpose(),
+            self.bias.as_ref().map(|b| b.val()),
+        );
+        match &self.lora {
+            Some(lora) => {
+                use burn::tensor::module::linear;
+                let down = linear(x, lora.a.val().transpose(), None);
+                y + linear(down, lora.b.val().transpose(), None) * lora.scale
+            }
+            None => y,
+        }
     }
 }
 

@@ -12,6 +12,7 @@ pub mod error;
 pub mod image;
 pub mod layers;
 pub mod loader;
+pub mod lora;
 pub mod model;
 pub mod quantize;
 pub mod rope;

@@ -214,7 +214,11 @@ pub fn build<B: Backend, S: TensorSource<B>>(
             } else {
                 None
             };
-            Ok(Linear { weight, bias })
+            Ok(Linear {
+                weight,
+                bias,
+                lora: None,
+            })
         };
     let norm = |src: &mut S, name: &str, dim: usize, eps: f64| -> Result<RmsNorm<B>> {
         Ok(RmsNorm::new(
@@ -586,6 +590,11 @@ impl Checkpoint {
         let data = TensorData::from_bytes_vec(bytes.to_vec(), shape.to_vec(), dtype);
         self.used.insert(stored);
         Ok(data)
+    }
+
+    /// The shape of a stored tensor.
+    pub fn shape(&self, stored: &str) -> Option<Vec<usize>> {
+        self.names.get(stored).map(|e| e.shape.clone())
     }
 
     /// Raw dtype, shape and bytes of a stored tensor (any dtype) under its stored name, marked as used.

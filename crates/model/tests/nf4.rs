@@ -4,36 +4,12 @@
 
 #![allow(clippy::unwrap_used, missing_docs)]
 
-use std::path::{Path, PathBuf};
+mod common;
 
-use burn::prelude::Backend;
+use common::{fixtures, logits_errors};
 use medvl_model::backend::Cpu;
-use medvl_model::image::{ProcessorConfig, preprocess_bytes};
 use medvl_model::layers::LinearWeight;
-use medvl_model::{PixelValues, QuantizeOptions, QwenVl, load_dir, load_dir_with};
-use safetensors::SafeTensors;
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
-}
-
-fn f32s(st: &SafeTensors<'_>, name: &str) -> Vec<f32> {
-    st.tensor(name)
-        .unwrap()
-        .data()
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-        .collect()
-}
-
-fn ids(st: &SafeTensors<'_>, name: &str) -> Vec<u32> {
-    st.tensor(name)
-        .unwrap()
-        .data()
-        .chunks_exact(8)
-        .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32)
-        .collect()
-}
+use medvl_model::{QuantizeOptions, QwenVl, load_dir, load_dir_with};
 
 fn quantized_linears(model: &QwenVl<Cpu>) -> (usize, usize) {
     let mut linears = vec![&model.visual.merger.fc1, &model.visual.merger.fc2];
@@ -63,58 +39,6 @@ fn quantized_linears(model: &QwenVl<Cpu>) -> (usize, usize) {
         .filter(|l| matches!(l.weight, LinearWeight::Nf4(_)))
         .count();
     (nf4, linears.len())
-}
-
-/// Per prompt: (max |a - b| / max |b|, relative Frobenius error) of the logits against bitsandbytes' in `fixture`.
-fn logits_errors<B: Backend>(model: &QwenVl<B>, fixture: &str) -> Vec<(&'static str, f32, f32)> {
-    let device = Default::default();
-    let ref_bytes = std::fs::read(fixtures().join("tiny/reference.safetensors")).unwrap();
-    let reference = SafeTensors::deserialize(&ref_bytes).unwrap();
-    let bnb_bytes = std::fs::read(fixtures().join(fixture)).unwrap();
-    let bnb = SafeTensors::deserialize(&bnb_bytes).unwrap();
-    let processor = ProcessorConfig::from_model_dir(&fixtures().join("tiny/hub")).unwrap();
-    let image = |n: &str| -> PixelValues {
-        preprocess_bytes(
-            &std::fs::read(fixtures().join(format!("tiny/{n}.png"))).unwrap(),
-            &processor,
-        )
-        .unwrap()
-    };
-    let mut errors = Vec::new();
-    for (case, images) in [
-        ("one_image", vec![image("page")]),
-        ("two_images", vec![image("page"), image("stamp")]),
-        ("text_only", vec![]),
-    ] {
-        let prompt = ids(&reference, &format!("{case}.input_ids"));
-        let mut cache = model.new_cache();
-        let prefill = model
-            .prefill(&prompt, &images, &mut cache, &device)
-            .unwrap();
-        let ours: Vec<f32> = model
-            .logits(prefill.hidden)
-            .into_data()
-            .convert::<f32>()
-            .to_vec()
-            .unwrap();
-        let theirs = f32s(&bnb, &format!("{case}.logits"));
-        assert_eq!(ours.len(), theirs.len(), "{case}: logits size");
-        let diff = ours
-            .iter()
-            .zip(&theirs)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0, f32::max);
-        let scale = theirs.iter().map(|b| b.abs()).fold(0.0, f32::max);
-        let sq = |v: &mut dyn Iterator<Item = f32>| v.map(|x| x * x).sum::<f32>().sqrt();
-        let frobenius =
-            sq(&mut ours.iter().zip(&theirs).map(|(a, b)| a - b)) / sq(&mut theirs.iter().copied());
-        println!(
-            "{case}: NF4 logits max rel error {:.2e}, rel Frobenius {frobenius:.2e}",
-            diff / scale
-        );
-        errors.push((case, diff / scale, frobenius));
-    }
-    errors
 }
 
 /// The worst max-relative error of [`logits_errors`] against bitsandbytes' CPU (f32) logits.
