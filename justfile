@@ -22,6 +22,10 @@ test-cuda:
 bench-kernels:
     cargo run --release -p medvl-bench --features cuda -- kernels --out benchmarks/kernels.json
 
+# CPU micro-benchmarks (criterion): a letter page through the image processor, the tokenizer over a prompt.
+bench-cpu:
+    cargo bench -p medvl-model --bench cpu
+
 # Benchmarks on the GPU, 7B with random weights, each next to the Python stack on the same card (needs python3 with
 # torch + transformers; bitsandbytes for the NF4 baselines: `pip install bitsandbytes==0.50.2`):
 # a page end to end (bf16, NF4; 1,260 and 2,772 image tokens; 256 new tokens), then the decode step (bf16, NF4,
