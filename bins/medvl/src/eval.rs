@@ -82,14 +82,15 @@ pub struct Document {
 /// Where a document comes from, before its pages are read or drawn.
 enum Source {
     Made(Box<Form>),
-    Written(Entry),
+    /// A manifest entry and the directory its files are in.
+    Written(Entry, PathBuf),
 }
 
 impl Source {
     fn id(&self) -> String {
         match self {
             Source::Made(form) => form.id(),
-            Source::Written(entry) => entry.id.clone(),
+            Source::Written(entry, _) => entry.id.clone(),
         }
     }
 }
@@ -99,7 +100,7 @@ pub fn documents(args: &EvalArgs) -> anyhow::Result<Vec<Document>> {
     let mut sources: Vec<Source> = match &args.data {
         Some(dir) => medvl_data::synth::read_manifest(dir)?
             .into_iter()
-            .map(Source::Written)
+            .map(|entry| Source::Written(entry, dir.clone()))
             .collect(),
         None => FormKind::ALL
             .iter()
@@ -130,9 +131,7 @@ pub fn documents(args: &EvalArgs) -> anyhow::Result<Vec<Document>> {
         .into_iter()
         .map(|source| match source {
             Source::Made(form) => made(&form),
-            Source::Written(entry) => {
-                written(args.data.as_deref().unwrap_or(Path::new(".")), entry)
-            }
+            Source::Written(entry, dir) => written(&dir, entry),
         })
         .collect()
 }
@@ -140,11 +139,7 @@ pub fn documents(args: &EvalArgs) -> anyhow::Result<Vec<Document>> {
 fn made(form: &Form) -> anyhow::Result<Document> {
     let pages = medvl_data::render::render(&form.blocks, form.truth.seed, None)
         .iter()
-        .map(|page| {
-            let mut png = Vec::new();
-            page.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
-                .map(|()| png)
-        })
+        .map(medvl_data::render::png)
         .collect::<Result<_, _>>()
         .context("encoding a page")?;
     Ok(Document {

@@ -65,6 +65,26 @@ pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
     std::fs::rename(&tmp, path).map_err(err)
 }
 
+/// Reads a JSON-lines file: one `T` per non-blank line; a line that does not parse is an error naming the file
+/// and the 1-based line.
+pub fn read_jsonl<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> Result<Vec<T>> {
+    let text = std::fs::read_to_string(path).map_err(|e| DataError::Read {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    })?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, line)| !line.trim().is_empty())
+        .map(|(i, line)| {
+            serde_json::from_str(line).map_err(|e| DataError::BadRow {
+                path: path.display().to_string(),
+                row: i + 1,
+                reason: e.to_string(),
+            })
+        })
+        .collect()
+}
+
 /// Result with [`DataError`].
 pub type Result<T, E = DataError> = std::result::Result<T, E>;
 

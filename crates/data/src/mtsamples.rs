@@ -211,13 +211,7 @@ pub fn write_pages(
             .enumerate()
         {
             let name = format!("{}.page{}.png", sample.id, n + 1);
-            let mut png = Vec::new();
-            page.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
-                .map_err(|e| DataError::Write {
-                    path: out.join(&name).display().to_string(),
-                    reason: e.to_string(),
-                })?;
-            crate::write_atomic(&out.join(&name), &png)?;
+            crate::render::write_png(&out.join(&name), page)?;
             pages.push(name);
         }
         entries.push(PageEntry {

@@ -17,6 +17,22 @@ const MONO: &[u8] = include_bytes!("../assets/DejaVuSansMono.ttf");
 /// Page width and height in pixels (US letter at 150 dpi).
 pub const PAGE: (u32, u32) = (1275, 1650);
 
+/// A page as PNG bytes.
+pub fn png(page: &GrayImage) -> image::ImageResult<Vec<u8>> {
+    let mut bytes = Vec::new();
+    page.write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png)?;
+    Ok(bytes)
+}
+
+/// Writes a page as a PNG file, atomically ([`crate::write_atomic`]).
+pub fn write_png(path: &std::path::Path, page: &GrayImage) -> crate::Result<()> {
+    let bytes = png(page).map_err(|e| crate::DataError::Write {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    })?;
+    crate::write_atomic(path, &bytes)
+}
+
 /// Scan artefacts applied after drawing.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Artefacts {

@@ -38,29 +38,17 @@ pub struct Stats {
     pub characters: usize,
 }
 
-fn parse_lines<T: serde::de::DeserializeOwned>(path: &Path, text: &str) -> Result<Vec<T>> {
-    text.lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| {
-            serde_json::from_str(l).map_err(|e| DataError::BadRow {
-                path: path.display().to_string(),
-                row: i + 1,
-                reason: e.to_string(),
-            })
-        })
-        .collect()
-}
 
 impl Stats {
     /// Reads `dir/manifest.jsonl` (and, for synthetic forms, each ground-truth file).
     pub fn of_dir(dir: &Path) -> Result<Self> {
         let path = dir.join("manifest.jsonl");
-        let text = std::fs::read_to_string(&path).map_err(|e| DataError::Read {
-            path: path.display().to_string(),
-            reason: e.to_string(),
-        })?;
-        let first = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
+        // The first line says which dataset wrote the manifest; the typed read below names any bad line.
+        let lines: Vec<serde_json::Value> = crate::read_jsonl(&path)?;
+        let synthetic = lines
+            .into_iter()
+            .next()
+            .is_some_and(|first| serde_json::from_value::<Entry>(first).is_ok());
         let mut stats = Self::default();
         let mut ids = Vec::new();
         let mut add = |stats: &mut Self, id: &str, category: &str, pages: usize| {
@@ -73,9 +61,9 @@ impl Stats {
                 c.pages += pages;
             }
         };
-        if serde_json::from_str::<Entry>(first).is_ok() {
+        if synthetic {
             stats.dataset = "synthetic forms".into();
-            for e in parse_lines::<Entry>(&path, &text)? {
+            for e in crate::read_jsonl::<Entry>(&path)? {
                 add(&mut stats, &e.id, e.kind.name(), e.pages.len());
                 let truth_path = dir.join(&e.truth);
                 let bytes = std::fs::read(&truth_path).map_err(|err| DataError::Read {
@@ -98,7 +86,7 @@ impl Stats {
             }
         } else {
             stats.dataset = "mtsamples pages".into();
-            for e in parse_lines::<PageEntry>(&path, &text)? {
+            for e in crate::read_jsonl::<PageEntry>(&path)? {
                 add(&mut stats, &e.id, &e.category, e.pages.len());
                 stats.characters += e.target.chars().count();
             }

@@ -777,13 +777,7 @@ pub fn write_forms(
                 .enumerate()
             {
                 let name = format!("{id}.page{}.png", i + 1);
-                let mut png = Vec::new();
-                page.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
-                    .map_err(|e| crate::DataError::Write {
-                        path: out.join(&name).display().to_string(),
-                        reason: e.to_string(),
-                    })?;
-                crate::write_atomic(&out.join(&name), &png)?;
+                crate::render::write_png(&out.join(&name), page)?;
                 pages.push(name);
             }
             let truth = format!("{id}.json");
@@ -814,20 +808,5 @@ pub fn write_forms(
 /// The entries of a dataset written by [`write_forms`] (`dir/manifest.jsonl`); a line that is not an entry is an
 /// error naming its line.
 pub fn read_manifest(dir: &std::path::Path) -> crate::Result<Vec<Entry>> {
-    let path = dir.join("manifest.jsonl");
-    let text = std::fs::read_to_string(&path).map_err(|e| crate::DataError::Read {
-        path: path.display().to_string(),
-        reason: e.to_string(),
-    })?;
-    text.lines()
-        .enumerate()
-        .filter(|(_, line)| !line.trim().is_empty())
-        .map(|(i, line)| {
-            serde_json::from_str(line).map_err(|e| crate::DataError::BadRow {
-                path: path.display().to_string(),
-                row: i + 1,
-                reason: e.to_string(),
-            })
-        })
-        .collect()
+    crate::read_jsonl(&dir.join("manifest.jsonl"))
 }
