@@ -25,6 +25,9 @@ pub const ATTENTION_CHUNK: usize = 64;
 /// Planes per attention cube (each takes every 8th position of the cube's chunk).
 const ATTENTION_PLANES: u32 = 8;
 
+/// Splits' partial outputs each unit of the attention combine loads before adding any.
+const COMBINE_UNROLL: usize = 8;
+
 /// Partial results per row of the first argmax stage.
 const ARGMAX_GROUPS: usize = 64;
 
@@ -129,6 +132,148 @@ pub fn gemv_dense<R: Runtime, F: Activation>(
             rows as u32,
             (cols / vector) as u32,
             batch,
+        );
+    }
+    Ok(())
+}
+
+/// One adapted part of a (possibly stacked) product: rows `row_start..row_start + rows` of its output get
+/// `(z_part B^T) * scale` added, where `z_part` is the part's `rank` columns of the adapter activations `z = x A^T`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraPart {
+    /// First output row of the part in the product's output.
+    pub row_start: usize,
+    /// Output rows of the part.
+    pub rows: usize,
+    /// The adapter's rank.
+    pub rank: usize,
+    /// `alpha / rank` (or rsLoRA's `alpha / sqrt(rank)`).
+    pub scale: f32,
+    /// `B`, row-major `[rows, rank]`.
+    pub b: Vec<f32>,
+}
+
+/// The up-projections of the LoRA adapters of one product (up to [`MAX_LORA_PARTS`] parts, each over its own rows
+/// of the output), on the device: `z` holds the parts' down-projections side by side, `[batch, sum of ranks]`, in
+/// the order of the parts.
+pub struct LoraUp<F> {
+    b: Buffer<F>,
+    /// Per part: row start, rows, column of `z`, rank, offset into `b`.
+    parts: Buffer<u32>,
+    scales: Buffer<f32>,
+    count: usize,
+    out_width: usize,
+    z_width: usize,
+}
+
+/// Most adapted parts one product has (q, k and v stacked).
+pub const MAX_LORA_PARTS: usize = 3;
+
+impl<F: Activation> LoraUp<F> {
+    /// Uploads the parts of a product whose output is `out_width` wide. Parts must not overlap and must lie
+    /// inside the output.
+    pub fn upload<R: Runtime>(
+        client: &ComputeClient<R>,
+        out_width: usize,
+        parts: &[LoraPart],
+    ) -> Result<Self, KernelError> {
+        if parts.is_empty() || parts.len() > MAX_LORA_PARTS {
+            return Err(unsupported(format!(
+                "{} adapted parts in one product (1 to {MAX_LORA_PARTS})",
+                parts.len()
+            )));
+        }
+        let mut table = Vec::with_capacity(parts.len() * 5);
+        let mut b = Vec::new();
+        let mut z_width = 0;
+        let mut sorted: Vec<&LoraPart> = parts.iter().collect();
+        sorted.sort_by_key(|p| p.row_start);
+        for pair in sorted.windows(2) {
+            if pair[0].row_start + pair[0].rows > pair[1].row_start {
+                return Err(unsupported(format!(
+                    "adapted rows {}..{} and {}..{} overlap",
+                    pair[0].row_start,
+                    pair[0].row_start + pair[0].rows,
+                    pair[1].row_start,
+                    pair[1].row_start + pair[1].rows
+                )));
+            }
+        }
+        for part in parts {
+            if part.rank == 0 || part.b.len() != part.rows * part.rank {
+                return Err(unsupported(format!(
+                    "a LoRA B of {} values for {} rows of rank {}",
+                    part.b.len(),
+                    part.rows,
+                    part.rank
+                )));
+            }
+            if part.row_start + part.rows > out_width {
+                return Err(unsupported(format!(
+                    "adapted rows {}..{} of an output {out_width} wide",
+                    part.row_start,
+                    part.row_start + part.rows
+                )));
+            }
+            table.extend([part.row_start, part.rows, z_width, part.rank, b.len()].map(|v| v as u32));
+            z_width += part.rank;
+            b.extend(F::from_host_slice(&part.b));
+        }
+        let scales: Vec<f32> = parts.iter().map(|p| p.scale).collect();
+        Ok(Self {
+            b: Buffer::from_slice(client, &b),
+            parts: Buffer::from_slice(client, &table),
+            scales: Buffer::from_slice(client, &scales),
+            count: parts.len(),
+            out_width,
+            z_width,
+        })
+    }
+
+    /// Columns of `z` (the sum of the parts' ranks).
+    pub fn z_width(&self) -> usize {
+        self.z_width
+    }
+
+    /// Bytes one launch reads from `B`.
+    pub fn weight_bytes(&self) -> usize {
+        self.b.len() * size_of::<F>()
+    }
+}
+
+/// `y[b, n] += F(F(z_p[b] . B_p[n - start_p]) * scale_p)` for every row `n` of an adapted part `p`, rounded to `F`
+/// after the product, the scaling and the sum as transformers + PEFT do in `F`; other rows are left as they are.
+/// `z`: `[batch, up.z_width()]`, `y`: `[batch, out_width]`. One plane per output row.
+pub fn lora_add<R: Runtime, F: Activation>(
+    client: &ComputeClient<R>,
+    z: &Buffer<F>,
+    batch: usize,
+    up: &LoraUp<F>,
+    y: &Buffer<F>,
+) -> Result<(), KernelError> {
+    if batch == 0 {
+        return Err(unsupported("batch 0".into()));
+    }
+    z.check("z", batch * up.z_width)?;
+    y.check("y", batch * up.out_width)?;
+    let cube_count = CubeCount::Static((up.out_width as u32).div_ceil(PLANES), 1, 1);
+    // SAFETY: `z` and `y` cover `batch` rows (checked above); the part table was validated by `LoraUp::upload`
+    // (parts inside the output, `b` holding `rows x rank` values each).
+    #[allow(unsafe_code)]
+    unsafe {
+        lora_add_kernel::launch_unchecked::<F, R>(
+            client,
+            cube_count,
+            row_cube(client),
+            z.array_arg(),
+            up.b.array_arg(),
+            up.parts.array_arg(),
+            up.scales.array_arg(),
+            y.array_arg(),
+            up.out_width as u32,
+            up.z_width as u32,
+            batch as u32,
+            up.count,
         );
     }
     Ok(())
@@ -404,6 +549,7 @@ pub fn attend<R: Runtime, F: Activation>(
             out.array_arg(),
             head_dim as u32,
             splits as u32,
+            scratch.splits,
         );
     }
     Ok(())
@@ -601,6 +747,54 @@ fn gemv_dense_kernel<F: Float, N: Size>(
 }
 
 #[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+fn lora_add_kernel<F: Float>(
+    z: &Array<F>,
+    b: &Array<F>,
+    parts: &Array<u32>,
+    scales: &Array<f32>,
+    y: &mut Array<F>,
+    out_width: u32,
+    z_width: u32,
+    batch: u32,
+    #[comptime] count: usize,
+) {
+    let n = CUBE_POS_X * CUBE_DIM_Y + UNIT_POS_Y;
+    if n < out_width {
+        // 1 + the part that holds row `n`, 0 for none.
+        let mut found = 0u32;
+        #[unroll]
+        for p in 0..count {
+            let start = parts[p * 5];
+            if n >= start && n < start + parts[p * 5 + 1] {
+                found = comptime!(p as u32 + 1);
+            }
+        }
+        if found > 0 {
+            let part = found - 1;
+            let at = (part * 5) as usize;
+            let column = parts[at + 2];
+            let rank = parts[at + 3];
+            let row = parts[at + 4] + (n - parts[at]) * rank;
+            let scale = scales[part as usize];
+            for s in 0..batch {
+                let mut dot = 0.0f32;
+                for j in range_stepped(UNIT_POS_X, rank, CUBE_DIM_X) {
+                    dot += f32::cast_from(b[(row + j) as usize])
+                        * f32::cast_from(z[(s * z_width + column + j) as usize]);
+                }
+                let total = plane_sum(dot);
+                if UNIT_POS_X == 0 {
+                    let delta = F::cast_from(f32::cast_from(F::cast_from(total)) * scale);
+                    let at = (s * out_width + n) as usize;
+                    y[at] = F::cast_from(f32::cast_from(y[at]) + f32::cast_from(delta));
+                }
+            }
+        }
+    }
+}
+
+#[cube(launch_unchecked)]
 fn embed_kernel<F: Float>(
     table: &Array<F>,
     ids: &Array<u32>,
@@ -743,43 +937,60 @@ fn attend_split_kernel<F: Float>(
     let lane = UNIT_POS_X;
     let plane = UNIT_POS_Y;
     let width = CUBE_DIM_X;
-    // Each plane runs an online softmax over every `planes`-th position of the chunk; lane `i` holds dimensions
-    // `i, i + width, ...` of the weighted sum of values.
+    // Plane `p` takes positions `p, p + planes, ...` of the chunk (`per_plane` of them) all at once, so that
+    // every load of the plane is in flight together: first the keys (one score per position), then one softmax
+    // over the plane's positions, then the values. Lane `i` holds dimensions `i, i + width, ...`.
+    let per_plane = comptime!(chunk / planes);
+    let mut scores = Array::<f32>::new(per_plane);
+    #[unroll]
+    for i in 0..per_plane {
+        let j = plane + comptime!((i * planes) as u32);
+        let mut dot = 0.0f32;
+        if j < count {
+            let row = (first + j) * head_dim;
+            #[unroll]
+            for t in 0..lane_dims {
+                let d = lane + comptime!(t as u32) * width;
+                if d < head_dim {
+                    dot += query[d as usize] * f32::cast_from(k_cache[(row + d) as usize]);
+                }
+            }
+        }
+        scores[i] = dot;
+    }
+    let mut max = f32::min_value();
+    #[unroll]
+    for i in 0..per_plane {
+        scores[i] = plane_sum(scores[i]);
+        let j = plane + comptime!((i * planes) as u32);
+        if j < count && scores[i] > max {
+            max = scores[i];
+        }
+    }
+    let mut sum = 0.0f32;
     let mut acc = Array::<f32>::new(lane_dims);
     #[unroll]
     for t in 0..lane_dims {
         acc[t] = 0.0;
     }
-    let mut max = f32::min_value();
-    let mut sum = 0.0f32;
-    for j in range_stepped(plane, count, CUBE_DIM_Y) {
-        let row = (first + j) * head_dim;
-        let mut dot = 0.0f32;
-        #[unroll]
-        for t in 0..lane_dims {
-            let d = lane + comptime!(t as u32) * width;
-            if d < head_dim {
-                dot += query[d as usize] * f32::cast_from(k_cache[(row + d) as usize]);
+    #[unroll]
+    for i in 0..per_plane {
+        let j = plane + comptime!((i * planes) as u32);
+        if j < count {
+            let weight = f32::exp(scores[i] - max);
+            sum += weight;
+            let row = (first + j) * head_dim;
+            #[unroll]
+            for t in 0..lane_dims {
+                let d = lane + comptime!(t as u32) * width;
+                if d < head_dim {
+                    acc[t] += weight * f32::cast_from(v_cache[(row + d) as usize]);
+                }
             }
         }
-        let score = plane_sum(dot);
-        let mut next = max;
-        if score > next {
-            next = score;
-        }
-        let rescale = f32::exp(max - next);
-        let weight = f32::exp(score - next);
-        sum = sum * rescale + weight;
-        #[unroll]
-        for t in 0..lane_dims {
-            let d = lane + comptime!(t as u32) * width;
-            if d < head_dim {
-                acc[t] = acc[t] * rescale + weight * f32::cast_from(v_cache[(row + d) as usize]);
-            }
-        }
-        max = next;
     }
-    // The planes' partial softmaxes combined through shared memory.
+    // The planes' partial softmaxes combined through shared memory (a plane without positions has sum 0 and
+    // the lowest max, so it weighs nothing).
     let mut plane_max = SharedMemory::<f32>::new(planes);
     let mut plane_sums = SharedMemory::<f32>::new(planes);
     let mut plane_out = SharedMemory::<f32>::new(comptime!(planes * max_head_dim));
@@ -822,6 +1033,9 @@ fn attend_split_kernel<F: Float>(
     }
 }
 
+/// Splits' partial results combined per sequence and head: the splits' maxima and sums go through shared
+/// memory once (one unit per split), each split's weight is computed once, and every unit (one per dimension)
+/// then adds the splits' partial outputs with `COMBINE_UNROLL` loads in flight.
 #[cube(launch_unchecked)]
 fn attend_combine_kernel<F: Float>(
     part_out: &Array<f32>,
@@ -829,28 +1043,46 @@ fn attend_combine_kernel<F: Float>(
     out: &mut Array<F>,
     head_dim: u32,
     splits: u32,
+    #[comptime] max_splits: usize,
 ) {
     let h = CUBE_POS_X;
     let b = CUBE_POS_Y;
     let heads = CUBE_COUNT_X;
     let first = (b * heads + h) * splits;
+    let mut weights = SharedMemory::<f32>::new(max_splits);
+    let mut sums = SharedMemory::<f32>::new(max_splits);
+    for s in range_stepped(UNIT_POS, splits, CUBE_DIM) {
+        weights[s as usize] = part_stats[((first + s) * 2) as usize];
+        sums[s as usize] = part_stats[((first + s) * 2 + 1) as usize];
+    }
+    sync_cube();
     let mut max = f32::min_value();
     for s in 0..splits {
-        let m = part_stats[((first + s) * 2) as usize];
-        if m > max {
-            max = m;
+        if weights[s as usize] > max {
+            max = weights[s as usize];
         }
     }
+    sync_cube();
+    for s in range_stepped(UNIT_POS, splits, CUBE_DIM) {
+        let w = f32::exp(weights[s as usize] - max);
+        weights[s as usize] = w;
+        sums[s as usize] *= w;
+    }
+    sync_cube();
     let mut sum = 0.0f32;
     for s in 0..splits {
-        let at = ((first + s) * 2) as usize;
-        sum += part_stats[at + 1] * f32::exp(part_stats[at] - max);
+        sum += sums[s as usize];
     }
     for d in range_stepped(UNIT_POS, head_dim, CUBE_DIM) {
         let mut acc = 0.0f32;
-        for s in 0..splits {
-            let weight = f32::exp(part_stats[((first + s) * 2) as usize] - max);
-            acc += part_out[((first + s) * head_dim + d) as usize] * weight;
+        for s0 in range_stepped(0, splits, comptime!(COMBINE_UNROLL as u32)) {
+            #[unroll]
+            for u in 0..COMBINE_UNROLL {
+                let s = s0 + comptime!(u as u32);
+                if s < splits {
+                    acc += part_out[((first + s) * head_dim + d) as usize] * weights[s as usize];
+                }
+            }
         }
         out[((b * heads + h) * head_dim + d) as usize] = F::cast_from(acc / sum);
     }

@@ -1,6 +1,7 @@
 //! The decode-step kernels against plain host computations, at sizes the tiny model's prompts do not reach:
 //! attention over caches longer than one split (several splits combined), sequences of different lengths in one
-//! launch, the dense GEMV with and without 16-byte loads, and argmax ties.
+//! launch, the dense GEMV with and without 16-byte loads, LoRA up-projections added to parts of a stacked
+//! output, and argmax ties.
 //!
 //! Runs through wgpu (CI: lavapipe, f32) and, `--ignored`, on CUDA in f32 and bf16.
 #![allow(clippy::unwrap_used, missing_docs)]
@@ -137,6 +138,59 @@ fn dense_gemv<R: Runtime, F: Activation>(client: &ComputeClient<R>, tolerance: f
     }
 }
 
+fn lora_adds_to_adapted_rows<R: Runtime, F: Activation>(client: &ComputeClient<R>, tolerance: f32) {
+    use decode::{LoraPart, LoraUp};
+    // A stacked output of 100 rows (q 60 | k 20 | v 20) with adapters on q (rank 40: more than a plane's lanes)
+    // and v (rank 8); k's rows stay as they are.
+    let (width, batch) = (100, 3);
+    let part = |row_start, rows, rank, scale, seed| LoraPart {
+        row_start,
+        rows,
+        rank,
+        scale,
+        b: stored::<F>(&random(rows * rank, seed)),
+    };
+    let parts = [part(0, 60, 40, 2.0, 11), part(80, 20, 8, 0.5, 12)];
+    let up = LoraUp::<F>::upload(client, width, &parts).unwrap();
+    assert_eq!(up.z_width(), 48);
+    let z = stored::<F>(&random(batch * 48, 13));
+    let y0 = stored::<F>(&random(batch * width, 14));
+    let y = upload::<R, F>(client, &y0);
+    decode::lora_add(client, &upload::<R, F>(client, &z), batch, &up, &y).unwrap();
+    let got = read(client, &y);
+    let round = |v: f32| F::from_host(v).to_host();
+    for b in 0..batch {
+        for n in 0..width {
+            let (mut expected, mut column) = (y0[b * width + n], 0);
+            for p in &parts {
+                if (p.row_start..p.row_start + p.rows).contains(&n) {
+                    let row = &p.b[(n - p.row_start) * p.rank..][..p.rank];
+                    let dot: f32 = (0..p.rank).map(|j| row[j] * z[b * 48 + column + j]).sum();
+                    expected = round(expected + round(round(dot) * p.scale));
+                }
+                column += p.rank;
+            }
+            let actual = got[b * width + n];
+            assert!(
+                (actual - expected).abs() <= tolerance * (1.0 + expected.abs()),
+                "batch {b} row {n}: {actual} vs {expected}"
+            );
+            if (60..80).contains(&n) {
+                assert_eq!(actual, y0[b * width + n], "row {n} has no adapter");
+            }
+        }
+    }
+    // Overlapping parts, a B of the wrong size and rows past the output are refused.
+    let overlapping = [part(0, 60, 4, 1.0, 1), part(50, 20, 4, 1.0, 2)];
+    assert!(LoraUp::<F>::upload(client, width, &overlapping).is_err());
+    let mut short = part(0, 10, 4, 1.0, 3);
+    short.b.pop();
+    assert!(LoraUp::<F>::upload(client, width, &[short]).is_err());
+    assert!(LoraUp::<F>::upload(client, width, &[part(90, 20, 4, 1.0, 4)]).is_err());
+    // A z shorter than the batch needs is refused.
+    assert!(decode::lora_add(client, &upload::<R, F>(client, &z), batch + 1, &up, &y).is_err());
+}
+
 fn argmax_takes_the_first_of_ties<R: Runtime, F: Activation>(client: &ComputeClient<R>) {
     let vocab = 5000;
     let mut logits = vec![0.0f32; 2 * vocab];
@@ -182,6 +236,11 @@ mod wgpu {
     }
 
     #[test]
+    fn lora_adds_to_adapted_rows_f32() {
+        lora_adds_to_adapted_rows::<WgpuRuntime, f32>(&client(), 1e-5);
+    }
+
+    #[test]
     fn argmax_takes_the_first_of_ties_f32() {
         argmax_takes_the_first_of_ties::<WgpuRuntime, f32>(&client());
     }
@@ -206,6 +265,8 @@ mod cuda {
         attention_over_long_caches::<CudaRuntime, bf16>(&c, 1.0 / 128.0);
         dense_gemv::<CudaRuntime, f32>(&c, 1e-5);
         dense_gemv::<CudaRuntime, bf16>(&c, 1.0 / 128.0);
+        lora_adds_to_adapted_rows::<CudaRuntime, f32>(&c, 1e-5);
+        lora_adds_to_adapted_rows::<CudaRuntime, bf16>(&c, 1.0 / 128.0);
         argmax_takes_the_first_of_ties::<CudaRuntime, f32>(&c);
         argmax_takes_the_first_of_ties::<CudaRuntime, bf16>(&c);
     }
