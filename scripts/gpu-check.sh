@@ -7,7 +7,7 @@
 #   B. with bitsandbytes' wheel carried (.gpu/whl/repacked, from scripts/bnb-wheel.sh): installed for the Python
 #      NF4 baselines; fixtures/nf4/tiny_logits_cuda_bf16.safetensors made when missing (copied to $OUT), and the
 #      CUDA NF4 model test against it (NF4_MODEL_TEST=1);
-#   0. the decode plan benchmark, 7B decoder with random weights (DECODE_FORMATS, default dense,nf4,nf4-lm-head;
+#   0. the decode plan benchmark, 7B decoder with random weights (DECODE_FORMATS, default dense,nf4,nf4-lm-head,nf4-lora;
 #      empty for none; DECODE_BATCHES, default 1,8,32), then the Python stack's decode on the same card
 #      (PY_BASELINE=0 to skip), each alone on the card;
 #   1. the kernel benchmark, bf16 and f32 activations (alone on the card, first; BENCH_FLAGS=--sweep for every
@@ -80,7 +80,7 @@ if [ "${PY_PAGE:-0}" = 1 ]; then
     > "$OUT/page-python.log" 2>&1; echo "python page baseline exit $?" >> "$OUT/page-python.log"
 fi
 
-formats=${DECODE_FORMATS-dense,nf4,nf4-lm-head}
+formats=${DECODE_FORMATS-dense,nf4,nf4-lm-head,nf4-lora}
 if [ -n "$formats" ]; then
   timeout 300 $bin/medvl-bench decode --formats "$formats" --batches "${DECODE_BATCHES:-1,8,32}" --card "$card" \
     --commit "$commit" --out "$OUT/decode-bf16.json" > "$OUT/decode.log" 2>&1; echo "decode bench exit $?" >> "$OUT/decode.log"

@@ -70,10 +70,24 @@ def to_nf4(model):
     return model
 
 
+LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+
+def with_lora(model, rank):
+    """PEFT LoRA (rank `rank`, alpha 2 * rank: the reference's r=64, alpha=128) on the 7 projections of every decoder
+    layer, random A and B (init_lora_weights=False), unmerged: the reference's QLoRA model at inference."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=LORA_TARGETS,
+                        init_lora_weights=False)
+    return get_peft_model(model, config).eval()
+
+
 def main():
     here = os.path.dirname(os.path.abspath(__file__))
     p = argparse.ArgumentParser()
-    p.add_argument("--formats", default="bf16,nf4")
+    p.add_argument("--formats", default="bf16,nf4,nf4-lora")
+    p.add_argument("--lora-rank", type=int, default=64)
     p.add_argument("--image-tokens", default="1260,2772")
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--runs", type=int, default=2)
@@ -95,9 +109,12 @@ def main():
         import bitsandbytes
         stack += f" + bitsandbytes {bitsandbytes.__version__}"
     except ImportError:
-        if "nf4" in formats:
+        if any(f.startswith("nf4") for f in formats):
             print("bitsandbytes is not installed: NF4 skipped")
-            formats = [f for f in formats if f != "nf4"]
+            formats = [f for f in formats if not f.startswith("nf4")]
+    if "nf4-lora" in formats:
+        import peft
+        stack += f" + peft {peft.__version__}"
     print(f"{stack}, {card}")
     print(f"| weights | image tokens | weights MB | peak MB | preprocess s | TTFT s | decode tok/s | "
           f"page + {args.new_tokens} tokens s (min-max) |\n|---|---|---|---|---|---|---|---|")
@@ -108,8 +125,10 @@ def main():
         start = time.perf_counter()
         with torch.device("cuda"):
             model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=torch.bfloat16).eval()
-        if fmt == "nf4":
+        if fmt.startswith("nf4"):
             model = to_nf4(model)
+        if fmt == "nf4-lora":
+            model = with_lora(model, args.lora_rank)
         torch.cuda.synchronize()
         load_s = time.perf_counter() - start
         weights_mb = torch.cuda.memory_allocated() / 1e6

@@ -215,7 +215,8 @@ impl<F: Activation> LoraUp<F> {
                     part.row_start + part.rows
                 )));
             }
-            table.extend([part.row_start, part.rows, z_width, part.rank, b.len()].map(|v| v as u32));
+            table
+                .extend([part.row_start, part.rows, z_width, part.rank, b.len()].map(|v| v as u32));
             z_width += part.rank;
             b.extend(F::from_host_slice(&part.b));
         }

@@ -35,7 +35,7 @@ pub struct DecodeArgs {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "dense,nf4,nf4-lm-head"
+        default_value = "dense,nf4,nf4-lm-head,nf4-lora"
     )]
     formats: Vec<Format>,
     /// Batch sizes, comma-separated (at most 32).
@@ -50,6 +50,9 @@ pub struct DecodeArgs {
     /// Activation type.
     #[arg(long, value_enum, default_value = "bf16")]
     activations: ActivationKind,
+    /// Rank of the adapters of the `nf4-lora` format (the reference's QLoRA: 64).
+    #[arg(long, default_value_t = 64)]
+    lora_rank: usize,
     /// Bytes the copy probe moves each way (GiB).
     #[arg(long, default_value_t = 1.0)]
     copy_gib: f64,
@@ -77,14 +80,19 @@ enum Format {
     Nf4,
     /// As `nf4`, with the lm_head NF4 too.
     Nf4LmHead,
+    /// As `nf4`, with LoRA adapters of rank `--lora-rank` on all seven projections of every layer, unmerged
+    /// (QLoRA's inference: PEFT over bitsandbytes).
+    Nf4Lora,
 }
 
 impl Format {
-    fn formats(self) -> (RandomFormat, RandomFormat) {
+    /// Decoder projections, lm_head, and whether adapters are on.
+    fn formats(self) -> (RandomFormat, RandomFormat, bool) {
         match self {
-            Self::Dense => (RandomFormat::Dense, RandomFormat::Dense),
-            Self::Nf4 => (RandomFormat::Nf4, RandomFormat::Dense),
-            Self::Nf4LmHead => (RandomFormat::Nf4, RandomFormat::Nf4),
+            Self::Dense => (RandomFormat::Dense, RandomFormat::Dense, false),
+            Self::Nf4 => (RandomFormat::Nf4, RandomFormat::Dense, false),
+            Self::Nf4LmHead => (RandomFormat::Nf4, RandomFormat::Nf4, false),
+            Self::Nf4Lora => (RandomFormat::Nf4, RandomFormat::Dense, true),
         }
     }
 }
@@ -92,6 +100,8 @@ impl Format {
 #[derive(Serialize)]
 struct Case {
     format: Format,
+    /// Rank of the LoRA adapters (nf4-lora).
+    lora_rank: Option<usize>,
     batch: usize,
     context: usize,
     steps: usize,
@@ -178,8 +188,9 @@ fn run_in<R: Runtime, F: Activation>(
         args.context
     );
     for &format in &args.formats {
-        let (layers, head) = format.formats();
-        let mut plan = DecodePlan::<R, F>::random(&client, config, layers, head, 7)?;
+        let (layers, head, lora) = format.formats();
+        let lora_rank = lora.then_some(args.lora_rank);
+        let mut plan = DecodePlan::<R, F>::random(&client, config, layers, head, lora_rank, 7)?;
         let usage = client
             .memory_usage()
             .map_err(|e| anyhow::anyhow!("memory usage: {e:?}"))?;
@@ -211,6 +222,7 @@ fn run_in<R: Runtime, F: Activation>(
             let ops = plan.profile(20)?;
             let case = Case {
                 format,
+                lora_rank,
                 batch,
                 context: args.context,
                 steps: args.steps,

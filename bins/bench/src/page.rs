@@ -1,7 +1,8 @@
 //! `medvl-bench page`: one document page end to end through the engine, as the reference report measures it:
 //! a letter page at 1,260 or 2,772 image tokens, an extraction prompt (the chat template's text around it is about
 //! 60 tokens), 256 new tokens forced (end-of-sequence ignored, so random weights are measured fairly), greedy,
-//! batch 1. Per weight format (bf16, NF4 with double quantization as bitsandbytes does it):
+//! batch 1. Per weight format (bf16, NF4 with double quantization as bitsandbytes does it, NF4 + a rank-64 LoRA
+//! adapter unmerged as PEFT runs QLoRA's result):
 //! - load: building the model with random weights (NF4: quantized on the host while building) and the decode plan;
 //! - memory: the allocator's bytes in use after the model, after the plan, and reserved after the runs;
 //! - per run (after one warm-up run): preprocessing (PNG decode, resize, patchify, template, tokenize), prefill
@@ -46,8 +47,16 @@ pub struct PageArgs {
     #[arg(long, value_enum, default_value = "7b")]
     model: PageModel,
     /// Weight formats, comma-separated.
-    #[arg(long, value_enum, value_delimiter = ',', default_value = "bf16,nf4")]
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "bf16,nf4,nf4-lora"
+    )]
     formats: Vec<PageFormat>,
+    /// Rank of the `nf4-lora` format's adapter.
+    #[arg(long, default_value_t = 64)]
+    lora_rank: usize,
     /// Pages, in image tokens: 1260 (an 840x1176 px page, max_pixels 1280*28*28) and/or 2772 (1232x1764 px, the
     /// hub's default max_pixels).
     #[arg(long, value_delimiter = ',', default_value = "1260,2772")]
@@ -92,6 +101,10 @@ enum PageFormat {
     /// Linear layers NF4 (blocksize 64, double quantization), lm_head, embeddings and norms dense: transformers +
     /// bitsandbytes `load_in_4bit`.
     Nf4,
+    /// As `nf4`, with a PEFT LoRA adapter (rank `--lora-rank`, alpha twice the rank: the reference's r=64,
+    /// alpha=128) on the 7 projections of every decoder layer, unmerged: written as a random adapter directory
+    /// and loaded as `--adapter` loads one.
+    Nf4Lora,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
@@ -167,6 +180,64 @@ struct Report {
     model: &'static str,
     new_tokens: usize,
     cases: Vec<Case>,
+}
+
+/// Writes a PEFT adapter directory with random `A` and `B` (bf16) of rank `rank` and alpha `2 * rank` on the 7
+/// projections of every decoder layer of `config` (the reference's QLoRA targets: 161.5 M parameters at rank 64
+/// on the 7B).
+fn write_random_adapter(dir: &Path, config: &QwenVlConfig, rank: usize, seed: u64) -> Result<()> {
+    use safetensors::tensor::TensorView;
+    let t = &config.text;
+    let (h, i) = (t.hidden_size, t.intermediate_size);
+    let (qd, kvd) = (
+        t.num_attention_heads * t.head_dim(),
+        t.num_key_value_heads * t.head_dim(),
+    );
+    let modules = [
+        ("self_attn.q_proj", qd, h),
+        ("self_attn.k_proj", kvd, h),
+        ("self_attn.v_proj", kvd, h),
+        ("self_attn.o_proj", h, qd),
+        ("mlp.gate_proj", i, h),
+        ("mlp.up_proj", i, h),
+        ("mlp.down_proj", h, i),
+    ];
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut tensors = Vec::new();
+    for layer in 0..t.num_hidden_layers {
+        for (module, out, inp) in modules {
+            let prefix = format!("base_model.model.model.language_model.layers.{layer}.{module}");
+            for (suffix, shape) in [("lora_A", [rank, inp]), ("lora_B", [out, rank])] {
+                let bytes: Vec<u8> = (0..shape[0] * shape[1])
+                    .flat_map(|_| half::bf16::from_f32(rng.random_range(-0.02..0.02)).to_le_bytes())
+                    .collect();
+                tensors.push((format!("{prefix}.{suffix}.weight"), shape.to_vec(), bytes));
+            }
+        }
+    }
+    let views = tensors
+        .iter()
+        .map(|(name, shape, bytes)| {
+            TensorView::new(safetensors::Dtype::BF16, shape.clone(), bytes)
+                .map(|v| (name.clone(), v))
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .context("adapter tensors")?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    safetensors::serialize_to_file(views, None, &dir.join("adapter_model.safetensors"))
+        .context("writing the random adapter")?;
+    let config = serde_json::json!({
+        "peft_type": "LORA",
+        "r": rank,
+        "lora_alpha": 2 * rank,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        "task_type": "CAUSAL_LM",
+    });
+    std::fs::write(dir.join("adapter_config.json"), config.to_string())
+        .with_context(|| format!("writing {}", dir.display()))?;
+    Ok(())
 }
 
 /// Page size in pixels (width, height) for a number of image tokens: the reference report's two pages.
@@ -326,7 +397,7 @@ fn run_on<B: Backend>(
         B::seed(&device, 7);
         let model = match format {
             PageFormat::Bf16 => build(&config, &mut RandomSource::<B>::new(&device))?,
-            PageFormat::Nf4 => build(
+            PageFormat::Nf4 | PageFormat::Nf4Lora => build(
                 &config,
                 &mut RandomSource::<B>::quantized(&device, QuantizeOptions::default()),
             )?,
@@ -341,6 +412,20 @@ fn run_on<B: Backend>(
             ChatTemplate::Builtin,
             device.clone(),
         );
+        if format == PageFormat::Nf4Lora {
+            let dir =
+                std::env::temp_dir().join(format!("medvl-bench-adapter-{}", std::process::id()));
+            write_random_adapter(&dir, &config, args.lora_rank, 11)?;
+            let summary = engine.load_adapter(&dir);
+            std::fs::remove_dir_all(&dir).ok();
+            let summary = summary.context("loading the random adapter")?;
+            eprintln!(
+                "[{:.1} s] adapter: {} modules, {:.1} M parameters",
+                start.elapsed().as_secs_f64(),
+                summary.modules,
+                summary.parameters as f64 / 1e6
+            );
+        }
         let plan_weights_mb = match plan(&engine, capacity)? {
             Some(plan) => {
                 let mb = memory().zip(model_mb).map(|(m, model)| m.0 - model);

@@ -211,7 +211,7 @@ struct RunArgs {
     #[arg(long, value_enum)]
     quant: Option<QuantArg>,
     /// A PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors), applied unmerged on top
-    /// of the (dense or NF4) weights. Tokens then decode through burn: the decode plan does not run adapters.
+    /// of the (dense or NF4) weights, in the prefill and in the decode plan.
     #[arg(long)]
     adapter: Option<PathBuf>,
     /// How tokens after the first are decoded: `plan` (medvl's own CUDA kernels; greedy requests), `burn` (the
@@ -510,14 +510,6 @@ fn cuda_plan<B: Backend, F: medvl_kernels::nf4::Activation>(
     use cubecl::Runtime;
     use cubecl::cuda::{CudaDevice, CudaRuntime};
     if run.decode == DecodeArg::Burn {
-        return Ok(None);
-    }
-    if run.adapter.is_some() {
-        if run.decode == DecodeArg::Plan {
-            bail!(
-                "--decode plan does not run LoRA adapters yet: use --decode burn (or auto) with --adapter"
-            );
-        }
         return Ok(None);
     }
     let client = CudaRuntime::client(&CudaDevice::default());

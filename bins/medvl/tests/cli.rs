@@ -357,7 +357,7 @@ fn eval_writes_scores_resumes_and_compares() {
         table.contains("| Field F1 (strict) |") && table.contains("+0.0 pp"),
         "{table}"
     );
-    // With a LoRA adapter (decoding through burn): the run is labelled with it.
+    // With a LoRA adapter: the run is labelled with it.
     let tuned = out.join("tuned");
     let adapter = fixtures().join("lora");
     eval_into(&tuned, "1", &["--adapter", adapter.to_str().unwrap()]);

@@ -20,7 +20,10 @@ pub const PAGE: (u32, u32) = (1275, 1650);
 /// A page as PNG bytes.
 pub fn png(page: &GrayImage) -> image::ImageResult<Vec<u8>> {
     let mut bytes = Vec::new();
-    page.write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png)?;
+    page.write_to(
+        &mut std::io::Cursor::new(&mut bytes),
+        image::ImageFormat::Png,
+    )?;
     Ok(bytes)
 }
 

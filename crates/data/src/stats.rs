@@ -38,7 +38,6 @@ pub struct Stats {
     pub characters: usize,
 }
 
-
 impl Stats {
     /// Reads `dir/manifest.jsonl` (and, for synthetic forms, each ground-truth file).
     pub fn of_dir(dir: &Path) -> Result<Self> {

@@ -190,11 +190,12 @@ impl<B: Backend> Engine<B> {
     }
 
     /// Loads a PEFT LoRA adapter (`adapter_config.json` + `adapter_model.safetensors`) onto the model, unmerged
-    /// ([`medvl_model::lora`]). The decode plan does not run adapters: load it before attaching none.
+    /// ([`medvl_model::lora`]). A decode plan copies the adapters when it is built from the model: load the
+    /// adapter first, then build and attach the plan.
     pub fn load_adapter(&mut self, dir: &Path) -> Result<medvl_model::lora::AdapterSummary> {
         if self.plan.is_some() {
             return Err(EngineError::Plan(
-                "the decode plan does not run LoRA adapters: load the adapter on an engine without a plan".into(),
+                "a decode plan is attached and would decode without the adapter: load the adapter before building the plan".into(),
             ));
         }
         let summary = medvl_model::lora::apply_adapter(&mut self.model, dir, &self.device)?;

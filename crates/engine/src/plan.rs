@@ -15,7 +15,8 @@
 
 use cubecl::prelude::{ComputeClient, Runtime};
 use medvl_kernels::decode::{
-    self, ArgmaxScratch, AttentionScratch, AttentionShape, DenseMatrix, MAX_DENSE_BATCH,
+    self, ArgmaxScratch, AttentionScratch, AttentionShape, DenseMatrix, LoraPart, LoraUp,
+    MAX_DENSE_BATCH,
 };
 use medvl_kernels::gemm;
 use medvl_kernels::nf4::{self, Activation, MAX_BATCH, Nf4Matrix};
@@ -158,6 +159,86 @@ pub struct HostLayer {
     pub up: HostMatrix,
     /// `[hidden, intermediate]`.
     pub down: HostMatrix,
+    /// LoRA adapters on the projections (none by default).
+    pub lora: LayerLora,
+}
+
+/// A LoRA adapter of one projection on the host: adds `(x A^T) B^T * scale`.
+#[derive(Debug, Clone)]
+pub struct HostLora {
+    /// `A`, row-major `[rank, in_features]`.
+    pub a: Vec<f32>,
+    /// `B`, row-major `[out_features, rank]`.
+    pub b: Vec<f32>,
+    /// The rank.
+    pub rank: usize,
+    /// `alpha / rank` (rsLoRA: `alpha / sqrt(rank)`).
+    pub scale: f32,
+}
+
+impl HostLora {
+    /// The adapter of a linear layer of a loaded model, copied to the host; `None` without one.
+    pub fn from_linear<B: Backend>(linear: &Linear<B>) -> Result<Option<Self>> {
+        let Some(lora) = &linear.lora else {
+            return Ok(None);
+        };
+        let rank = lora.a.val().dims()[0];
+        Ok(Some(Self {
+            a: host_values(lora.a.val())?,
+            b: host_values(lora.b.val())?,
+            rank,
+            scale: lora.scale as f32,
+        }))
+    }
+
+    /// A random adapter of rank `rank` for a `[rows, cols]` projection (benchmarks).
+    pub fn random(rng: &mut ChaCha8Rng, rows: usize, cols: usize, rank: usize) -> Self {
+        Self {
+            a: random_values(rng, rank * cols, 0.02),
+            b: random_values(rng, rows * rank, 0.02),
+            rank,
+            scale: 2.0,
+        }
+    }
+}
+
+/// The LoRA adapters of one decoder layer's projections, each optional.
+#[derive(Debug, Clone, Default)]
+pub struct LayerLora {
+    /// On q_proj.
+    pub q: Option<HostLora>,
+    /// On k_proj.
+    pub k: Option<HostLora>,
+    /// On v_proj.
+    pub v: Option<HostLora>,
+    /// On o_proj.
+    pub o: Option<HostLora>,
+    /// On gate_proj.
+    pub gate: Option<HostLora>,
+    /// On up_proj.
+    pub up: Option<HostLora>,
+    /// On down_proj.
+    pub down: Option<HostLora>,
+}
+
+impl LayerLora {
+    /// Random adapters of rank `rank` on all seven projections of a layer of `config`'s sizes, as PEFT's
+    /// `target_modules="all-linear"` puts them (benchmarks).
+    pub fn random(config: &PlanConfig, rank: usize, seed: u64) -> Self {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let (h, i) = (config.hidden, config.intermediate);
+        let (qd, kvd) = config.qkv_widths();
+        let mut make = |rows, cols| Some(HostLora::random(&mut rng, rows, cols, rank));
+        Self {
+            q: make(qd, h),
+            k: make(kvd, h),
+            v: make(kvd, h),
+            o: make(h, qd),
+            gate: make(i, h),
+            up: make(i, h),
+            down: make(h, i),
+        }
+    }
 }
 
 /// How [`HostLayer::random`] stores its projections.
@@ -247,6 +328,7 @@ impl HostLayer {
             gate: random_matrix(&mut rng, i, h, format),
             up: random_matrix(&mut rng, i, h, format),
             down: random_matrix(&mut rng, h, i, format),
+            lora: LayerLora::default(),
         }
     }
 
@@ -272,6 +354,15 @@ impl HostLayer {
             gate: HostMatrix::from_linear(&layer.mlp.gate_proj)?,
             up: HostMatrix::from_linear(&layer.mlp.up_proj)?,
             down: HostMatrix::from_linear(&layer.mlp.down_proj)?,
+            lora: LayerLora {
+                q: HostLora::from_linear(&attn.q_proj)?,
+                k: HostLora::from_linear(&attn.k_proj)?,
+                v: HostLora::from_linear(&attn.v_proj)?,
+                o: HostLora::from_linear(&attn.o_proj)?,
+                gate: HostLora::from_linear(&layer.mlp.gate_proj)?,
+                up: HostLora::from_linear(&layer.mlp.up_proj)?,
+                down: HostLora::from_linear(&layer.mlp.down_proj)?,
+            },
         })
     }
 }
@@ -292,13 +383,9 @@ impl HostMatrix {
         }
     }
 
-    /// A linear layer's weight (dense, or NF4 with its scales already resolved), copied to the host.
+    /// A linear layer's weight (dense, or NF4 with its scales already resolved), copied to the host; its LoRA
+    /// adapter, if any, is [`HostLora::from_linear`]'s.
     pub fn from_linear<B: Backend>(linear: &Linear<B>) -> Result<Self> {
-        if linear.lora.is_some() {
-            return Err(EngineError::Plan(
-                "a LoRA adapter is loaded: the decode plan does not run adapters yet (decode with burn)".into(),
-            ));
-        }
         let [rows, cols] = linear.shape();
         Ok(match &linear.weight {
             LinearWeight::Dense(w) => Self::Dense {
@@ -424,6 +511,76 @@ impl<F: Activation> Matrix<F> {
     }
 }
 
+/// The LoRA adapters of one (stacked) product on the device: the parts' `A`s stacked into one matrix (one
+/// product gives every part's `z = x A^T`), and their `B`s, each over its own rows of the output.
+struct Adapter<F> {
+    a: Matrix<F>,
+    up: LoraUp<F>,
+}
+
+impl<F: Activation> Adapter<F> {
+    /// `parts`: each part of the product in output order, with its rows and its adapter if it has one. `None`
+    /// when no part has an adapter.
+    fn upload<R: Runtime>(
+        client: &ComputeClient<R>,
+        parts: &[(Option<&HostLora>, usize)],
+        cols: usize,
+        what: &str,
+    ) -> Result<Option<Self>> {
+        let mut a = Vec::new();
+        let mut ups = Vec::new();
+        let mut row_start = 0;
+        for &(lora, rows) in parts {
+            if let Some(l) = lora {
+                if l.a.len() != l.rank * cols || l.b.len() != rows * l.rank {
+                    return Err(EngineError::Plan(format!(
+                        "{what}: a LoRA adapter of rank {} with {} + {} values for a {rows}x{cols} product",
+                        l.rank,
+                        l.a.len(),
+                        l.b.len()
+                    )));
+                }
+                a.extend(F::from_host_slice(&l.a));
+                ups.push(LoraPart {
+                    row_start,
+                    rows,
+                    rank: l.rank,
+                    scale: l.scale,
+                    b: l.b.clone(),
+                });
+            }
+            row_start += rows;
+        }
+        if ups.is_empty() {
+            return Ok(None);
+        }
+        let rank: usize = ups.iter().map(|p| p.rank).sum();
+        let plan_err = |e: KernelError| EngineError::Plan(format!("{what} adapter: {e}"));
+        Ok(Some(Self {
+            a: Matrix::Dense(DenseMatrix::upload(client, &a, rank, cols).map_err(plan_err)?),
+            up: LoraUp::upload(client, row_start, &ups).map_err(plan_err)?,
+        }))
+    }
+
+    /// `y += LoRA(x)` for `batch` rows, through the scratch `z`.
+    fn apply<R: Runtime>(
+        &self,
+        client: &ComputeClient<R>,
+        x: &Buffer<F>,
+        batch: usize,
+        z: &Buffer<F>,
+        y: &Buffer<F>,
+        tensor_cores: bool,
+    ) -> Result<(), KernelError> {
+        self.a.apply(client, x, batch, z, tensor_cores)?;
+        decode::lora_add(client, z, batch, &self.up, y)
+    }
+
+    fn weight_bytes(&self) -> usize {
+        self.a.weight_bytes() + self.up.weight_bytes()
+    }
+}
+
 fn to_f<F: Activation>(values: &[f32]) -> Vec<F> {
     F::from_host_slice(values)
 }
@@ -440,6 +597,8 @@ struct Layer<F> {
     /// `[gate; up]`: `[2 * intermediate, hidden]`.
     gate_up: Matrix<F>,
     down: Matrix<F>,
+    /// LoRA adapters of the four products (q/k/v, o, gate/up, down), where loaded.
+    adapters: [Option<Adapter<F>>; 4],
     k_cache: Buffer<F>,
     v_cache: Buffer<F>,
 }
@@ -479,6 +638,27 @@ impl<F: Activation> Layer<F> {
             qkv_bias.extend(values.iter().map(|&v| F::from_host(v)));
         }
         let cache = config.attention().cache_len();
+        let lora = &host.lora;
+        let adapters = [
+            Adapter::upload(
+                client,
+                &[
+                    (lora.q.as_ref(), qd),
+                    (lora.k.as_ref(), kvd),
+                    (lora.v.as_ref(), kvd),
+                ],
+                h,
+                &name("q/k/v_proj"),
+            )?,
+            Adapter::upload(client, &[(lora.o.as_ref(), h)], qd, &name("o_proj"))?,
+            Adapter::upload(
+                client,
+                &[(lora.gate.as_ref(), i), (lora.up.as_ref(), i)],
+                h,
+                &name("gate/up_proj"),
+            )?,
+            Adapter::upload(client, &[(lora.down.as_ref(), h)], i, &name("down_proj"))?,
+        ];
         Ok(Self {
             input_norm: vector(&host.input_norm, "input norm", h)?,
             qkv: Matrix::stack(
@@ -495,6 +675,7 @@ impl<F: Activation> Layer<F> {
                 &name("gate/up_proj"),
             )?,
             down: Matrix::upload(client, &host.down, &name("down_proj"), [h, i])?,
+            adapters,
             k_cache: Buffer::from_slice(client, &vec![F::from_host(0.0); cache]),
             v_cache: Buffer::from_slice(client, &vec![F::from_host(0.0); cache]),
         })
@@ -506,7 +687,26 @@ impl<F: Activation> Layer<F> {
             .iter()
             .map(|m| m.weight_bytes())
             .sum::<usize>()
+            + self.adapter_bytes()
             + vectors * size_of::<F>()
+    }
+
+    fn adapter_bytes(&self) -> usize {
+        self.adapters
+            .iter()
+            .flatten()
+            .map(Adapter::weight_bytes)
+            .sum()
+    }
+
+    /// The widest adapter activation `z` of the layer (0 without adapters).
+    fn lora_width(&self) -> usize {
+        self.adapters
+            .iter()
+            .flatten()
+            .map(|a| a.up.z_width())
+            .max()
+            .unwrap_or(0)
     }
 }
 
@@ -524,6 +724,8 @@ struct Activations<F> {
     act: Buffer<F>,
     down: Buffer<F>,
     logits: Buffer<F>,
+    /// `[batch, widest adapter rank sum]`: the adapters' `x A^T` (one element when there are none).
+    lora_z: Buffer<F>,
 }
 
 /// A sequence after its prefill, ready to be admitted into a plan.
@@ -623,6 +825,14 @@ impl Op {
     }
 }
 
+/// One weight product of the step: its matrix, input, output and LoRA adapter.
+struct Product<'a, F> {
+    matrix: &'a Matrix<F>,
+    x: &'a Buffer<F>,
+    y: &'a Buffer<F>,
+    adapter: Option<&'a Adapter<F>>,
+}
+
 /// The time of one operation of the step ([`DecodePlan::profile`]).
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct OpTime {
@@ -707,6 +917,7 @@ impl<R: Runtime, F: Activation> DecodePlan<R, F> {
         }
         let inv_freq = medvl_model::rope::inverse_frequencies(config.rope_theta, config.head_dim);
         let (qd, kvd) = config.qkv_widths();
+        let lora_width = uploaded.iter().map(Layer::lora_width).max().unwrap_or(0);
         let empty = |n: usize| Buffer::<F>::empty(client, b * n);
         Ok(Self {
             client: client.clone(),
@@ -728,6 +939,7 @@ impl<R: Runtime, F: Activation> DecodePlan<R, F> {
                 act: empty(config.intermediate),
                 down: empty(h),
                 logits: empty(config.vocab),
+                lora_z: empty(lora_width.max(1)),
             },
             lens: Buffer::from_slice(client, &vec![0u32; b]),
             deltas: Buffer::from_slice(client, &vec![0i32; b]),
@@ -768,12 +980,14 @@ impl<R: Runtime, F: Activation> DecodePlan<R, F> {
     }
 
     /// A plan with random weights of `config`'s sizes (benchmarks): decoder layers in `layers` format, the
-    /// lm_head in `lm_head` format (bitsandbytes keeps it dense), the embedding dense.
+    /// lm_head in `lm_head` format (bitsandbytes keeps it dense), the embedding dense; with `lora_rank`, LoRA
+    /// adapters of that rank on every projection of every layer.
     pub fn random(
         client: &ComputeClient<R>,
         config: PlanConfig,
         format: RandomFormat,
         lm_head: RandomFormat,
+        lora_rank: Option<usize>,
         seed: u64,
     ) -> Result<Self> {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
@@ -786,7 +1000,14 @@ impl<R: Runtime, F: Activation> DecodePlan<R, F> {
             &embed,
             &norm,
             &lm_head,
-            (0..config.layers).map(|i| Ok(HostLayer::random(&config, format, seed + 1 + i as u64))),
+            (0..config.layers).map(|i| {
+                let seed = seed + 1 + i as u64;
+                let mut layer = HostLayer::random(&config, format, seed);
+                if let Some(rank) = lora_rank {
+                    layer.lora = LayerLora::random(&config, rank, seed);
+                }
+                Ok(layer)
+            }),
         )
     }
 
@@ -887,17 +1108,30 @@ impl<R: Runtime, F: Activation> DecodePlan<R, F> {
         self.slots[..b].iter().map(|s| s.len).max().unwrap_or(0)
     }
 
-    /// The weight product an operation runs, with its input and output, for decoder layer `layer`; `None` for
-    /// operations without weights.
-    fn gemv(&self, op: Op, layer: usize) -> Option<(&Matrix<F>, &Buffer<F>, &Buffer<F>)> {
+    /// The weight product an operation runs, with its input and output and its LoRA adapter, for decoder layer
+    /// `layer`; `None` for operations without weights.
+    fn gemv(&self, op: Op, layer: usize) -> Option<Product<'_, F>> {
         let (a, l) = (&self.act, &self.layers[layer]);
-        Some(match op {
-            Op::Qkv => (&l.qkv, &a.normed, &a.qkv),
-            Op::O => (&l.o, &a.attn, &a.o),
-            Op::GateUp => (&l.gate_up, &a.normed, &a.gate_up),
-            Op::Down => (&l.down, &a.act, &a.down),
-            Op::LmHead => (&self.lm_head, &a.normed, &a.logits),
+        let (matrix, x, y, adapter) = match op {
+            Op::Qkv => (&l.qkv, &a.normed, &a.qkv, 0),
+            Op::O => (&l.o, &a.attn, &a.o, 1),
+            Op::GateUp => (&l.gate_up, &a.normed, &a.gate_up, 2),
+            Op::Down => (&l.down, &a.act, &a.down, 3),
+            Op::LmHead => {
+                return Some(Product {
+                    matrix: &self.lm_head,
+                    x: &a.normed,
+                    y: &a.logits,
+                    adapter: None,
+                });
+            }
             _ => return None,
+        };
+        Some(Product {
+            matrix,
+            x,
+            y,
+            adapter: l.adapters[adapter].as_ref(),
         })
     }
 
@@ -932,8 +1166,12 @@ impl<R: Runtime, F: Activation> DecodePlan<R, F> {
     /// of which the longest holds `longest` tokens before this step.
     fn launch_op(&self, op: Op, layer: usize, b: usize, longest: usize) -> Result<()> {
         let c = &self.client;
-        if let Some((matrix, x, y)) = self.gemv(op, layer) {
-            return Ok(matrix.apply(c, x, b, y, self.tensor_cores)?);
+        if let Some(p) = self.gemv(op, layer) {
+            p.matrix.apply(c, p.x, b, p.y, self.tensor_cores)?;
+            if let Some(adapter) = p.adapter {
+                adapter.apply(c, p.x, b, &self.act.lora_z, p.y, self.tensor_cores)?;
+            }
+            return Ok(());
         }
         let a = &self.act;
         let l = &self.layers[layer];
@@ -1025,9 +1263,9 @@ impl<R: Runtime, F: Activation> DecodePlan<R, F> {
             }
             sync(&self.client)?;
             let us = start.elapsed().as_secs_f64() * 1e6 / reps as f64;
-            let weight_bytes = self
-                .gemv(op, layer)
-                .map_or(0, |(matrix, ..)| matrix.weight_bytes());
+            let weight_bytes = self.gemv(op, layer).map_or(0, |p| {
+                p.matrix.weight_bytes() + p.adapter.map_or(0, Adapter::weight_bytes)
+            });
             times.push(OpTime {
                 op: op.name(),
                 us,

@@ -3,6 +3,8 @@
 //! prefilled by burn, then decoded together in one plan for 31 steps; the greedy tokens must be transformers'
 //! (`fixtures/generate.py`), and the logits of a step must equal burn's decode logits at the same position.
 //!
+//! The same with NF4 weights and with a PEFT LoRA adapter (unmerged; dense and NF4 base): logits against burn's.
+//!
 //! CI runs the kernels through CubeCL's wgpu runtime on Mesa's lavapipe (f32); on the GPU machine the same check
 //! runs on CUDA in bf16 and f32 (`--ignored`).
 #![allow(clippy::unwrap_used, missing_docs)]
@@ -158,6 +160,34 @@ fn plan_on_wgpu_runs_nf4_weights_as_burn() {
     assert_eq!(counts.len(), 3);
 }
 
+/// The tiny reference model with the PEFT adapter of `fixtures/lora.py` (rank 4 with a rank/alpha pattern entry, on
+/// decoder and vision modules) applied unmerged.
+fn with_adapter<B: Backend>(mut model: QwenVl<B>, device: &B::Device) -> QwenVl<B> {
+    let summary =
+        medvl_model::lora::apply_adapter(&mut model, &fixtures().join("lora"), device).unwrap();
+    assert!(summary.modules > 0);
+    assert!(model.text.layers[0].self_attn.q_proj.lora.is_some());
+    model
+}
+
+#[test]
+fn plan_on_wgpu_runs_lora_adapters_as_burn() {
+    use cubecl::wgpu::{WgpuDevice, WgpuRuntime};
+    let device = Default::default();
+    let client = WgpuRuntime::client(&WgpuDevice::default());
+    // Dense base, 10 sequences (the adapters' products in two GEMV groups too); then an NF4 base. The step's
+    // logits are asserted against burn's decode with the same adapter (the adapter moves them by about as much
+    // as they are large, so a plan that skipped it would fail).
+    let model = load_dir::<medvl_model::backend::Cpu>(&fixtures().join("hub"), &device).unwrap();
+    let model = with_adapter(model, &device);
+    assert_eq!(
+        run::<_, _, f32>(&model, &device, &client, 10, 1e-4).len(),
+        10
+    );
+    let model = with_adapter(load_nf4::<medvl_model::backend::Cpu>(&device), &device);
+    assert_eq!(run::<_, _, f32>(&model, &device, &client, 3, 1e-4).len(), 3);
+}
+
 #[test]
 fn engine_decodes_greedy_requests_through_an_attached_plan() {
     use cubecl::wgpu::{WgpuDevice, WgpuRuntime};
@@ -237,5 +267,22 @@ mod cuda {
         ));
         let counts = run::<_, _, half::bf16>(&model, &device, &client, 10, 5e-2);
         assert_eq!(counts.len(), 10);
+    }
+
+    #[test]
+    #[ignore = "needs an NVIDIA GPU"]
+    fn plan_on_cuda_bf16_runs_lora_adapters_as_burn() {
+        let device = Default::default();
+        let client = CudaRuntime::client(&CudaDevice::default());
+        // NF4 base + adapter, 1 sequence (GEMVs) and 10 (tensor-core GEMMs, the adapters' A products too).
+        let model = with_adapter(load_nf4::<CudaBf16>(&device), &device);
+        assert_eq!(
+            run::<_, _, half::bf16>(&model, &device, &client, 1, 5e-2).len(),
+            1
+        );
+        assert_eq!(
+            run::<_, _, half::bf16>(&model, &device, &client, 10, 5e-2).len(),
+            10
+        );
     }
 }
