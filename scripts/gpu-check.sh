@@ -110,7 +110,8 @@ fi
 # The decode plan on CUDA (tiny model: transformers' tokens, burn's logits) and the decode kernels.
 if [ "${PLAN_TESTS:-1}" = 1 ]; then
   for t in cuda::plan_on_cuda_f32_decodes_three_prompts_as_transformers cuda::plan_on_cuda_bf16_matches_burn \
-      cuda::plan_on_cuda_bf16_nf4_runs_ten_sequences_on_tensor_cores; do
+      cuda::plan_on_cuda_bf16_nf4_runs_ten_sequences_on_tensor_cores cuda::plan_on_cuda_bf16_runs_lora_adapters_as_burn \
+      ${PLAN_EXTRA_TESTS:-}; do
     ( timeout $left $bin/test-plan --ignored --exact $t --nocapture > "$OUT/plan-test-${t##*_on_cuda_}.log" 2>&1
       echo "exit $?" >> "$OUT/plan-test-${t##*_on_cuda_}.log" ) &
   done

@@ -45,6 +45,24 @@ impl<T: CubeElement> Buffer<T> {
         }
     }
 
+    /// The first `len` values of an existing device allocation (e.g. a burn tensor's, so that both read the same
+    /// memory). Fails when the handle holds fewer bytes.
+    pub fn from_handle(handle: Handle, len: usize) -> Result<Self, KernelError> {
+        let bytes = (len * size_of::<T>()) as u64;
+        if handle.size_in_used() < bytes {
+            return Err(KernelError::BufferTooSmall {
+                what: "device allocation",
+                len: handle.size_in_used() as usize / size_of::<T>().max(1),
+                needed: len,
+            });
+        }
+        Ok(Self {
+            handle,
+            len,
+            _elem: PhantomData,
+        })
+    }
+
     /// Copies the values back to the host (waits for the work that writes them).
     pub fn read<R: Runtime>(&self, client: &ComputeClient<R>) -> Result<Vec<T>, KernelError> {
         let bytes = client

@@ -81,6 +81,12 @@ impl<F: Activation> DenseMatrix<F> {
         })
     }
 
+    /// A row-major `[rows, cols]` matrix already on the device (e.g. a model's weight, shared).
+    pub fn from_buffer(weight: Buffer<F>, rows: usize, cols: usize) -> Result<Self, KernelError> {
+        weight.check("dense weight", rows * cols)?;
+        Ok(Self { rows, cols, weight })
+    }
+
     /// Output features.
     pub fn rows(&self) -> usize {
         self.rows

@@ -178,6 +178,41 @@ impl Nf4Matrix {
         })
     }
 
+    /// A `[rows, cols]` NF4 matrix whose codes are already on the device (e.g. a model's, shared): `packed` holds
+    /// the bitsandbytes byte stream as little-endian words (at least `ceil(rows * cols / 8)`; a multiple of 4
+    /// words when `cols % 32 == 0`, as the 16-byte loads need), `scales` one f32 per block.
+    pub fn from_device<R: Runtime>(
+        client: &ComputeClient<R>,
+        packed: Buffer<u32>,
+        scales: Buffer<f32>,
+        rows: usize,
+        cols: usize,
+        blocksize: usize,
+    ) -> Result<Self, KernelError> {
+        let n = rows * cols;
+        if n >= u32::MAX as usize || !blocksize.is_power_of_two() {
+            return Err(KernelError::Unsupported(format!(
+                "a {rows}x{cols} NF4 matrix with blocks of {blocksize}"
+            )));
+        }
+        packed.check("NF4 codes", n.div_ceil(8))?;
+        if cols.is_multiple_of(32) && !packed.len().is_multiple_of(4) {
+            return Err(KernelError::Unsupported(format!(
+                "{} code words: the 16-byte loads need a multiple of 4",
+                packed.len()
+            )));
+        }
+        scales.check("NF4 block scales", n.div_ceil(blocksize))?;
+        Ok(Self {
+            rows,
+            cols,
+            blocksize,
+            packed,
+            scales: Scales::Plain(scales),
+            codebook: Buffer::from_slice(client, &NF4_CODE),
+        })
+    }
+
     /// The scale arrays as the kernels take them: the 8-bit codes, the nested (or per-block) scales, the
     /// offsets, the map, and whether the scales are double-quantized. Without double quantization the code,
     /// offset and map arguments are not read, and other buffers stand in for them.

@@ -157,7 +157,8 @@ struct Case {
     load_s: f64,
     /// Allocator bytes in use after building the model (its weights), MB.
     model_mb: Option<f64>,
-    /// The decode plan's weights (the plan holds its own copy), MB.
+    /// What building the decode plan added to the allocator's bytes in use (it shares the model's weights and
+    /// adds its NF4 block scales, norms, biases, adapters and KV cache), MB.
     plan_weights_mb: Option<f64>,
     /// Allocator bytes in use and reserved after the runs, MB.
     in_use_mb: Option<f64>,
@@ -358,11 +359,16 @@ mod cuda {
         ))
     }
 
-    pub(super) fn plan(engine: &Engine<CudaBf16>, capacity: usize) -> Result<Box<dyn Decoder>> {
+    /// The decode plan, sharing the model's weights.
+    pub(super) fn plan(engine: &mut Engine<CudaBf16>, capacity: usize) -> Result<Box<dyn Decoder>> {
         let client = CudaRuntime::client(&CudaDevice::default());
-        let plan =
-            DecodePlan::<CudaRuntime, half::bf16>::from_model(&client, engine.model(), 1, capacity)
-                .context("building the decode plan")?;
+        let plan = DecodePlan::<CudaRuntime, half::bf16>::sharing_model(
+            &client,
+            engine.model_mut(),
+            1,
+            capacity,
+        )
+        .context("building the decode plan")?;
         Ok(Box::new(plan))
     }
 }
@@ -372,7 +378,7 @@ fn run_on<B: Backend>(
     device: B::Device,
     device_name: &'static str,
     memory: impl Fn() -> Option<(f64, f64)>,
-    plan: impl Fn(&Engine<B>, usize) -> Result<Option<Box<dyn Decoder>>>,
+    plan: impl Fn(&mut Engine<B>, usize) -> Result<Option<Box<dyn Decoder>>>,
 ) -> Result<()> {
     if args.runs == 0 || args.new_tokens == 0 {
         bail!("--runs and --new-tokens must be at least 1");
@@ -426,7 +432,7 @@ fn run_on<B: Backend>(
                 summary.parameters as f64 / 1e6
             );
         }
-        let plan_weights_mb = match plan(&engine, capacity)? {
+        let plan_weights_mb = match plan(&mut engine, capacity)? {
             Some(plan) => {
                 let mb = memory().zip(model_mb).map(|(m, model)| m.0 - model);
                 engine.attach_plan(plan);

@@ -493,18 +493,19 @@ fn cuda(
     use medvl_model::backend::{CudaBf16, CudaF32};
     match dtype.unwrap_or(DtypeArg::Bf16) {
         DtypeArg::Bf16 => execute::<CudaBf16>(dir, Default::default(), run, job, |engine| {
-            cuda_plan::<_, burn::tensor::bf16>(engine, run)
+            cuda_plan::<burn::tensor::bf16>(engine, run)
         }),
         DtypeArg::F32 => execute::<CudaF32>(dir, Default::default(), run, job, |engine| {
-            cuda_plan::<_, f32>(engine, run)
+            cuda_plan::<f32>(engine, run)
         }),
     }
 }
 
-/// The decode plan of a model loaded on CUDA, on the same device, unless `--decode burn`.
+/// The decode plan of a model loaded on CUDA, on the same device, unless `--decode burn`. The plan shares the
+/// model's weights (one copy on the device).
 #[cfg(feature = "cuda")]
-fn cuda_plan<B: Backend, F: medvl_kernels::nf4::Activation>(
-    engine: &Engine<B>,
+fn cuda_plan<F: medvl_kernels::nf4::Activation + medvl_engine::share::FloatElement>(
+    engine: &mut Engine<medvl_engine::share::Cube<cubecl::cuda::CudaRuntime, F>>,
     run: &RunArgs,
 ) -> anyhow::Result<Option<Box<dyn medvl_engine::plan::Decoder>>> {
     use cubecl::Runtime;
@@ -513,9 +514,9 @@ fn cuda_plan<B: Backend, F: medvl_kernels::nf4::Activation>(
         return Ok(None);
     }
     let client = CudaRuntime::client(&CudaDevice::default());
-    let plan = medvl_engine::DecodePlan::<CudaRuntime, F>::from_model(
+    let plan = medvl_engine::DecodePlan::<CudaRuntime, F>::sharing_model(
         &client,
-        engine.model(),
+        engine.model_mut(),
         1,
         run.context,
     )
@@ -540,7 +541,7 @@ fn execute<B: Backend>(
     device: B::Device,
     run: &RunArgs,
     job: &Job,
-    plan: impl FnOnce(&Engine<B>) -> anyhow::Result<Option<Box<dyn medvl_engine::plan::Decoder>>>,
+    plan: impl FnOnce(&mut Engine<B>) -> anyhow::Result<Option<Box<dyn medvl_engine::plan::Decoder>>>,
 ) -> anyhow::Result<ExitCode> {
     let quantize = run.quant.map(|QuantArg::Nf4| QuantizeOptions::default());
     let mut engine = Engine::<B>::load_with(dir, device, quantize)
@@ -550,7 +551,7 @@ fn execute<B: Backend>(
             .load_adapter(adapter)
             .with_context(|| format!("loading the adapter {}", adapter.display()))?;
     }
-    if let Some(plan) = plan(&engine)? {
+    if let Some(plan) = plan(&mut engine)? {
         engine.attach_plan(plan);
     }
     let processor = engine.processor_mut();

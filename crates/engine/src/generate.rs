@@ -213,6 +213,12 @@ impl<B: Backend> Engine<B> {
         &self.model
     }
 
+    /// The model, to change before a decode plan is built from it (e.g.
+    /// [`crate::DecodePlan::sharing_model`], which turns some of its weights into views of the plan's).
+    pub fn model_mut(&mut self) -> &mut QwenVl<B> {
+        &mut self.model
+    }
+
     /// The tokenizer.
     pub fn tokenizer(&self) -> &Tokenizer {
         &self.tokenizer

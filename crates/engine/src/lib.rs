@@ -8,6 +8,8 @@ pub mod error;
 pub mod generate;
 pub mod plan;
 pub mod sampling;
+#[cfg(feature = "cuda")]
+pub mod share;
 pub mod source;
 
 pub use error::{EngineError, Result};

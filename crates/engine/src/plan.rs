@@ -102,7 +102,7 @@ impl PlanConfig {
         }
     }
 
-    fn check(&self) -> Result<()> {
+    pub(crate) fn check(&self) -> Result<()> {
         if !(1..=MAX_PLAN_BATCH).contains(&self.batch) {
             return Err(EngineError::Plan(format!(
                 "batch {}: a plan decodes 1 to {MAX_PLAN_BATCH} sequences",
@@ -222,6 +222,20 @@ pub struct LayerLora {
 }
 
 impl LayerLora {
+    /// The adapters of a loaded model's decoder layer (none where a projection has none).
+    pub fn from_model<B: Backend>(layer: &DecoderLayer<B>) -> Result<Self> {
+        let attn = &layer.self_attn;
+        Ok(Self {
+            q: HostLora::from_linear(&attn.q_proj)?,
+            k: HostLora::from_linear(&attn.k_proj)?,
+            v: HostLora::from_linear(&attn.v_proj)?,
+            o: HostLora::from_linear(&attn.o_proj)?,
+            gate: HostLora::from_linear(&layer.mlp.gate_proj)?,
+            up: HostLora::from_linear(&layer.mlp.up_proj)?,
+            down: HostLora::from_linear(&layer.mlp.down_proj)?,
+        })
+    }
+
     /// Random adapters of rank `rank` on all seven projections of a layer of `config`'s sizes, as PEFT's
     /// `target_modules="all-linear"` puts them (benchmarks).
     pub fn random(config: &PlanConfig, rank: usize, seed: u64) -> Self {
@@ -335,6 +349,48 @@ impl HostLayer {
     /// A decoder layer of a loaded model, copied to the host.
     pub fn from_model<B: Backend>(layer: &DecoderLayer<B>) -> Result<Self> {
         let attn = &layer.self_attn;
+        let small = LayerSmall::from_model(layer)?;
+        Ok(Self {
+            input_norm: small.input_norm,
+            q: HostMatrix::from_linear(&attn.q_proj)?,
+            k: HostMatrix::from_linear(&attn.k_proj)?,
+            v: HostMatrix::from_linear(&attn.v_proj)?,
+            q_bias: small.q_bias,
+            k_bias: small.k_bias,
+            v_bias: small.v_bias,
+            o: HostMatrix::from_linear(&attn.o_proj)?,
+            post_norm: small.post_norm,
+            gate: HostMatrix::from_linear(&layer.mlp.gate_proj)?,
+            up: HostMatrix::from_linear(&layer.mlp.up_proj)?,
+            down: HostMatrix::from_linear(&layer.mlp.down_proj)?,
+            lora: LayerLora::from_model(layer)?,
+        })
+    }
+
+    fn small(&self) -> LayerSmall {
+        LayerSmall {
+            input_norm: self.input_norm.clone(),
+            post_norm: self.post_norm.clone(),
+            q_bias: self.q_bias.clone(),
+            k_bias: self.k_bias.clone(),
+            v_bias: self.v_bias.clone(),
+        }
+    }
+}
+
+/// A decoder layer's norms and q/k/v biases on the host.
+pub(crate) struct LayerSmall {
+    input_norm: Vec<f32>,
+    post_norm: Vec<f32>,
+    q_bias: Vec<f32>,
+    k_bias: Vec<f32>,
+    v_bias: Vec<f32>,
+}
+
+impl LayerSmall {
+    /// A loaded decoder layer's norms and biases (zeros where a projection has no bias).
+    pub(crate) fn from_model<B: Backend>(layer: &DecoderLayer<B>) -> Result<Self> {
+        let attn = &layer.self_attn;
         let bias = |l: &Linear<B>| -> Result<Vec<f32>> {
             match &l.bias {
                 Some(b) => host_values(b.val()),
@@ -343,31 +399,15 @@ impl HostLayer {
         };
         Ok(Self {
             input_norm: host_values(layer.input_layernorm.weight.val())?,
-            q: HostMatrix::from_linear(&attn.q_proj)?,
-            k: HostMatrix::from_linear(&attn.k_proj)?,
-            v: HostMatrix::from_linear(&attn.v_proj)?,
+            post_norm: host_values(layer.post_attention_layernorm.weight.val())?,
             q_bias: bias(&attn.q_proj)?,
             k_bias: bias(&attn.k_proj)?,
             v_bias: bias(&attn.v_proj)?,
-            o: HostMatrix::from_linear(&attn.o_proj)?,
-            post_norm: host_values(layer.post_attention_layernorm.weight.val())?,
-            gate: HostMatrix::from_linear(&layer.mlp.gate_proj)?,
-            up: HostMatrix::from_linear(&layer.mlp.up_proj)?,
-            down: HostMatrix::from_linear(&layer.mlp.down_proj)?,
-            lora: LayerLora {
-                q: HostLora::from_linear(&attn.q_proj)?,
-                k: HostLora::from_linear(&attn.k_proj)?,
-                v: HostLora::from_linear(&attn.v_proj)?,
-                o: HostLora::from_linear(&attn.o_proj)?,
-                gate: HostLora::from_linear(&layer.mlp.gate_proj)?,
-                up: HostLora::from_linear(&layer.mlp.up_proj)?,
-                down: HostLora::from_linear(&layer.mlp.down_proj)?,
-            },
         })
     }
 }
 
-fn host_values<B: Backend, const D: usize>(tensor: Tensor<B, D>) -> Result<Vec<f32>> {
+pub(crate) fn host_values<B: Backend, const D: usize>(tensor: Tensor<B, D>) -> Result<Vec<f32>> {
     tensor
         .into_data()
         .convert::<f32>()
@@ -404,7 +444,7 @@ impl HostMatrix {
 }
 
 /// A matrix on the device, dense or NF4.
-enum Matrix<F> {
+pub(crate) enum Matrix<F> {
     Dense(DenseMatrix<F>),
     Nf4(Box<Nf4Matrix>),
 }
@@ -422,7 +462,7 @@ impl<F: Activation> Matrix<F> {
     /// One matrix of `parts` stacked along their rows (each with the shape it must have), so that one launch
     /// computes all their products: NF4 stays NF4 ([`Nf4Matrix::stack`]); dense stays dense; a mix is
     /// dequantized to dense.
-    fn stack<R: Runtime>(
+    pub(crate) fn stack<R: Runtime>(
         client: &ComputeClient<R>,
         parts: &[(&HostMatrix, [usize; 2])],
         what: &str,
@@ -586,7 +626,7 @@ fn to_f<F: Activation>(values: &[f32]) -> Vec<F> {
 }
 
 /// One decoder layer on the device; q/k/v and gate/up are stacked into one matrix each (one launch).
-struct Layer<F> {
+pub(crate) struct Layer<F> {
     input_norm: Buffer<F>,
     /// `[q; k; v]`: `[heads * head_dim + 2 * kv_heads * head_dim, hidden]`.
     qkv: Matrix<F>,
@@ -612,33 +652,65 @@ impl<F: Activation> Layer<F> {
     ) -> Result<Self> {
         let (h, i) = (config.hidden, config.intermediate);
         let (qd, kvd) = config.qkv_widths();
-        let vector = |values: &[f32], what: &str, n: usize| -> Result<Buffer<F>> {
-            if values.len() != n {
-                return Err(EngineError::Plan(format!(
-                    "layer {index} {what}: {} values, the plan needs {n}",
-                    values.len()
-                )));
-            }
-            Ok(Buffer::from_slice(client, &to_f::<F>(values)))
-        };
         let name = |what: &str| format!("layer {index} {what}");
-        let biases = [
-            (&host.q_bias, "q bias", qd),
-            (&host.k_bias, "k bias", kvd),
-            (&host.v_bias, "v bias", kvd),
+        let matrices = [
+            Matrix::stack(
+                client,
+                &[(&host.q, [qd, h]), (&host.k, [kvd, h]), (&host.v, [kvd, h])],
+                &name("q/k/v_proj"),
+            )?,
+            Matrix::upload(client, &host.o, &name("o_proj"), [h, qd])?,
+            Matrix::stack(
+                client,
+                &[(&host.gate, [i, h]), (&host.up, [i, h])],
+                &name("gate/up_proj"),
+            )?,
+            Matrix::upload(client, &host.down, &name("down_proj"), [h, i])?,
         ];
-        let mut qkv_bias = Vec::with_capacity(qd + 2 * kvd);
-        for (values, what, n) in biases {
+        Self::assemble(client, config, &host.small(), &host.lora, matrices, index)
+    }
+
+    /// A layer of its four products (q/k/v, o, gate/up, down, already on the device) and its small tensors and
+    /// adapters (uploaded here), with an empty KV cache.
+    pub(crate) fn assemble<R: Runtime>(
+        client: &ComputeClient<R>,
+        config: &PlanConfig,
+        small: &LayerSmall,
+        lora: &LayerLora,
+        [qkv, o, gate_up, down]: [Matrix<F>; 4],
+        index: usize,
+    ) -> Result<Self> {
+        let (h, i) = (config.hidden, config.intermediate);
+        let (qd, kvd) = config.qkv_widths();
+        let name = |what: &str| format!("layer {index} {what}");
+        let expected = [
+            (&qkv, [qd + 2 * kvd, h], "q/k/v_proj"),
+            (&o, [h, qd], "o_proj"),
+            (&gate_up, [2 * i, h], "gate/up_proj"),
+            (&down, [h, i], "down_proj"),
+        ];
+        for (matrix, shape, what) in expected {
+            if matrix.shape() != shape {
+                return Err(EngineError::Plan(format!(
+                    "{}: shape {:?}, the plan needs {shape:?}",
+                    name(what),
+                    matrix.shape()
+                )));
+            }
+        }
+        let vector = |values: &[f32], what: &str, n: usize| -> Result<Vec<F>> {
             if values.len() != n {
                 return Err(EngineError::Plan(format!(
                     "layer {index} {what}: {} values, the plan needs {n}",
                     values.len()
                 )));
             }
-            qkv_bias.extend(values.iter().map(|&v| F::from_host(v)));
-        }
+            Ok(to_f::<F>(values))
+        };
+        let mut qkv_bias = vector(&small.q_bias, "q bias", qd)?;
+        qkv_bias.extend(vector(&small.k_bias, "k bias", kvd)?);
+        qkv_bias.extend(vector(&small.v_bias, "v bias", kvd)?);
         let cache = config.attention().cache_len();
-        let lora = &host.lora;
         let adapters = [
             Adapter::upload(
                 client,
@@ -660,21 +732,16 @@ impl<F: Activation> Layer<F> {
             Adapter::upload(client, &[(lora.down.as_ref(), h)], i, &name("down_proj"))?,
         ];
         Ok(Self {
-            input_norm: vector(&host.input_norm, "input norm", h)?,
-            qkv: Matrix::stack(
-                client,
-                &[(&host.q, [qd, h]), (&host.k, [kvd, h]), (&host.v, [kvd, h])],
-                &name("q/k/v_proj"),
-            )?,
+            input_norm: Buffer::from_slice(client, &vector(&small.input_norm, "input norm", h)?),
+            qkv,
             qkv_bias: Buffer::from_slice(client, &qkv_bias),
-            o: Matrix::upload(client, &host.o, &name("o_proj"), [h, qd])?,
-            post_norm: vector(&host.post_norm, "post-attention norm", h)?,
-            gate_up: Matrix::stack(
+            o,
+            post_norm: Buffer::from_slice(
                 client,
-                &[(&host.gate, [i, h]), (&host.up, [i, h])],
-                &name("gate/up_proj"),
-            )?,
-            down: Matrix::upload(client, &host.down, &name("down_proj"), [h, i])?,
+                &vector(&small.post_norm, "post-attention norm", h)?,
+            ),
+            gate_up,
+            down,
             adapters,
             k_cache: Buffer::from_slice(client, &vec![F::from_host(0.0); cache]),
             v_cache: Buffer::from_slice(client, &vec![F::from_host(0.0); cache]),
@@ -887,7 +954,7 @@ impl<R: Runtime, F: Activation> DecodePlan<R, F> {
         layers: impl IntoIterator<Item = Result<HostLayer>>,
     ) -> Result<Self> {
         config.check()?;
-        let (b, h) = (config.batch, config.hidden);
+        let h = config.hidden;
         if embed.len() != config.vocab * h || final_norm.len() != h {
             return Err(EngineError::Plan(format!(
                 "embedding of {} values and final norm of {} for vocab {} x hidden {h}",
@@ -908,23 +975,49 @@ impl<R: Runtime, F: Activation> DecodePlan<R, F> {
             uploaded.push(Layer::upload(client, &config, &layer?, i)?);
             flush()?;
         }
-        if uploaded.len() != config.layers {
+        let embed = Buffer::from_slice(client, &to_f::<F>(embed));
+        let lm_head = Matrix::upload(client, lm_head, "lm_head", [config.vocab, h])?;
+        Self::assemble(client, config, embed, final_norm, lm_head, uploaded)
+    }
+
+    /// The plan of its weights on the device; allocates the activations, the attention and argmax scratch and
+    /// the slot state.
+    pub(crate) fn assemble(
+        client: &ComputeClient<R>,
+        config: PlanConfig,
+        embed: Buffer<F>,
+        final_norm: &[f32],
+        lm_head: Matrix<F>,
+        layers: Vec<Layer<F>>,
+    ) -> Result<Self> {
+        let (b, h) = (config.batch, config.hidden);
+        if embed.len() != config.vocab * h || final_norm.len() != h {
             return Err(EngineError::Plan(format!(
-                "{} layers given, the plan needs {}",
-                uploaded.len(),
-                config.layers
+                "embedding of {} values and final norm of {} for vocab {} x hidden {h}",
+                embed.len(),
+                final_norm.len(),
+                config.vocab
+            )));
+        }
+        if layers.len() != config.layers || lm_head.shape() != [config.vocab, h] {
+            return Err(EngineError::Plan(format!(
+                "{} layers and an lm_head of {:?}: the plan needs {} and {:?}",
+                layers.len(),
+                lm_head.shape(),
+                config.layers,
+                [config.vocab, h]
             )));
         }
         let inv_freq = medvl_model::rope::inverse_frequencies(config.rope_theta, config.head_dim);
         let (qd, kvd) = config.qkv_widths();
-        let lora_width = uploaded.iter().map(Layer::lora_width).max().unwrap_or(0);
+        let lora_width = layers.iter().map(Layer::lora_width).max().unwrap_or(0);
         let empty = |n: usize| Buffer::<F>::empty(client, b * n);
         Ok(Self {
             client: client.clone(),
-            embed: Buffer::from_slice(client, &to_f::<F>(embed)),
-            layers: uploaded,
+            embed,
+            layers,
             norm: Buffer::from_slice(client, &to_f::<F>(final_norm)),
-            lm_head: Matrix::upload(client, lm_head, "lm_head", [config.vocab, h])?,
+            lm_head,
             inv_freq: Buffer::from_slice(client, &inv_freq),
             scratch: AttentionScratch::new(client, config.attention()),
             argmax: ArgmaxScratch::new(client, b),

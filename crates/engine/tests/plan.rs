@@ -269,6 +269,92 @@ mod cuda {
         assert_eq!(counts.len(), 10);
     }
 
+    /// burn's logits of the first decode step of `case` (prefill, then the prefill's greedy token).
+    fn burn_step_logits(
+        model: &QwenVl<CudaBf16>,
+        case: &Case,
+        device: &burn::backend::cuda::CudaDevice,
+    ) -> (Vec<f32>, Prefilled) {
+        let mut cache = model.new_cache();
+        let prefill = model
+            .prefill(&case.prompt, &case.images, &mut cache, device)
+            .unwrap();
+        let l = case.prompt.len();
+        let logits = model.logits(prefill.hidden.narrow(1, l - 1, 1));
+        let first = argmax(&logits.into_data().convert::<f32>().to_vec::<f32>().unwrap());
+        let rope_delta = prefill.positions.rope_delta;
+        let prefilled = Prefilled::from_cache(&cache, rope_delta, first).unwrap();
+        let hidden = model
+            .decode(&[first], rope_delta, &mut cache, device)
+            .unwrap();
+        let logits = model
+            .logits(hidden)
+            .into_data()
+            .convert::<f32>()
+            .to_vec::<f32>()
+            .unwrap();
+        (logits, prefilled)
+    }
+
+    #[test]
+    #[ignore = "needs an NVIDIA GPU"]
+    fn plan_on_cuda_bf16_shares_the_model_weights() {
+        use medvl_model::layers::LinearWeight;
+        let device = Default::default();
+        let client = CudaRuntime::client(&CudaDevice::default());
+        let case = &cases()[0];
+        for quantize in [None, Some(Default::default())] {
+            let mut model = medvl_model::load_dir_with::<CudaBf16>(
+                &fixtures().join("hub"),
+                &device,
+                quantize.clone(),
+            )
+            .unwrap();
+            let (reference, prefilled) = burn_step_logits(&model, case, &device);
+            let mut plan = DecodePlan::<CudaRuntime, half::bf16>::sharing_model(
+                &client,
+                &mut model,
+                1,
+                case.prompt.len() + 8,
+            )
+            .unwrap();
+            // The model's q/k/v now read the plan's stacked matrix: burn computes the same logits as before.
+            let q = &model.text.layers[0].self_attn.q_proj.weight;
+            assert_eq!(
+                matches!(q, LinearWeight::Nf4(_)),
+                quantize.is_some(),
+                "the format stays"
+            );
+            let (after, _) = burn_step_logits(&model, case, &device);
+            let scale = reference.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let moved = after
+                .iter()
+                .zip(&reference)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            eprintln!(
+                "nf4 {}: burn after sharing moved {moved:.3e}",
+                quantize.is_some()
+            );
+            assert!(moved <= 1e-3 * scale, "{moved} (max |logit| {scale})");
+            // The plan gives burn's logits.
+            plan.admit(0, &prefilled).unwrap();
+            let next = plan.step().unwrap();
+            let ours = plan.logits().unwrap();
+            let worst = ours
+                .iter()
+                .zip(&reference)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            eprintln!(
+                "nf4 {}: plan vs burn {worst:.3e} (max |logit| {scale:.3})",
+                quantize.is_some()
+            );
+            assert!(worst <= 5e-2 * scale, "{worst} > 5e-2 x {scale}");
+            assert_eq!(next[0], argmax(&reference));
+        }
+    }
+
     #[test]
     #[ignore = "needs an NVIDIA GPU"]
     fn plan_on_cuda_bf16_runs_lora_adapters_as_burn() {
