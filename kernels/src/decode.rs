@@ -19,11 +19,26 @@ use crate::{Buffer, KernelError, plane_cube, plane_size};
 /// Planes (warps) per cube for the row-reduction kernels.
 const PLANES: u32 = 4;
 
-/// Cache positions one attention cube covers; longer caches are split over several cubes and combined.
-pub const ATTENTION_CHUNK: usize = 64;
+/// Planes per attention cube: each scores as many consecutive cache positions as it has lanes, so a cube covers
+/// `ATTENTION_PLANES x plane size` positions ([`attention_chunk`]); longer caches are split over several cubes and
+/// combined.
+const ATTENTION_PLANES: u32 = 4;
 
-/// Planes per attention cube (each takes every 8th position of the cube's chunk).
-const ATTENTION_PLANES: u32 = 8;
+/// Most query heads sharing one key/value head that the attention kernel takes.
+pub const MAX_ATTENTION_GROUP: usize = 8;
+
+/// Cache positions one attention cube covers on `client`'s device (4 planes of its plane size: 128 on NVIDIA).
+pub fn attention_chunk<R: Runtime>(client: &ComputeClient<R>) -> usize {
+    ATTENTION_PLANES as usize * plane_size(client) as usize
+}
+
+/// Values per 16-byte (or narrower) load of a key row of `head_dim` values of `size` bytes each.
+fn key_vector(head_dim: usize, size: usize) -> usize {
+    [16 / size, 4, 2]
+        .into_iter()
+        .find(|&n| n > 0 && head_dim.is_multiple_of(n))
+        .unwrap_or(1)
+}
 
 /// Splits' partial outputs each unit of the attention combine loads before adding any.
 const COMBINE_UNROLL: usize = 8;
@@ -388,17 +403,18 @@ impl AttentionShape {
                 self.head_dim
             )));
         }
+        if self.heads / self.kv_heads > MAX_ATTENTION_GROUP {
+            return Err(unsupported(format!(
+                "{} query heads per key/value head (at most {MAX_ATTENTION_GROUP})",
+                self.heads / self.kv_heads
+            )));
+        }
         Ok(())
     }
 
     /// Values in one layer's key (or value) cache: `[batch, kv_heads, capacity, head_dim]`.
     pub fn cache_len(&self) -> usize {
         self.batch * self.kv_heads * self.capacity * self.head_dim
-    }
-
-    /// Attention splits needed for caches of up to `tokens` positions.
-    pub fn splits(tokens: usize) -> usize {
-        tokens.div_ceil(ATTENTION_CHUNK).max(1)
     }
 }
 
@@ -473,7 +489,7 @@ pub struct AttentionScratch {
 impl AttentionScratch {
     /// Scratch for caches of up to `shape.capacity` positions.
     pub fn new<R: Runtime>(client: &ComputeClient<R>, shape: AttentionShape) -> Self {
-        let splits = AttentionShape::splits(shape.capacity);
+        let splits = shape.capacity.div_ceil(attention_chunk(client)).max(1);
         let rows = shape.batch * shape.heads * splits;
         Self {
             out: Buffer::empty(client, rows * shape.head_dim),
@@ -516,7 +532,7 @@ pub fn attend<R: Runtime, F: Activation>(
     k_cache.check("k_cache", shape.cache_len())?;
     v_cache.check("v_cache", shape.cache_len())?;
     lens.check("lens", batch)?;
-    let splits = AttentionShape::splits(max_tokens);
+    let splits = max_tokens.div_ceil(attention_chunk(client)).max(1);
     if splits > scratch.splits || scratch.stats.len() < batch * heads * scratch.splits * 2 {
         return Err(unsupported(format!(
             "attention scratch for {} splits, {splits} needed",
@@ -530,22 +546,22 @@ pub fn attend<R: Runtime, F: Activation>(
     unsafe {
         attend_split_kernel::launch_unchecked::<F, R>(
             client,
-            CubeCount::Static(splits as u32, heads as u32, batch as u32),
+            CubeCount::Static(splits as u32, kv_heads as u32, batch as u32),
             CubeDim::new_2d(plane_size(client), ATTENTION_PLANES),
+            key_vector(head_dim, size_of::<F>()),
             q.array_arg(),
             k_cache.array_arg(),
             v_cache.array_arg(),
             lens.array_arg(),
             scratch.out.array_arg(),
             scratch.stats.array_arg(),
-            kv_heads as u32,
             capacity as u32,
-            head_dim as u32,
             scale,
-            ATTENTION_CHUNK,
-            MAX_HEAD_DIM,
+            head_dim,
+            heads / kv_heads,
             head_dim.div_ceil(plane_size(client) as usize),
             ATTENTION_PLANES as usize,
+            plane_size(client) as usize,
         );
         attend_combine_kernel::launch_unchecked::<F, R>(
             client,
@@ -904,139 +920,162 @@ fn rope_append_kernel<F: Float>(
 
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
-fn attend_split_kernel<F: Float>(
+fn attend_split_kernel<F: Float, N: Size>(
     q: &Array<F>,
-    k_cache: &Array<F>,
+    k_cache: &Array<Vector<F, N>>,
     v_cache: &Array<F>,
     lens: &Array<u32>,
     part_out: &mut Array<f32>,
     part_stats: &mut Array<f32>,
-    kv_heads: u32,
     capacity: u32,
-    head_dim: u32,
     scale: f32,
-    #[comptime] chunk: usize,
-    #[comptime] max_head_dim: usize,
+    #[comptime] head_dim: usize,
+    #[comptime] group: usize,
     #[comptime] lane_dims: usize,
     #[comptime] planes: usize,
+    #[comptime] plane_width: usize,
 ) {
     let split = CUBE_POS_X;
-    let h = CUBE_POS_Y;
+    let kvh = CUBE_POS_Y;
     let b = CUBE_POS_Z;
     let splits = CUBE_COUNT_X;
-    let heads = CUBE_COUNT_Y;
-    let tokens = lens[b as usize] + 1;
-    let start = split * comptime!(chunk as u32);
-    let mut count = 0u32;
-    if start < tokens {
-        count = tokens - start;
-        if count > comptime!(chunk as u32) {
-            count = comptime!(chunk as u32);
-        }
-    }
-    let kvh = h / (heads / kv_heads);
-    let mut query = SharedMemory::<f32>::new(max_head_dim);
-    for d in range_stepped(UNIT_POS, head_dim, CUBE_DIM) {
-        query[d as usize] = f32::cast_from(q[((b * heads + h) * head_dim + d) as usize]) * scale;
-    }
-    sync_cube();
-    let first = (b * kv_heads + kvh) * capacity + start;
+    let kv_heads = CUBE_COUNT_Y;
+    let heads = kv_heads * comptime!(group as u32);
     let lane = UNIT_POS_X;
     let plane = UNIT_POS_Y;
     let width = CUBE_DIM_X;
-    // Plane `p` takes positions `p, p + planes, ...` of the chunk (`per_plane` of them) all at once, so that
-    // every load of the plane is in flight together: first the keys (one score per position), then one softmax
-    // over the plane's positions, then the values. Lane `i` holds dimensions `i, i + width, ...`.
-    let per_plane = comptime!(chunk / planes);
-    let mut scores = Array::<f32>::new(per_plane);
+    let tokens = lens[b as usize] + 1;
+    // The group's queries (the query heads that share this key/value head), scaled, in shared memory.
+    let mut query = SharedMemory::<f32>::new(comptime!(group * head_dim));
+    let first_q = (b * heads + kvh * comptime!(group as u32)) * comptime!(head_dim as u32);
+    for i in range_stepped(UNIT_POS, comptime!((group * head_dim) as u32), CUBE_DIM) {
+        query[i as usize] = f32::cast_from(q[(first_q + i) as usize]) * scale;
+    }
+    sync_cube();
+    // Lane `i` of plane `p` scores position `start + i` against every query of the group: the whole key row
+    // in 16-byte loads, no reduction across lanes.
+    let start = (split * comptime!(planes as u32) + plane) * width;
+    let cache_row = (b * kv_heads + kvh) * capacity;
+    let j = start + lane;
+    let valid = j < tokens;
+    let n = N::value();
+    let vectors = comptime!(head_dim / n);
+    let mut scores = Array::<f32>::new(group);
     #[unroll]
-    for i in 0..per_plane {
-        let j = plane + comptime!((i * planes) as u32);
-        let mut dot = 0.0f32;
-        if j < count {
-            let row = (first + j) * head_dim;
+    for g in 0..group {
+        scores[g] = 0.0;
+    }
+    if valid {
+        let row = (cache_row + j) * comptime!(vectors as u32);
+        #[unroll]
+        for v in 0..vectors {
+            let kv = k_cache[row as usize + v];
             #[unroll]
-            for t in 0..lane_dims {
-                let d = lane + comptime!(t as u32) * width;
-                if d < head_dim {
-                    dot += query[d as usize] * f32::cast_from(k_cache[(row + d) as usize]);
+            for e in 0..n {
+                let k = f32::cast_from(kv[e]);
+                #[unroll]
+                for g in 0..group {
+                    scores[g] += query[g * head_dim + v * n + e] * k;
                 }
             }
         }
-        scores[i] = dot;
     }
-    let mut max = f32::min_value();
+    // Per query: the plane's max and the softmax weights of its positions, shared with the plane through shared
+    // memory for the value pass.
+    let mut weights = SharedMemory::<f32>::new(comptime!(planes * group * plane_width));
+    let mut maxima = Array::<f32>::new(group);
+    let mut sums = Array::<f32>::new(group);
     #[unroll]
-    for i in 0..per_plane {
-        scores[i] = plane_sum(scores[i]);
-        let j = plane + comptime!((i * planes) as u32);
-        if j < count && scores[i] > max {
-            max = scores[i];
+    for g in 0..group {
+        let mut score = f32::min_value();
+        if valid {
+            score = scores[g];
+        }
+        let top = plane_max(score);
+        let mut w = 0.0f32;
+        if valid {
+            w = f32::exp(score - top);
+        }
+        maxima[g] = top;
+        sums[g] = plane_sum(w);
+        weights[(plane as usize * group + g) * plane_width + lane as usize] = w;
+    }
+    sync_cube();
+    // Values: lane `i` accumulates dimensions `i, i + width, ...` of every query over the plane's positions.
+    let mut acc = Array::<f32>::new(comptime!(group * lane_dims));
+    #[unroll]
+    for i in 0..group * lane_dims {
+        acc[i] = 0.0;
+    }
+    let mut count = 0u32;
+    if start < tokens {
+        count = tokens - start;
+        if count > width {
+            count = width;
         }
     }
-    let mut sum = 0.0f32;
-    let mut acc = Array::<f32>::new(lane_dims);
-    #[unroll]
-    for t in 0..lane_dims {
-        acc[t] = 0.0;
-    }
-    #[unroll]
-    for i in 0..per_plane {
-        let j = plane + comptime!((i * planes) as u32);
-        if j < count {
-            let weight = f32::exp(scores[i] - max);
-            sum += weight;
-            let row = (first + j) * head_dim;
-            #[unroll]
-            for t in 0..lane_dims {
-                let d = lane + comptime!(t as u32) * width;
-                if d < head_dim {
-                    acc[t] += weight * f32::cast_from(v_cache[(row + d) as usize]);
+    for p in 0..count {
+        let row = (cache_row + start + p) * comptime!(head_dim as u32);
+        #[unroll]
+        for t in 0..lane_dims {
+            let d = lane + comptime!(t as u32) * width;
+            if d < comptime!(head_dim as u32) {
+                let value = f32::cast_from(v_cache[(row + d) as usize]);
+                #[unroll]
+                for g in 0..group {
+                    acc[g * lane_dims + t] +=
+                        weights[(plane as usize * group + g) * plane_width + p as usize] * value;
                 }
             }
         }
     }
     // The planes' partial softmaxes combined through shared memory (a plane without positions has sum 0 and
     // the lowest max, so it weighs nothing).
-    let mut plane_max = SharedMemory::<f32>::new(planes);
-    let mut plane_sums = SharedMemory::<f32>::new(planes);
-    let mut plane_out = SharedMemory::<f32>::new(comptime!(planes * max_head_dim));
-    if lane == 0 {
-        plane_max[plane as usize] = max;
-        plane_sums[plane as usize] = sum;
-    }
+    let mut plane_max_s = SharedMemory::<f32>::new(comptime!(planes * group));
+    let mut plane_sum_s = SharedMemory::<f32>::new(comptime!(planes * group));
+    let mut plane_out = SharedMemory::<f32>::new(comptime!(planes * group * head_dim));
     #[unroll]
-    for t in 0..lane_dims {
-        let d = lane + comptime!(t as u32) * width;
-        if d < head_dim {
-            plane_out[plane as usize * max_head_dim + d as usize] = acc[t];
+    for g in 0..group {
+        if lane == 0 {
+            plane_max_s[plane as usize * group + g] = maxima[g];
+            plane_sum_s[plane as usize * group + g] = sums[g];
+        }
+        #[unroll]
+        for t in 0..lane_dims {
+            let d = lane + comptime!(t as u32) * width;
+            if d < comptime!(head_dim as u32) {
+                plane_out[(plane as usize * group + g) * head_dim + d as usize] =
+                    acc[g * lane_dims + t];
+            }
         }
     }
     sync_cube();
-    let mut top = f32::min_value();
-    #[unroll]
-    for p in 0..planes {
-        if plane_max[p] > top {
-            top = plane_max[p];
-        }
-    }
-    let out_row = (b * heads + h) * splits + split;
-    for d in range_stepped(UNIT_POS, head_dim, CUBE_DIM) {
-        let mut o = 0.0f32;
+    for i in range_stepped(UNIT_POS, comptime!((group * head_dim) as u32), CUBE_DIM) {
+        let g = i / comptime!(head_dim as u32);
+        let d = i % comptime!(head_dim as u32);
+        let mut top = f32::min_value();
         #[unroll]
         for p in 0..planes {
-            o += plane_out[p * max_head_dim + d as usize] * f32::exp(plane_max[p] - top);
+            let m = plane_max_s[p * group + g as usize];
+            if m > top {
+                top = m;
+            }
         }
-        part_out[(out_row * head_dim + d) as usize] = o;
-    }
-    if UNIT_POS == 0 {
+        let mut o = 0.0f32;
         let mut total = 0.0f32;
         #[unroll]
         for p in 0..planes {
-            total += plane_sums[p] * f32::exp(plane_max[p] - top);
+            let w = f32::exp(plane_max_s[p * group + g as usize] - top);
+            o += plane_out[(p * group + g as usize) * head_dim + d as usize] * w;
+            total += plane_sum_s[p * group + g as usize] * w;
         }
-        part_stats[(out_row * 2) as usize] = top;
-        part_stats[(out_row * 2 + 1) as usize] = total;
+        let h = kvh * comptime!(group as u32) + g;
+        let out_row = (b * heads + h) * splits + split;
+        part_out[(out_row * comptime!(head_dim as u32) + d) as usize] = o;
+        if d == 0 {
+            part_stats[(out_row * 2) as usize] = top;
+            part_stats[(out_row * 2 + 1) as usize] = total;
+        }
     }
 }
 

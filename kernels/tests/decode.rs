@@ -8,7 +8,7 @@
 
 use cubecl::prelude::*;
 use medvl_kernels::Buffer;
-use medvl_kernels::decode::{self, ATTENTION_CHUNK, AttentionScratch, AttentionShape, DenseMatrix};
+use medvl_kernels::decode::{self, AttentionScratch, AttentionShape, DenseMatrix};
 use medvl_kernels::nf4::Activation;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -41,15 +41,16 @@ fn attention_over_long_caches<R: Runtime, F: Activation>(
     client: &ComputeClient<R>,
     tolerance: f32,
 ) {
+    let chunk = decode::attention_chunk(client);
     let shape = AttentionShape {
         heads: 6,
         kv_heads: 2,
         head_dim: 32,
-        capacity: 3 * ATTENTION_CHUNK + 20,
+        capacity: 3 * chunk + 20,
         batch: 3,
     };
     // Cached tokens before this step (the new one sits at slot `len`): 2.6 splits, less than one, exactly one.
-    let lens = [2 * ATTENTION_CHUNK + 70, 4, ATTENTION_CHUNK - 1];
+    let lens = [2 * chunk + chunk / 2 + 6, 4, chunk - 1];
     let (h, kvh, d, cap) = (shape.heads, shape.kv_heads, shape.head_dim, shape.capacity);
     let q = stored::<F>(&random(shape.batch * h * d, 1));
     let k = stored::<F>(&random(shape.cache_len(), 2));
