@@ -24,6 +24,9 @@ const PLANES: u32 = 4;
 /// combined.
 const ATTENTION_PLANES: u32 = 4;
 
+/// Cache positions whose values one attention lane loads before using them.
+const VALUE_UNROLL: usize = 8;
+
 /// Most query heads sharing one key/value head that the attention kernel takes.
 pub const MAX_ATTENTION_GROUP: usize = 8;
 
@@ -1014,17 +1017,35 @@ fn attend_split_kernel<F: Float, N: Size>(
             count = width;
         }
     }
-    for p in 0..count {
-        let row = (cache_row + start + p) * comptime!(head_dim as u32);
+    // `VALUE_UNROLL` positions' values are loaded before any is used, so that their loads are in flight
+    // together rather than one cache latency per position.
+    for p0 in range_stepped(0, count, comptime!(VALUE_UNROLL as u32)) {
+        let mut values = Array::<f32>::new(comptime!(VALUE_UNROLL * lane_dims));
         #[unroll]
-        for t in 0..lane_dims {
-            let d = lane + comptime!(t as u32) * width;
-            if d < comptime!(head_dim as u32) {
-                let value = f32::cast_from(v_cache[(row + d) as usize]);
+        for u in 0..VALUE_UNROLL {
+            let p = p0 + comptime!(u as u32);
+            let row = (cache_row + start + p) * comptime!(head_dim as u32);
+            #[unroll]
+            for t in 0..lane_dims {
+                let d = lane + comptime!(t as u32) * width;
+                let mut value = 0.0f32;
+                if p < count && d < comptime!(head_dim as u32) {
+                    value = f32::cast_from(v_cache[(row + d) as usize]);
+                }
+                values[u * lane_dims + t] = value;
+            }
+        }
+        #[unroll]
+        for u in 0..VALUE_UNROLL {
+            let p = p0 + comptime!(u as u32);
+            if p < count {
                 #[unroll]
                 for g in 0..group {
-                    acc[g * lane_dims + t] +=
-                        weights[(plane as usize * group + g) * plane_width + p as usize] * value;
+                    let w = weights[(plane as usize * group + g) * plane_width + p as usize];
+                    #[unroll]
+                    for t in 0..lane_dims {
+                        acc[g * lane_dims + t] += w * values[u * lane_dims + t];
+                    }
                 }
             }
         }

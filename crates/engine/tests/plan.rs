@@ -19,6 +19,14 @@ use medvl_model::{QwenVl, load_dir};
 
 use common::{Case, cases, fixtures};
 
+/// The largest absolute difference between two rows of logits.
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max)
+}
+
 fn argmax(row: &[f32]) -> u32 {
     let mut best = 0;
     for (i, &v) in row.iter().enumerate() {
@@ -83,11 +91,7 @@ fn run<B: Backend, R: Runtime, F: Activation>(
                     .unwrap();
                 let ours = &logits[i * vocab..(i + 1) * vocab];
                 let scale = reference.iter().fold(0f32, |m, v| m.max(v.abs()));
-                let worst = ours
-                    .iter()
-                    .zip(&reference)
-                    .map(|(a, b)| (a - b).abs())
-                    .fold(0f32, f32::max);
+                let worst = max_diff(&ours, &reference);
                 eprintln!(
                     "{}: step-1 logits max |plan - burn| = {worst:.3e} (max |logit| {scale:.3})",
                     cases[i].name
@@ -327,11 +331,7 @@ mod cuda {
             );
             let (after, _) = burn_step_logits(&model, case, &device);
             let scale = reference.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let moved = after
-                .iter()
-                .zip(&reference)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0f32, f32::max);
+            let moved = max_diff(&after, &reference);
             eprintln!(
                 "nf4 {}: burn after sharing moved {moved:.3e}",
                 quantize.is_some()
@@ -341,11 +341,7 @@ mod cuda {
             plan.admit(0, &prefilled).unwrap();
             let next = plan.step().unwrap();
             let ours = plan.logits().unwrap();
-            let worst = ours
-                .iter()
-                .zip(&reference)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0f32, f32::max);
+            let worst = max_diff(&ours, &reference);
             eprintln!(
                 "nf4 {}: plan vs burn {worst:.3e} (max |logit| {scale:.3})",
                 quantize.is_some()
