@@ -27,6 +27,10 @@ const ATTENTION_PLANES: u32 = 4;
 /// Cache positions whose values one attention lane loads before using them.
 const VALUE_UNROLL: usize = 8;
 
+/// Cubes (sequences x key/value heads x splits) from which an attention cube takes a whole GQA group of queries
+/// (fewer, larger cubes reading each key and value once); below it, one query head per cube.
+pub const GROUPED_ATTENTION_CUBES: usize = 256;
+
 /// Most query heads sharing one key/value head that the attention kernel takes.
 pub const MAX_ATTENTION_GROUP: usize = 8;
 
@@ -543,13 +547,21 @@ pub fn attend<R: Runtime, F: Activation>(
         )));
     }
     let scale = 1.0 / (head_dim as f32).sqrt();
+    let ratio = heads / kv_heads;
+    // Whole GQA groups per cube read each key and value once for the group, but give `ratio` times fewer cubes:
+    // only when there are enough of them to fill the device.
+    let group = if batch * kv_heads * splits >= GROUPED_ATTENTION_CUBES {
+        ratio
+    } else {
+        1
+    };
     // SAFETY: lengths checked above; the kernels index slots below `lens[b] + 1 <= max_tokens <= capacity`
     // (the caller's bound) and splits below the scratch's.
     #[allow(unsafe_code)]
     unsafe {
         attend_split_kernel::launch_unchecked::<F, R>(
             client,
-            CubeCount::Static(splits as u32, kv_heads as u32, batch as u32),
+            CubeCount::Static(splits as u32, (heads / group) as u32, batch as u32),
             CubeDim::new_2d(plane_size(client), ATTENTION_PLANES),
             key_vector(head_dim, size_of::<F>()),
             q.array_arg(),
@@ -560,8 +572,9 @@ pub fn attend<R: Runtime, F: Activation>(
             scratch.stats.array_arg(),
             capacity as u32,
             scale,
+            ratio as u32,
             head_dim,
-            heads / kv_heads,
+            group,
             head_dim.div_ceil(plane_size(client) as usize),
             ATTENTION_PLANES as usize,
             plane_size(client) as usize,
@@ -932,25 +945,29 @@ fn attend_split_kernel<F: Float, N: Size>(
     part_stats: &mut Array<f32>,
     capacity: u32,
     scale: f32,
+    ratio: u32,
     #[comptime] head_dim: usize,
     #[comptime] group: usize,
     #[comptime] lane_dims: usize,
     #[comptime] planes: usize,
     #[comptime] plane_width: usize,
 ) {
+    // Cube `(split, qg, b)` takes query heads `qg * group ..` (`group` of them, all on one key/value head: the
+    // whole GQA group, or one head when the batch is too small to fill the device with whole groups).
     let split = CUBE_POS_X;
-    let kvh = CUBE_POS_Y;
+    let qg = CUBE_POS_Y;
     let b = CUBE_POS_Z;
     let splits = CUBE_COUNT_X;
-    let kv_heads = CUBE_COUNT_Y;
-    let heads = kv_heads * comptime!(group as u32);
+    let heads = CUBE_COUNT_Y * comptime!(group as u32);
+    let kv_heads = heads / ratio;
+    let kvh = qg * comptime!(group as u32) / ratio;
     let lane = UNIT_POS_X;
     let plane = UNIT_POS_Y;
     let width = CUBE_DIM_X;
     let tokens = lens[b as usize] + 1;
-    // The group's queries (the query heads that share this key/value head), scaled, in shared memory.
+    // The cube's queries, scaled, in shared memory.
     let mut query = SharedMemory::<f32>::new(comptime!(group * head_dim));
-    let first_q = (b * heads + kvh * comptime!(group as u32)) * comptime!(head_dim as u32);
+    let first_q = (b * heads + qg * comptime!(group as u32)) * comptime!(head_dim as u32);
     for i in range_stepped(UNIT_POS, comptime!((group * head_dim) as u32), CUBE_DIM) {
         query[i as usize] = f32::cast_from(q[(first_q + i) as usize]) * scale;
     }
@@ -1090,7 +1107,7 @@ fn attend_split_kernel<F: Float, N: Size>(
             o += plane_out[(p * group + g as usize) * head_dim + d as usize] * w;
             total += plane_sum_s[p * group + g as usize] * w;
         }
-        let h = kvh * comptime!(group as u32) + g;
+        let h = qg * comptime!(group as u32) + g;
         let out_row = (b * heads + h) * splits + split;
         part_out[(out_row * comptime!(head_dim as u32) + d) as usize] = o;
         if d == 0 {

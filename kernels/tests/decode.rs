@@ -37,9 +37,12 @@ fn read<R: Runtime, F: Activation>(client: &ComputeClient<R>, buffer: &Buffer<F>
         .collect()
 }
 
+/// `batch` sequences: 3 take one query head per cube, 45 (45 x 2 key/value heads x 3 splits >= 256 cubes) the
+/// whole GQA group of 3.
 fn attention_over_long_caches<R: Runtime, F: Activation>(
     client: &ComputeClient<R>,
     tolerance: f32,
+    batch: usize,
 ) {
     let chunk = decode::attention_chunk(client);
     let shape = AttentionShape {
@@ -47,17 +50,22 @@ fn attention_over_long_caches<R: Runtime, F: Activation>(
         kv_heads: 2,
         head_dim: 32,
         capacity: 3 * chunk + 20,
-        batch: 3,
+        batch,
     };
     // Cached tokens before this step (the new one sits at slot `len`): 2.6 splits, less than one, exactly one.
-    let lens = [2 * chunk + chunk / 2 + 6, 4, chunk - 1];
+    let lens: Vec<usize> = [2 * chunk + chunk / 2 + 6, 4, chunk - 1]
+        .into_iter()
+        .cycle()
+        .take(batch)
+        .collect();
     let (h, kvh, d, cap) = (shape.heads, shape.kv_heads, shape.head_dim, shape.capacity);
     let q = stored::<F>(&random(shape.batch * h * d, 1));
     let k = stored::<F>(&random(shape.cache_len(), 2));
     let v = stored::<F>(&random(shape.cache_len(), 3));
     let scratch = AttentionScratch::new(client, shape);
     let out = Buffer::<F>::empty(client, shape.batch * h * d);
-    let lens_buffer = Buffer::from_slice(client, &lens.map(|l| l as u32));
+    let lens_buffer =
+        Buffer::from_slice(client, &lens.iter().map(|&l| l as u32).collect::<Vec<_>>());
     let longest = lens.iter().max().unwrap() + 1;
     decode::attend(
         client,
@@ -228,7 +236,8 @@ mod wgpu {
 
     #[test]
     fn attention_over_long_caches_f32() {
-        attention_over_long_caches::<WgpuRuntime, f32>(&client(), 1e-5);
+        attention_over_long_caches::<WgpuRuntime, f32>(&client(), 1e-5, 3);
+        attention_over_long_caches::<WgpuRuntime, f32>(&client(), 1e-5, 45);
     }
 
     #[test]
@@ -261,9 +270,11 @@ mod cuda {
     #[ignore = "needs an NVIDIA GPU"]
     fn decode_kernels_on_cuda() {
         let c = client();
-        attention_over_long_caches::<CudaRuntime, f32>(&c, 1e-5);
-        // bf16 output rounding of values below 1.
-        attention_over_long_caches::<CudaRuntime, bf16>(&c, 1.0 / 128.0);
+        for batch in [3, 45] {
+            attention_over_long_caches::<CudaRuntime, f32>(&c, 1e-5, batch);
+            // bf16 output rounding of values below 1.
+            attention_over_long_caches::<CudaRuntime, bf16>(&c, 1.0 / 128.0, batch);
+        }
         dense_gemv::<CudaRuntime, f32>(&c, 1e-5);
         dense_gemv::<CudaRuntime, bf16>(&c, 1.0 / 128.0);
         lora_adds_to_adapted_rows::<CudaRuntime, f32>(&c, 1e-5);
