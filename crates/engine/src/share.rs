@@ -112,9 +112,8 @@ fn share<R: CubeRuntime, F: Activation + FloatElement>(
         let stacked = Tensor::cat(values, 0);
         let mut start = 0;
         for (part, [r, _]) in parts.iter_mut().zip(&shapes) {
-            part.weight = LinearWeight::Dense(Param::from_tensor(
-                stacked.clone().slice([start..start + r]),
-            ));
+            part.weight =
+                LinearWeight::Dense(Param::from_tensor(stacked.clone().narrow(0, start, *r)));
             start += r;
         }
         stacked
@@ -170,7 +169,7 @@ fn share_nf4<R: CubeRuntime, F: Activation + FloatElement>(
         for (part, [r, c]) in parts.iter_mut().zip(shapes) {
             let words = (r * c).div_ceil(8);
             if let LinearWeight::Nf4(w) = &mut part.weight {
-                w.packed = stacked.clone().slice([start..start + words]);
+                w.packed = stacked.clone().narrow(0, start, words);
             }
             start += words;
         }

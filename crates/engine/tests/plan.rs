@@ -27,6 +27,22 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
         .fold(0f32, f32::max)
 }
 
+/// Prefills `case` through burn: its cache, rotary offset and greedy first token.
+fn prefill<B: Backend>(
+    model: &QwenVl<B>,
+    case: &Case,
+    device: &B::Device,
+) -> (medvl_model::KvCache<B>, i64, u32) {
+    let mut cache = model.new_cache();
+    let prefill = model
+        .prefill(&case.prompt, &case.images, &mut cache, device)
+        .unwrap();
+    let l = case.prompt.len();
+    let logits = model.logits(prefill.hidden.narrow(1, l - 1, 1));
+    let first = argmax(&logits.into_data().convert::<f32>().to_vec::<f32>().unwrap());
+    (cache, prefill.positions.rope_delta, first)
+}
+
 fn argmax(row: &[f32]) -> u32 {
     let mut best = 0;
     for (i, &v) in row.iter().enumerate() {
@@ -55,14 +71,7 @@ fn run<B: Backend, R: Runtime, F: Activation>(
     let mut caches = Vec::new();
     let mut tokens: Vec<Vec<u32>> = Vec::new();
     for (slot, case) in cases.iter().enumerate() {
-        let mut cache = model.new_cache();
-        let prefill = model
-            .prefill(&case.prompt, &case.images, &mut cache, device)
-            .unwrap();
-        let l = case.prompt.len();
-        let logits = model.logits(prefill.hidden.narrow(1, l - 1, 1));
-        let first = argmax(&logits.into_data().convert::<f32>().to_vec::<f32>().unwrap());
-        let rope_delta = prefill.positions.rope_delta;
+        let (cache, rope_delta, first) = prefill(model, case, device);
         plan.admit(
             slot,
             &Prefilled::from_cache(&cache, rope_delta, first).unwrap(),
@@ -91,7 +100,7 @@ fn run<B: Backend, R: Runtime, F: Activation>(
                     .unwrap();
                 let ours = &logits[i * vocab..(i + 1) * vocab];
                 let scale = reference.iter().fold(0f32, |m, v| m.max(v.abs()));
-                let worst = max_diff(&ours, &reference);
+                let worst = max_diff(ours, &reference);
                 eprintln!(
                     "{}: step-1 logits max |plan - burn| = {worst:.3e} (max |logit| {scale:.3})",
                     cases[i].name
@@ -279,14 +288,7 @@ mod cuda {
         case: &Case,
         device: &burn::backend::cuda::CudaDevice,
     ) -> (Vec<f32>, Prefilled) {
-        let mut cache = model.new_cache();
-        let prefill = model
-            .prefill(&case.prompt, &case.images, &mut cache, device)
-            .unwrap();
-        let l = case.prompt.len();
-        let logits = model.logits(prefill.hidden.narrow(1, l - 1, 1));
-        let first = argmax(&logits.into_data().convert::<f32>().to_vec::<f32>().unwrap());
-        let rope_delta = prefill.positions.rope_delta;
+        let (mut cache, rope_delta, first) = prefill(model, case, device);
         let prefilled = Prefilled::from_cache(&cache, rope_delta, first).unwrap();
         let hidden = model
             .decode(&[first], rope_delta, &mut cache, device)
