@@ -9,6 +9,7 @@ mod buffer;
 pub mod decode;
 mod error;
 pub mod gemm;
+pub mod mma;
 pub mod nf4;
 pub mod probe;
 pub mod reference;

@@ -50,6 +50,17 @@ pub struct Nf4Matrix {
     scales: Scales,
     /// The 16 NF4 code values.
     pub(crate) codebook: Buffer<f32>,
+    /// The tensor-core GEMV's tables of code pairs ([`crate::mma`]): bf16 values, then f16.
+    pub(crate) pairs: Buffer<u32>,
+}
+
+/// [`Nf4Matrix::pairs`] on the device.
+fn pair_tables<R: Runtime>(client: &ComputeClient<R>) -> Buffer<u32> {
+    let mut tables = crate::mma::pair_table(&NF4_CODE, |v| half::bf16::from_f32(v).to_bits());
+    tables.extend(crate::mma::pair_table(&NF4_CODE, |v| {
+        half::f16::from_f32(v).to_bits()
+    }));
+    Buffer::from_slice(client, &tables)
 }
 
 /// Bytes as little-endian u32 words, zero-padded to a multiple of `align` bytes (at least one word).
@@ -175,6 +186,7 @@ impl Nf4Matrix {
             packed: Buffer::from_slice(client, &words(&packed, 16)),
             scales,
             codebook: Buffer::from_slice(client, &NF4_CODE),
+            pairs: pair_tables(client),
         })
     }
 
@@ -210,6 +222,7 @@ impl Nf4Matrix {
             packed,
             scales: Scales::Plain(scales),
             codebook: Buffer::from_slice(client, &NF4_CODE),
+            pairs: pair_tables(client),
         })
     }
 
@@ -266,8 +279,12 @@ pub trait Activation: Float + CubeElement {
     /// [`Self::from_host`] of each value. Implemented per type here (not as a generic default), so that the
     /// conversion of a model's weights is compiled with this crate's optimisations wherever it is called from.
     fn from_host_slice(values: &[f32]) -> Vec<Self>;
+    /// Which of [`Nf4Matrix`]'s half-precision pair tables the tensor-core GEMV ([`crate::mma`]) reads for this
+    /// type (0: bf16, 1: f16); `None` for types the tensor cores do not take.
+    const PAIR_TABLE: Option<usize>;
 }
 impl Activation for f32 {
+    const PAIR_TABLE: Option<usize> = None;
     fn from_host(value: f32) -> Self {
         value
     }
@@ -279,6 +296,7 @@ impl Activation for f32 {
     }
 }
 impl Activation for half::bf16 {
+    const PAIR_TABLE: Option<usize> = Some(0);
     fn from_host(value: f32) -> Self {
         half::bf16::from_f32(value)
     }
@@ -293,6 +311,7 @@ impl Activation for half::bf16 {
     }
 }
 impl Activation for half::f16 {
+    const PAIR_TABLE: Option<usize> = Some(1);
     fn from_host(value: f32) -> Self {
         half::f16::from_f32(value)
     }

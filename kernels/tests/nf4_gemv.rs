@@ -1,6 +1,7 @@
 //! The NF4 GEMV kernels against the plain host reference (`medvl_kernels::reference::nf4_gemv`), over the decode
 //! shapes of Qwen2.5-VL-7B, odd shapes, batch sizes 1-8, block sizes, plain and double-quantized scales, and f32/bf16
-//! activations; and the tensor-core NF4 GEMM (`medvl_kernels::gemm`) for more rows, against the same reference.
+//! activations; and the tensor-core NF4 GEMM (`medvl_kernels::gemm`) for more rows and the tensor-core GEMV
+//! (`medvl_kernels::mma`, 1-32 rows), against the same reference.
 //!
 //! Runs on whichever CubeCL runtime the features enable: `wgpu` (CI: Mesa's lavapipe, a software Vulkan driver,
 //! f32 activations only since WGSL has no bf16) and `cuda` (`--ignored` on the GPU machine).
@@ -9,6 +10,7 @@
 use cubecl::prelude::*;
 use half::bf16;
 use medvl_kernels::gemm::{self, GemmTiling};
+use medvl_kernels::mma::{self, MmaTiling};
 use medvl_kernels::nf4::{self, Activation, GemvTiling, Nf4Matrix};
 use medvl_kernels::{Buffer, KernelError, probe, reference};
 use medvl_nf4::{Nf4Tensor, quantize};
@@ -278,6 +280,13 @@ fn rejects_bad_launches<R: Runtime>(client: &ComputeClient<R>) {
     ));
 }
 
+/// A tensor-core product: the GEMM or the GEMV of `medvl_kernels::mma`, with its default tiling or another.
+#[derive(Debug, Clone, Copy)]
+enum TensorCores {
+    Gemm(Option<GemmTiling>),
+    Mma(Option<MmaTiling>),
+}
+
 /// The GEMM of `m` rows against the reference. Its weights are rounded to `F` before the products (as
 /// bitsandbytes dequantizes), so the tolerance is `F`'s precision relative to the sum of |products|.
 fn check_gemm<R: Runtime, F: Host>(
@@ -285,6 +294,17 @@ fn check_gemm<R: Runtime, F: Host>(
     weight: &Nf4Tensor,
     m: usize,
     tiling: Option<GemmTiling>,
+) -> f32 {
+    check_tensor_cores::<R, F>(client, weight, m, TensorCores::Gemm(tiling))
+}
+
+/// [`check_gemm`] for either tensor-core product. The GEMV's table rounds each NF4 value to `F` before the block
+/// scale (the GEMM rounds the scaled value): the same one rounding of the weight, the same tolerance.
+fn check_tensor_cores<R: Runtime, F: Host>(
+    client: &ComputeClient<R>,
+    weight: &Nf4Tensor,
+    m: usize,
+    tiling: TensorCores,
 ) -> f32 {
     let (rows, cols) = (weight.shape[0], weight.shape[1]);
     let mut rng = ChaCha8Rng::seed_from_u64(m as u64);
@@ -297,8 +317,14 @@ fn check_gemm<R: Runtime, F: Host>(
     let x_dev = Buffer::from_slice(client, &x);
     let y_dev = Buffer::<F>::empty(client, m * rows);
     match tiling {
-        Some(t) => gemm::gemm_nf4_tiled(client, &x_dev, m, &matrix, &y_dev, t).unwrap(),
-        None => gemm::gemm_nf4(client, &x_dev, m, &matrix, &y_dev).unwrap(),
+        TensorCores::Gemm(Some(t)) => {
+            gemm::gemm_nf4_tiled(client, &x_dev, m, &matrix, &y_dev, t).unwrap()
+        }
+        TensorCores::Gemm(None) => gemm::gemm_nf4(client, &x_dev, m, &matrix, &y_dev).unwrap(),
+        TensorCores::Mma(Some(t)) => {
+            mma::gemv_mma_tiled(client, &x_dev, m, &matrix, &y_dev, t).unwrap()
+        }
+        TensorCores::Mma(None) => mma::gemv_mma(client, &x_dev, m, &matrix, &y_dev).unwrap(),
     }
     let got = y_dev.read(client).unwrap();
     let w = weight.dequantize();
@@ -314,7 +340,7 @@ fn check_gemm<R: Runtime, F: Host>(
             let err = (value - e).abs() / tol;
             assert!(
                 err <= 1.0,
-                "GEMM {rows}x{cols}, {m} rows, {tiling:?}: y[{b},{n}] = {value} expected {e} (tolerance {tol})"
+                "{tiling:?} {rows}x{cols}, {m} rows: y[{b},{n}] = {value} expected {e} (tolerance {tol})"
             );
             worst = worst.max(err);
         }
@@ -353,6 +379,64 @@ fn gemm_shapes<R: Runtime, F: Host>(client: &ComputeClient<R>) {
                 check_gemm::<R, F>(client, &weight, 40, Some(tiling));
             }
         }
+    }
+}
+
+/// The tensor-core GEMV over the 7B's decode shapes at 1, 8 and 32 rows and in between, odd shapes (rows not a
+/// multiple of 16, fewer sub-blocks than planes, block sizes 128 and plain scales), every tiling on a small shape.
+fn mma_shapes<R: Runtime, F: Host>(client: &ComputeClient<R>) {
+    let cases: [(usize, usize, usize, bool, &[usize]); 8] = [
+        (4608, 3584, 64, true, &[1, 8, 32][..]),
+        (3584, 3584, 64, true, &[1, 5][..]),
+        (37888, 3584, 64, true, &[1, 32][..]),
+        (3584, 18944, 64, true, &[1, 17, 32][..]),
+        (37, 320, 64, true, &[1, 2, 3, 7, 8, 9, 16, 24, 31, 32][..]),
+        (100, 64, 64, false, &[4][..]),
+        (50, 640, 128, true, &[3][..]),
+        (16, 1024, 256, false, &[12][..]),
+    ];
+    for (i, (rows, cols, blocksize, double, ms)) in cases.into_iter().enumerate() {
+        let weight = random_weight(rows, cols, blocksize, double, 60 + i as u64);
+        for &m in ms {
+            let worst = check_tensor_cores::<R, F>(client, &weight, m, TensorCores::Mma(None));
+            eprintln!("tensor-core GEMV {rows}x{cols} m {m}: worst error {worst:.3} of tolerance");
+        }
+    }
+    let weight = random_weight(70, 1280, 64, true, 70);
+    for split in [1, 2, 4, 8] {
+        for unroll in [1, 2, 3, 4] {
+            for copies in [1, 4, 32] {
+                let tiling = MmaTiling {
+                    split,
+                    unroll,
+                    copies,
+                };
+                check_tensor_cores::<R, F>(client, &weight, 11, TensorCores::Mma(Some(tiling)));
+            }
+        }
+    }
+}
+
+/// Where the device has no m16n8k16 product for `F` (f32; lavapipe), the tensor-core GEMV says so; widths and
+/// block sizes it does not take and batches past 32 are refused.
+fn mma_refuses_unsupported<R: Runtime, F: Host>(client: &ComputeClient<R>, supported: bool) {
+    assert_eq!(mma::supported::<R, F>(client), supported);
+    let refused = |rows: usize, cols: usize, blocksize: usize, m: usize| {
+        let weight = random_weight(rows, cols, blocksize, false, 3);
+        let matrix = Nf4Matrix::upload(client, &weight).unwrap();
+        let x = Buffer::<F>::empty(client, m.max(1) * cols);
+        let y = Buffer::<F>::empty(client, m.max(1) * rows);
+        let err = mma::gemv_mma(client, &x, m, &matrix, &y).unwrap_err();
+        assert!(matches!(&err, KernelError::Unsupported(_)), "{err}");
+        err.to_string()
+    };
+    let err = refused(16, 64, 64, 1);
+    if supported {
+        assert!(refused(16, 96, 32, 1).contains("multiples of 64"));
+        assert!(refused(16, 64, 64, 33).contains("1 to 32 rows"));
+        assert!(refused(16, 64, 64, 0).contains("1 to 32 rows"));
+    } else {
+        assert!(err.contains("tensor-core"), "{err}");
     }
 }
 
@@ -456,6 +540,11 @@ mod wgpu {
     }
 
     #[test]
+    fn mma_refuses_f32_and_lavapipe() {
+        mma_refuses_unsupported::<WgpuRuntime, f32>(&client(), false);
+    }
+
+    #[test]
     fn stacked_f32() {
         stacked::<WgpuRuntime, f32>(&client());
     }
@@ -510,6 +599,16 @@ mod cuda {
         gemm_shapes::<CudaRuntime, half::f16>(&client);
         gemm_dense_shapes::<CudaRuntime, bf16>(&client);
         gemm_refuses_unsupported::<CudaRuntime, f32>(&client);
+    }
+
+    #[test]
+    #[ignore = "needs an NVIDIA GPU"]
+    fn cuda_mma() {
+        let client = client();
+        mma_shapes::<CudaRuntime, bf16>(&client);
+        mma_shapes::<CudaRuntime, half::f16>(&client);
+        mma_refuses_unsupported::<CudaRuntime, bf16>(&client, true);
+        mma_refuses_unsupported::<CudaRuntime, f32>(&client, false);
     }
 
     #[test]

@@ -83,6 +83,9 @@ enum Format {
     /// As `nf4`, with LoRA adapters of rank `--lora-rank` on all seven projections of every layer, unmerged
     /// (QLoRA's inference: PEFT over bitsandbytes).
     Nf4Lora,
+    /// As `nf4`, with the NF4 products on the plain GEMV (up to 8 rows) and GEMM instead of the tensor-core GEMV
+    /// (`medvl_kernels::mma`; the same where the device has no tensor cores): the comparison.
+    Nf4Gemv,
 }
 
 impl Format {
@@ -93,6 +96,7 @@ impl Format {
             Self::Nf4 => (RandomFormat::Nf4, RandomFormat::Dense, false),
             Self::Nf4LmHead => (RandomFormat::Nf4, RandomFormat::Nf4, false),
             Self::Nf4Lora => (RandomFormat::Nf4, RandomFormat::Dense, true),
+            Self::Nf4Gemv => (RandomFormat::Nf4, RandomFormat::Dense, false),
         }
     }
 }
@@ -102,6 +106,8 @@ struct Case {
     format: Format,
     /// Rank of the LoRA adapters (nf4-lora).
     lora_rank: Option<usize>,
+    /// Whether the NF4 products ran on the tensor-core GEMV.
+    nf4_mma: bool,
     batch: usize,
     context: usize,
     steps: usize,
@@ -191,6 +197,7 @@ fn run_in<R: Runtime, F: Activation>(
         let (layers, head, lora) = format.formats();
         let lora_rank = lora.then_some(args.lora_rank);
         let mut plan = DecodePlan::<R, F>::random(&client, config, layers, head, lora_rank, 7)?;
+        let nf4_mma = plan.use_nf4_mma(format != Format::Nf4Gemv) && layers == RandomFormat::Nf4;
         let usage = client
             .memory_usage()
             .map_err(|e| anyhow::anyhow!("memory usage: {e:?}"))?;
@@ -223,6 +230,7 @@ fn run_in<R: Runtime, F: Activation>(
             let case = Case {
                 format,
                 lora_rank,
+                nf4_mma,
                 batch,
                 context: args.context,
                 steps: args.steps,
@@ -252,12 +260,15 @@ fn run_in<R: Runtime, F: Activation>(
             );
             cases.push(case);
         }
-        // Where the time of a step goes, per operation (first batch size).
-        if let Some(case) = cases
-            .iter()
-            .rev()
-            .find(|c| c.format == format && c.batch == args.batches[0])
-        {
+        // Where the time of a step goes, per operation (first and last batch size).
+        let mut shown = vec![args.batches[0]];
+        shown.extend(args.batches.last().filter(|&&b| b != args.batches[0]));
+        for case in shown.iter().filter_map(|&batch| {
+            cases
+                .iter()
+                .rev()
+                .find(|c| c.format == format && c.batch == batch)
+        }) {
             println!(
                 "\n  per operation, batch {}: | op | us per launch | launches per step | ms per step | weight GB/s | of copy |",
                 case.batch

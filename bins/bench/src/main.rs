@@ -23,6 +23,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use cubecl::prelude::*;
 use medvl_engine::plan::random_nf4;
 use medvl_kernels::gemm::{self, GemmTiling};
+use medvl_kernels::mma::{self, MmaTiling};
 use medvl_kernels::nf4::{self, GemvTiling, Nf4Matrix};
 use medvl_kernels::{Buffer, probe};
 use rand::SeedableRng;
@@ -88,6 +89,13 @@ struct KernelArgs {
     /// Measure every candidate tiling of the aligned kernel, not just the one `gemv` picks.
     #[arg(long)]
     sweep: bool,
+    /// Measure every candidate tiling of the tensor-core GEMV at 1 and 32 rows, not just the one `gemv_mma`
+    /// picks.
+    #[arg(long)]
+    mma_sweep: bool,
+    /// Leave out the plain GEMV and GEMM (only the tensor-core GEMV).
+    #[arg(long)]
+    mma_only: bool,
     /// Activation type (`bf16` as in the model; `f32` where the runtime has no bf16, e.g. wgpu).
     #[arg(long, value_enum, default_value = "bf16")]
     activations: ActivationKind,
@@ -238,6 +246,31 @@ fn kernels_in<R: Runtime, F: nf4::Activation>(
         if tensor_cores {
             runs.extend([16usize, 32].map(|m| (m, Kernel::Gemm(GemmTiling::for_shape(rows, m)))));
         }
+        if args.mma_only {
+            runs.clear();
+        }
+        if mma::supported::<R, F>(&client) {
+            let default = MmaTiling::for_shape(rows, cols);
+            runs.extend([1usize, 4, 8, 16, 32].map(|m| (m, Kernel::Mma(default))));
+            if args.mma_sweep {
+                for m in [1usize, 32] {
+                    for split in [1, 2, 4, 8] {
+                        for unroll in [1, 2, 4] {
+                            for copies in [1, 4, 8] {
+                                let t = MmaTiling {
+                                    split,
+                                    unroll,
+                                    copies,
+                                };
+                                if t != default {
+                                    runs.push((m, Kernel::Mma(t)));
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
         for (batch, kernel) in runs {
             let x = Buffer::<F>::from_slice(&client, &vec![F::from_int(1); batch * cols]);
             let y = Buffer::<F>::empty(&client, batch * rows);
@@ -245,6 +278,7 @@ fn kernels_in<R: Runtime, F: nf4::Activation>(
                 match kernel {
                     Kernel::Gemv(t) => nf4::gemv_tiled(&client, &x, batch, &matrix, &y, t)?,
                     Kernel::Gemm(t) => gemm::gemm_nf4_tiled(&client, &x, batch, &matrix, &y, t)?,
+                    Kernel::Mma(t) => mma::gemv_mma_tiled(&client, &x, batch, &matrix, &y, t)?,
                 }
                 Ok(())
             };
@@ -259,6 +293,10 @@ fn kernels_in<R: Runtime, F: nf4::Activation>(
                 Kernel::Gemm(t) => (
                     format!("gemm {}x{}/{}", t.m_frags, t.n_planes, t.k_chunks),
                     t == GemmTiling::for_shape(rows, batch),
+                ),
+                Kernel::Mma(t) => (
+                    format!("mma {}/{}/{}", t.split, t.unroll, t.copies),
+                    t == MmaTiling::for_shape(rows, cols),
                 ),
             };
             let case = Case {
@@ -308,6 +346,7 @@ fn kernels_in<R: Runtime, F: nf4::Activation>(
 enum Kernel {
     Gemv(GemvTiling),
     Gemm(GemmTiling),
+    Mma(MmaTiling),
 }
 
 impl RunInfo {

@@ -18,7 +18,7 @@ use medvl_kernels::decode::{
     self, ArgmaxScratch, AttentionScratch, AttentionShape, DenseMatrix, LoraPart, LoraUp,
     MAX_DENSE_BATCH,
 };
-use medvl_kernels::gemm;
+use medvl_kernels::{gemm, mma};
 use medvl_kernels::nf4::{self, Activation, MAX_BATCH, Nf4Matrix};
 use medvl_kernels::{Buffer, KernelError};
 use medvl_model::layers::{Linear, LinearWeight};
@@ -501,18 +501,25 @@ impl<F: Activation> Matrix<F> {
         )?))
     }
 
-    /// `y = x W^T` for `batch` rows: past the GEMV's rows in one tensor-core GEMM where the device has them
-    /// (`tensor_cores`) and the width is a multiple of 32, otherwise GEMVs of up to [`GEMV_GROUP`] rows each.
+    /// `y = x W^T` for `batch` rows. NF4 weights go through the tensor-core GEMV ([`mma::gemv_mma`], 1-32 rows)
+    /// where `kernels` allows it and it takes the shape; otherwise, past the GEMV's rows, one tensor-core GEMM where
+    /// the device has them and the width is a multiple of 32; otherwise GEMVs of up to [`GEMV_GROUP`] rows each.
     fn apply<R: Runtime>(
         &self,
         client: &ComputeClient<R>,
         x: &Buffer<F>,
         batch: usize,
         y: &Buffer<F>,
-        tensor_cores: bool,
+        kernels: Kernels,
     ) -> Result<(), KernelError> {
         let [rows, cols] = self.shape();
-        if batch > GEMV_GROUP && tensor_cores && cols.is_multiple_of(32) {
+        if let Self::Nf4(m) = self
+            && kernels.nf4_mma
+            && mma::takes(m, batch)
+        {
+            return mma::gemv_mma(client, x, batch, m, y);
+        }
+        if batch > GEMV_GROUP && kernels.tensor_cores && cols.is_multiple_of(32) {
             return match self {
                 Self::Dense(m) => gemm::gemm_dense(client, x, batch, m, y),
                 Self::Nf4(m) => gemm::gemm_nf4(client, x, batch, m, y),
@@ -610,9 +617,9 @@ impl<F: Activation> Adapter<F> {
         batch: usize,
         z: &Buffer<F>,
         y: &Buffer<F>,
-        tensor_cores: bool,
+        kernels: Kernels,
     ) -> Result<(), KernelError> {
-        self.a.apply(client, x, batch, z, tensor_cores)?;
+        self.a.apply(client, x, batch, z, kernels)?;
         decode::lora_add(client, z, batch, &self.up, y)
     }
 
@@ -938,8 +945,16 @@ pub struct DecodePlan<R: Runtime, F: Activation> {
     deltas: Buffer<i32>,
     ids: Buffer<u32>,
     slots: Vec<Slot>,
-    /// Whether products of more than [`GEMV_GROUP`] rows run on the tensor cores ([`gemm::supported`]).
+    kernels: Kernels,
+}
+
+/// Which product kernels a plan may use on its device.
+#[derive(Debug, Clone, Copy)]
+struct Kernels {
+    /// Products of more than [`GEMV_GROUP`] rows as tensor-core GEMMs ([`gemm::supported`]).
     tensor_cores: bool,
+    /// NF4 products of 1-32 rows as tensor-core GEMVs ([`mma::supported`]; [`DecodePlan::use_nf4_mma`]).
+    nf4_mma: bool,
 }
 
 impl<R: Runtime, F: Activation> DecodePlan<R, F> {
@@ -1038,7 +1053,10 @@ impl<R: Runtime, F: Activation> DecodePlan<R, F> {
             deltas: Buffer::from_slice(client, &vec![0i32; b]),
             ids: Buffer::from_slice(client, &vec![0u32; b]),
             slots: vec![Slot::default(); b],
-            tensor_cores: gemm::supported::<R, F>(client),
+            kernels: Kernels {
+                tensor_cores: gemm::supported::<R, F>(client),
+                nf4_mma: mma::supported::<R, F>(client),
+            },
             config,
         })
     }
@@ -1102,6 +1120,14 @@ impl<R: Runtime, F: Activation> DecodePlan<R, F> {
                 Ok(layer)
             }),
         )
+    }
+
+    /// Whether NF4 products of 1-32 rows run as tensor-core GEMVs ([`mma::gemv_mma`]): on by default where the
+    /// device has them (bf16/f16 on NVIDIA since Ampere). `on: false` keeps the plain GEMV and GEMM (to compare
+    /// them). Returns whether the tensor-core GEMV is now used.
+    pub fn use_nf4_mma(&mut self, on: bool) -> bool {
+        self.kernels.nf4_mma = on && mma::supported::<R, F>(&self.client);
+        self.kernels.nf4_mma
     }
 
     /// The sizes the plan was built for.
@@ -1260,9 +1286,9 @@ impl<R: Runtime, F: Activation> DecodePlan<R, F> {
     fn launch_op(&self, op: Op, layer: usize, b: usize, longest: usize) -> Result<()> {
         let c = &self.client;
         if let Some(p) = self.gemv(op, layer) {
-            p.matrix.apply(c, p.x, b, p.y, self.tensor_cores)?;
+            p.matrix.apply(c, p.x, b, p.y, self.kernels)?;
             if let Some(adapter) = p.adapter {
-                adapter.apply(c, p.x, b, &self.act.lora_z, p.y, self.tensor_cores)?;
+                adapter.apply(c, p.x, b, &self.act.lora_z, p.y, self.kernels)?;
             }
             return Ok(());
         }

@@ -1,0 +1,402 @@
+//! The NF4 matrix-vector product on the tensor cores, for decode batches of 1 to 32 rows:
+//! `y[b, n] = sum_k x[b, k] * W[n, k]`, the weight in the bitsandbytes layout of [`Nf4Matrix`], read once.
+//!
+//! The GEMV of [`crate::nf4`] spends about five instructions per code (a shift, a mask, a table read, an FMA per
+//! activation row and the conversion of each activation), which keeps it at about half the memory bandwidth on
+//! an H100 and makes every added activation row cost more FMAs. Here each plane (warp) computes 16 output rows
+//! with `mma.m16n8k16` (bf16 or f16 in, f32 accumulation), one instruction per 16 rows x 16 codes x 8 activation
+//! rows: the only per-code work left is turning a byte (two codes) into the pair of half-precision values the
+//! fragment register holds, one read of a 256-entry table in shared memory ([`Nf4Matrix`] keeps it per type).
+//!
+//! Layout: lane `(g, q) = (lane / 4, lane % 4)` holds rows `g` and `g + 8` of the fragment's 16. For every
+//! 64-value sub-block `j` of a row, lane `q` loads the row's 8 bytes `32 j + 8 q ..` (16 codes, inside one scale
+//! block) for both of its rows; the four mma steps of the sub-block take two bytes each (codes `4 s .. 4 s + 4`
+//! of the lane's 16). The dot product does not care in which order `k` is summed, so the fragment's `k` index is
+//! mapped to these codes, and lane `(g, q)` loads the matching 4 activations of row `8 t + g` for the `B`
+//! fragment. The four steps of a sub-block accumulate into a scratch fragment that is then multiplied by the two
+//! rows' block scales and added to the sums: the scales are applied in f32, once per 64 products.
+//!
+//! The half-precision table rounds each NF4 value to the activation type before the products (bitsandbytes
+//! rounds the scaled value instead): both are one rounding of the weight.
+
+use cubecl::ir::features::MmaConfig;
+use cubecl::prelude::*;
+
+use crate::nf4::{Activation, Nf4Matrix, block_scale};
+use crate::{Buffer, KernelError};
+
+/// Most activation rows one launch takes (four 8-row fragments).
+pub const MAX_ROWS: usize = 32;
+
+/// How [`gemv_mma`] splits its work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MmaTiling {
+    /// Planes sharing one 16-row tile, each over every `split`-th 64-value sub-block (split-K in the cube).
+    pub split: usize,
+    /// Sub-blocks each lane loads before using any.
+    pub unroll: usize,
+    /// Copies of the 256-entry pair table in shared memory, lane `l` reading copy `l % copies` (fewer bank
+    /// conflicts, more shared memory).
+    pub copies: usize,
+}
+
+impl MmaTiling {
+    /// The tiling for a `rows x cols` matrix: enough planes to fill an H100 (132 SMs) with split-K for the
+    /// matrices of few rows, each plane keeping a few loads in flight.
+    pub fn for_shape(rows: usize, cols: usize) -> Self {
+        let tiles = rows.div_ceil(16);
+        let sub_blocks = cols / 64;
+        let mut split = 1;
+        while split < 8 && tiles * split < 2048 && sub_blocks >= 8 * split {
+            split *= 2;
+        }
+        Self {
+            split,
+            unroll: 2,
+            copies: 4,
+        }
+    }
+
+    fn validate(self) -> Result<(), KernelError> {
+        if ![1, 2, 4, 8].contains(&self.split)
+            || !(1..=4).contains(&self.unroll)
+            || ![1, 2, 4, 8, 16, 32].contains(&self.copies)
+        {
+            return Err(KernelError::Unsupported(format!(
+                "tensor-core GEMV tiling {self:?}: split 1, 2, 4 or 8, unroll 1-4, copies a power of two up to 32"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Whether the device has the `m16n8k16` tensor-core product for `F` with f32 accumulation (NVIDIA since
+/// Ampere for bf16; not f32, not CPU Vulkan drivers).
+pub fn supported<R: Runtime, F: Activation>(client: &ComputeClient<R>) -> bool {
+    let ty = F::as_type_native_unchecked().storage_type();
+    F::PAIR_TABLE.is_some()
+        && client.properties().features.matmul.mma.contains(&MmaConfig {
+            a_type: ty,
+            b_type: ty,
+            cd_type: f32::as_type_native_unchecked().storage_type(),
+            m: 16,
+            n: 8,
+            k: 16,
+        })
+}
+
+/// Whether [`gemv_mma`] takes this weight and batch where it is [`supported`]: 1 to [`MAX_ROWS`] rows, a width
+/// and a block size that are multiples of 64.
+pub fn takes(weight: &Nf4Matrix, batch: usize) -> bool {
+    (1..=MAX_ROWS).contains(&batch)
+        && weight.cols.is_multiple_of(64)
+        && weight.blocksize.is_multiple_of(64)
+}
+
+/// `y = x W^T`: `x` is `[batch, cols]`, `y` is `[batch, rows]`, row-major in `F` (bf16 or f16), `batch` in
+/// `1..=32`. Launches one kernel; nothing is read back.
+pub fn gemv_mma<R: Runtime, F: Activation>(
+    client: &ComputeClient<R>,
+    x: &Buffer<F>,
+    batch: usize,
+    weight: &Nf4Matrix,
+    y: &Buffer<F>,
+) -> Result<(), KernelError> {
+    let tiling = MmaTiling::for_shape(weight.rows, weight.cols);
+    gemv_mma_tiled(client, x, batch, weight, y, tiling)
+}
+
+/// [`gemv_mma`] with an explicit tiling (for benchmarks).
+pub fn gemv_mma_tiled<R: Runtime, F: Activation>(
+    client: &ComputeClient<R>,
+    x: &Buffer<F>,
+    batch: usize,
+    weight: &Nf4Matrix,
+    y: &Buffer<F>,
+    tiling: MmaTiling,
+) -> Result<(), KernelError> {
+    tiling.validate()?;
+    let Some(table) = F::PAIR_TABLE else {
+        return Err(unsupported::<F>());
+    };
+    if !supported::<R, F>(client) {
+        return Err(unsupported::<F>());
+    }
+    if !(1..=MAX_ROWS).contains(&batch) {
+        return Err(KernelError::Unsupported(format!(
+            "batch {batch}: the tensor-core GEMV takes 1 to {MAX_ROWS} rows per launch"
+        )));
+    }
+    if !takes(weight, batch) {
+        return Err(KernelError::Unsupported(format!(
+            "a {}x{} NF4 matrix with blocks of {}: the tensor-core GEMV needs a width and block size that are \
+             multiples of 64",
+            weight.rows, weight.cols, weight.blocksize
+        )));
+    }
+    x.check("x", batch * weight.cols)?;
+    y.check("y", batch * weight.rows)?;
+    let (codes, scales, offsets, map, double_quant) = weight.scale_args();
+    let cube_count = CubeCount::Static(weight.rows.div_ceil(16) as u32, 1, 1);
+    let cube_dim = CubeDim::new_2d(32, tiling.split as u32);
+    // SAFETY: every array is passed with the element count of its own buffer; the kernel reads `x` below row
+    // `batch` and column `cols`, the weight's codes below row `rows` (the packed words are a multiple of 16
+    // bytes, `cols / 2` bytes per row), scales through `block_scale` as the GEMV does, 256 entries of its pair
+    // table, and writes `y` inside `[batch, rows]`, all checked above.
+    #[allow(unsafe_code)]
+    unsafe {
+        gemv_mma_kernel::launch_unchecked::<F, R>(
+            client,
+            cube_count,
+            cube_dim,
+            x.array_arg(),
+            weight.packed.array_arg(),
+            codes.array_arg(),
+            scales.array_arg(),
+            offsets.array_arg(),
+            map.array_arg(),
+            weight.pairs.slice(table * 256, 256)?.array_arg(),
+            y.array_arg(),
+            weight.rows as u32,
+            weight.cols as u32,
+            batch as u32,
+            batch.div_ceil(8),
+            weight.blocksize as u32,
+            double_quant,
+            tiling.split,
+            tiling.unroll,
+            tiling.copies,
+        );
+    }
+    Ok(())
+}
+
+fn unsupported<F>() -> KernelError {
+    KernelError::Unsupported(format!(
+        "the device has no m16n8k16 tensor-core product for {} activations",
+        std::any::type_name::<F>()
+    ))
+}
+
+/// The pair table of every NF4 byte value for the half-precision type `bits` converts to: entry `v` holds the
+/// value of code `v >> 4` (the first of the byte's two codes) in its low 16 bits and of `v & 15` in its high.
+pub(crate) fn pair_table(codebook: &[f32; 16], bits: impl Fn(f32) -> u16) -> Vec<u32> {
+    (0..256usize)
+        .map(|v| u32::from(bits(codebook[v >> 4])) | (u32::from(bits(codebook[v & 15])) << 16))
+        .collect()
+}
+
+/// The fragment register of byte `byte` (0-7) of the lane's 8 loaded bytes.
+#[cube]
+fn pair<F: Float>(
+    words: Vector<u32, Const<2>>,
+    table: &SharedMemory<u32>,
+    #[comptime] byte: usize,
+    #[comptime] copies: u32,
+) -> Vector<F, Const<2>> {
+    let entry = (words[byte / 4] >> comptime!((byte % 4) as u32 * 8)) & 0xFF;
+    Vector::<F, Const<2>>::reinterpret(table[(entry * copies + UNIT_POS_X % copies) as usize])
+}
+
+/// The `A` fragment of mma step `step` (0-3) of a sub-block: rows `g` (`low`) and `g + 8` (`high`), fragment
+/// columns `2q, 2q + 1` from byte `2 step` and `2q + 8, 2q + 9` from byte `2 step + 1`.
+#[cube]
+fn a_fragment<F: Float>(
+    low: Vector<u32, Const<2>>,
+    high: Vector<u32, Const<2>>,
+    table: &SharedMemory<u32>,
+    #[comptime] step: usize,
+    #[comptime] copies: u32,
+) -> Array<Vector<F, Const<2>>> {
+    let mut a = Array::<Vector<F, Const<2>>>::new(4usize);
+    a[0usize] = pair::<F>(low, table, 2 * step, copies);
+    a[1usize] = pair::<F>(high, table, 2 * step, copies);
+    a[2usize] = pair::<F>(low, table, 2 * step + 1, copies);
+    a[3usize] = pair::<F>(high, table, 2 * step + 1, copies);
+    a
+}
+
+/// The `B` fragment of activation row `n` for the 4 activations at `k`: fragment rows `2q, 2q + 1` from
+/// `x[n, k..k + 2]` and `2q + 8, 2q + 9` from `x[n, k + 2..k + 4]`; zeros past the batch.
+#[cube]
+fn b_fragment<F: Float>(
+    x: &Array<Vector<F, Const<2>>>,
+    n: u32,
+    k: u32,
+    cols: u32,
+    batch: u32,
+) -> Array<Vector<F, Const<2>>> {
+    let mut b = Array::<Vector<F, Const<2>>>::new(2usize);
+    if n < batch {
+        let at = ((n * cols + k) / 2) as usize;
+        b[0usize] = x[at];
+        b[1usize] = x[at + 1];
+    } else {
+        b[0usize] = Vector::new(F::cast_from(0.0f32));
+        b[1usize] = Vector::new(F::cast_from(0.0f32));
+    }
+    b
+}
+
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+fn gemv_mma_kernel<F: Float>(
+    x: &Array<Vector<F, Const<2>>>,
+    packed: &Array<Vector<u32, Const<2>>>,
+    codes: &Array<u32>,
+    scales: &Array<f32>,
+    offsets: &Array<f32>,
+    map: &Array<f32>,
+    pairs: &Array<u32>,
+    y: &mut Array<F>,
+    rows: u32,
+    cols: u32,
+    batch: u32,
+    #[comptime] tiles: usize,
+    #[comptime] blocksize: u32,
+    #[comptime] double_quant: bool,
+    #[comptime] split: usize,
+    #[comptime] unroll: usize,
+    #[comptime] copies: usize,
+) {
+    let copies_u = comptime!(copies as u32);
+    let mut table = SharedMemory::<u32>::new(comptime!(256 * copies));
+    for i in range_stepped(UNIT_POS, comptime!(256 * copies as u32), CUBE_DIM) {
+        table[i as usize] = pairs[(i / copies_u) as usize];
+    }
+    sync_cube();
+
+    let mma = cmma::MmaDefinition::<F, F, f32>::new(16usize, 8usize, 16usize);
+    let lane = UNIT_POS_X;
+    let (g, q) = (lane / 4, lane % 4);
+    let first = CUBE_POS_X * 16;
+    // Rows past the end re-read the last row; their sums are not written.
+    let row_low = if first + g < rows { first + g } else { rows - 1 };
+    let row_high = if first + g + 8 < rows { first + g + 8 } else { rows - 1 };
+    let sub_blocks = cols / 64;
+    let row_words = cols / 16;
+
+    let mut acc = Array::<f32>::new(comptime!(4 * tiles));
+    #[unroll]
+    for i in 0..comptime!(4 * tiles) {
+        acc[i] = 0.0;
+    }
+    let mut low = Array::<Vector<u32, Const<2>>>::new(unroll);
+    let mut high = Array::<Vector<u32, Const<2>>>::new(unroll);
+    let mut scale_low = Array::<f32>::new(unroll);
+    let mut scale_high = Array::<f32>::new(unroll);
+    let per_plane = (sub_blocks + comptime!(split as u32 - 1)) / comptime!(split as u32);
+    for i0 in range_stepped(0, per_plane, comptime!(unroll as u32)) {
+        #[unroll]
+        for u in 0..unroll {
+            let j = (i0 + comptime!(u as u32)) * comptime!(split as u32) + UNIT_POS_Y;
+            if j < sub_blocks {
+                low[u] = packed[(row_low * row_words + 4 * j + q) as usize];
+                high[u] = packed[(row_high * row_words + 4 * j + q) as usize];
+                scale_low[u] = block_scale(
+                    (row_low * cols + 64 * j) / blocksize,
+                    codes,
+                    scales,
+                    offsets,
+                    map,
+                    double_quant,
+                );
+                scale_high[u] = block_scale(
+                    (row_high * cols + 64 * j) / blocksize,
+                    codes,
+                    scales,
+                    offsets,
+                    map,
+                    double_quant,
+                );
+            }
+        }
+        #[unroll]
+        for u in 0..unroll {
+            let j = (i0 + comptime!(u as u32)) * comptime!(split as u32) + UNIT_POS_Y;
+            if j < sub_blocks {
+                let a0 = a_fragment::<F>(low[u], high[u], &table, 0usize, copies_u);
+                let a1 = a_fragment::<F>(low[u], high[u], &table, 1usize, copies_u);
+                let a2 = a_fragment::<F>(low[u], high[u], &table, 2usize, copies_u);
+                let a3 = a_fragment::<F>(low[u], high[u], &table, 3usize, copies_u);
+                let k = 64 * j + 16 * q;
+                #[unroll]
+                for t in 0..tiles {
+                    let n = comptime!(t as u32 * 8) + g;
+                    let mut sums = Array::<Vector<f32, Const<2>>>::new(2usize);
+                    sums[0usize] = Vector::new(0.0f32);
+                    sums[1usize] = Vector::new(0.0f32);
+                    let b0 = b_fragment::<F>(x, n, k, cols, batch);
+                    mma.execute_inplace(&a0, &b0, &mut sums);
+                    let b1 = b_fragment::<F>(x, n, k + 4, cols, batch);
+                    mma.execute_inplace(&a1, &b1, &mut sums);
+                    let b2 = b_fragment::<F>(x, n, k + 8, cols, batch);
+                    mma.execute_inplace(&a2, &b2, &mut sums);
+                    let b3 = b_fragment::<F>(x, n, k + 12, cols, batch);
+                    mma.execute_inplace(&a3, &b3, &mut sums);
+                    // sums[0]: row g, activation rows 2q and 2q + 1 of the tile; sums[1]: row g + 8.
+                    let low_sums = sums[0usize];
+                    let high_sums = sums[1usize];
+                    acc[comptime!(4 * t)] += low_sums[0usize] * scale_low[u];
+                    acc[comptime!(4 * t + 1)] += low_sums[1usize] * scale_low[u];
+                    acc[comptime!(4 * t + 2)] += high_sums[0usize] * scale_high[u];
+                    acc[comptime!(4 * t + 3)] += high_sums[1usize] * scale_high[u];
+                }
+            }
+        }
+    }
+
+    // With split-K, every plane's sums through shared memory; the first plane adds them up.
+    if comptime!(split > 1) {
+        let outputs = comptime!(4 * tiles);
+        let mut partial = SharedMemory::<f32>::new(comptime!(split * 4 * tiles * 32));
+        #[unroll]
+        for i in 0..outputs {
+            partial[((UNIT_POS_Y * comptime!(outputs as u32) + comptime!(i as u32)) * 32 + lane) as usize] =
+                acc[i];
+        }
+        sync_cube();
+        if UNIT_POS_Y == 0 {
+            #[unroll]
+            for i in 0..outputs {
+                let mut total = 0.0f32;
+                #[unroll]
+                for p in 0..split {
+                    total += partial[((comptime!((p * outputs + i) as u32)) * 32 + lane) as usize];
+                }
+                acc[i] = total;
+            }
+        }
+    }
+    if UNIT_POS_Y == 0 {
+        #[unroll]
+        for t in 0..tiles {
+            #[unroll]
+            for i in 0..4usize {
+                let row = first + g + comptime!((i / 2) as u32 * 8);
+                let n = comptime!(t as u32 * 8 + (i % 2) as u32) + 2 * q;
+                if row < rows && n < batch {
+                    y[(n * rows + row) as usize] = F::cast_from(acc[comptime!(4 * t + i)]);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use medvl_nf4::NF4_CODE;
+
+    #[test]
+    fn pair_table_puts_the_high_nibble_in_the_low_half() {
+        let bf16 = |v: f32| half::bf16::from_f32(v).to_bits();
+        let table = pair_table(&NF4_CODE, bf16);
+        assert_eq!(table.len(), 256);
+        // Byte 0x1F: codes 1 (first, high nibble) and 15 (1.0 = 0x3F80 in bf16).
+        assert_eq!(table[0x1F] & 0xFFFF, u32::from(bf16(NF4_CODE[1])));
+        assert_eq!(table[0x1F] >> 16, 0x3F80);
+        // Byte 0x70: code 7 is 0.0, code 0 is -1.0 (0xBF80).
+        assert_eq!(table[0x70], 0xBF80 << 16);
+    }
+}
