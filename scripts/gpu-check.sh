@@ -82,7 +82,7 @@ fi
 
 formats=${DECODE_FORMATS-dense,nf4,nf4-lm-head,nf4-lora}
 if [ -n "$formats" ]; then
-  timeout 300 $bin/medvl-bench decode --formats "$formats" --batches "${DECODE_BATCHES:-1,8,32}" --card "$card" \
+  timeout ${DECODE_TIMEOUT:-300} $bin/medvl-bench decode --formats "$formats" --batches "${DECODE_BATCHES:-1,8,32}" --card "$card" \
     --commit "$commit" --out "$OUT/decode-bf16.json" > "$OUT/decode.log" 2>&1; echo "decode bench exit $?" >> "$OUT/decode.log"
 fi
 if [ "${PY_BASELINE:-1}" = 1 ]; then

@@ -28,6 +28,10 @@ use crate::{Buffer, KernelError};
 /// Most activation rows one launch takes (four 8-row fragments).
 pub const MAX_ROWS: usize = 32;
 
+/// The fewest activation rows for which this kernel beats the plain GEMV of [`crate::nf4`] on an H100 at the 7B's
+/// shapes (`medvl-bench kernels`, docs/KERNELS.md); callers choose, this is the measured default.
+pub const PREFERRED_FROM: usize = 4;
+
 /// How [`gemv_mma`] splits its work.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MmaTiling {
@@ -216,38 +220,51 @@ fn a_fragment<F: Float>(
     a
 }
 
-/// The `B` fragment of activation row `n` for the 4 activations at `k`: fragment rows `2q, 2q + 1` from
-/// `x[n, k..k + 2]` and `2q + 8, 2q + 9` from `x[n, k + 2..k + 4]`; zeros past the batch.
+/// The `B` fragment of mma step `step` from the lane's 16 activations (`words`: 8 pairs): fragment rows
+/// `2q, 2q + 1` from pair `2 step` and `2q + 8, 2q + 9` from pair `2 step + 1`.
 #[cube]
 fn b_fragment<F: Float>(
-    x: &Array<Vector<F, Const<2>>>,
+    words: &Array<Vector<u32, Const<4>>>,
+    #[comptime] step: usize,
+) -> Array<Vector<F, Const<2>>> {
+    let mut b = Array::<Vector<F, Const<2>>>::new(2usize);
+    let half = words[comptime!(step / 2)];
+    b[0usize] = Vector::<F, Const<2>>::reinterpret(half[comptime!((step % 2) * 2)]);
+    b[1usize] = Vector::<F, Const<2>>::reinterpret(half[comptime!((step % 2) * 2 + 1)]);
+    b
+}
+
+/// The lane's 16 activations of row `n` from `k` (two 16-byte loads), zeros past the batch.
+#[cube]
+fn activations(
+    x: &Array<Vector<u32, Const<4>>>,
     n: u32,
     k: u32,
     cols: u32,
     batch: u32,
-) -> Array<Vector<F, Const<2>>> {
-    let mut b = Array::<Vector<F, Const<2>>>::new(2usize);
+) -> Array<Vector<u32, Const<4>>> {
+    let mut words = Array::<Vector<u32, Const<4>>>::new(2usize);
     if n < batch {
-        let at = ((n * cols + k) / 2) as usize;
-        b[0usize] = x[at];
-        b[1usize] = x[at + 1];
+        let at = ((n * cols + k) / 8) as usize;
+        words[0usize] = x[at];
+        words[1usize] = x[at + 1];
     } else {
-        b[0usize] = Vector::new(F::cast_from(0.0f32));
-        b[1usize] = Vector::new(F::cast_from(0.0f32));
+        words[0usize] = Vector::new(0u32);
+        words[1usize] = Vector::new(0u32);
     }
-    b
+    words
 }
 
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 fn gemv_mma_kernel<F: Float>(
-    x: &Array<Vector<F, Const<2>>>,
+    x: &Array<Vector<u32, Const<4>>>,
     packed: &Array<Vector<u32, Const<2>>>,
     codes: &Array<u32>,
     scales: &Array<f32>,
     offsets: &Array<f32>,
     map: &Array<f32>,
-    pairs: &Array<u32>,
+    pairs: &Array<Vector<u32, Const<4>>>,
     y: &mut Array<F>,
     rows: u32,
     cols: u32,
@@ -260,9 +277,22 @@ fn gemv_mma_kernel<F: Float>(
     #[comptime] copies: usize,
 ) {
     let copies_u = comptime!(copies as u32);
+    // The first plane fills the table: two 16-byte loads per lane, issued together, each entry stored `copies`
+    // times (a loop of single loads here costs a cache round trip per step, several microseconds per cube).
     let mut table = SharedMemory::<u32>::new(comptime!(256 * copies));
-    for i in range_stepped(UNIT_POS, comptime!(256 * copies as u32), CUBE_DIM) {
-        table[i as usize] = pairs[(i / copies_u) as usize];
+    if UNIT_POS < 32 {
+        let first_half = pairs[UNIT_POS as usize];
+        let second_half = pairs[(UNIT_POS + 32) as usize];
+        #[unroll]
+        for e in 0..4usize {
+            #[unroll]
+            for c in 0..copies {
+                table[((UNIT_POS * 4 + comptime!(e as u32)) * copies_u + comptime!(c as u32)) as usize] =
+                    first_half[e];
+                table[(((UNIT_POS + 32) * 4 + comptime!(e as u32)) * copies_u + comptime!(c as u32))
+                    as usize] = second_half[e];
+            }
+        }
     }
     sync_cube();
 
@@ -326,13 +356,14 @@ fn gemv_mma_kernel<F: Float>(
                     let mut sums = Array::<Vector<f32, Const<2>>>::new(2usize);
                     sums[0usize] = Vector::new(0.0f32);
                     sums[1usize] = Vector::new(0.0f32);
-                    let b0 = b_fragment::<F>(x, n, k, cols, batch);
+                    let words = activations(x, n, k, cols, batch);
+                    let b0 = b_fragment::<F>(&words, 0usize);
                     mma.execute_inplace(&a0, &b0, &mut sums);
-                    let b1 = b_fragment::<F>(x, n, k + 4, cols, batch);
+                    let b1 = b_fragment::<F>(&words, 1usize);
                     mma.execute_inplace(&a1, &b1, &mut sums);
-                    let b2 = b_fragment::<F>(x, n, k + 8, cols, batch);
+                    let b2 = b_fragment::<F>(&words, 2usize);
                     mma.execute_inplace(&a2, &b2, &mut sums);
-                    let b3 = b_fragment::<F>(x, n, k + 12, cols, batch);
+                    let b3 = b_fragment::<F>(&words, 3usize);
                     mma.execute_inplace(&a3, &b3, &mut sums);
                     // sums[0]: row g, activation rows 2q and 2q + 1 of the tile; sums[1]: row g + 8.
                     let low_sums = sums[0usize];

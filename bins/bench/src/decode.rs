@@ -13,7 +13,7 @@ use std::time::Instant;
 use anyhow::{Result, bail};
 use clap::ValueEnum;
 use cubecl::prelude::*;
-use medvl_engine::plan::{DecodePlan, OpTime, PlanConfig, RandomFormat};
+use medvl_engine::plan::{DecodePlan, Nf4Products, OpTime, PlanConfig, RandomFormat};
 use medvl_kernels::nf4::Activation;
 use medvl_model::QwenVlConfig;
 use serde::Serialize;
@@ -83,9 +83,11 @@ enum Format {
     /// As `nf4`, with LoRA adapters of rank `--lora-rank` on all seven projections of every layer, unmerged
     /// (QLoRA's inference: PEFT over bitsandbytes).
     Nf4Lora,
-    /// As `nf4`, with the NF4 products on the plain GEMV (up to 8 rows) and GEMM instead of the tensor-core GEMV
-    /// (`medvl_kernels::mma`; the same where the device has no tensor cores): the comparison.
+    /// As `nf4`, with the NF4 products on the plain GEMV (up to 8 rows) and GEMM only, never the tensor-core GEMV
+    /// (`medvl_kernels::mma`; `nf4` is the same where the device has no tensor cores): to compare.
     Nf4Gemv,
+    /// As `nf4`, with every NF4 product of 1-32 rows on the tensor-core GEMV: to compare.
+    Nf4Mma,
 }
 
 impl Format {
@@ -96,7 +98,7 @@ impl Format {
             Self::Nf4 => (RandomFormat::Nf4, RandomFormat::Dense, false),
             Self::Nf4LmHead => (RandomFormat::Nf4, RandomFormat::Nf4, false),
             Self::Nf4Lora => (RandomFormat::Nf4, RandomFormat::Dense, true),
-            Self::Nf4Gemv => (RandomFormat::Nf4, RandomFormat::Dense, false),
+            Self::Nf4Gemv | Self::Nf4Mma => (RandomFormat::Nf4, RandomFormat::Dense, false),
         }
     }
 }
@@ -106,8 +108,8 @@ struct Case {
     format: Format,
     /// Rank of the LoRA adapters (nf4-lora).
     lora_rank: Option<usize>,
-    /// Whether the NF4 products ran on the tensor-core GEMV.
-    nf4_mma: bool,
+    /// The smallest batch whose NF4 products ran on the tensor-core GEMV (none: never).
+    nf4_mma_from: Option<usize>,
     batch: usize,
     context: usize,
     steps: usize,
@@ -197,7 +199,13 @@ fn run_in<R: Runtime, F: Activation>(
         let (layers, head, lora) = format.formats();
         let lora_rank = lora.then_some(args.lora_rank);
         let mut plan = DecodePlan::<R, F>::random(&client, config, layers, head, lora_rank, 7)?;
-        let nf4_mma = plan.use_nf4_mma(format != Format::Nf4Gemv) && layers == RandomFormat::Nf4;
+        let nf4_mma_from = plan
+            .set_nf4_products(match format {
+                Format::Nf4Gemv => Nf4Products::Gemv,
+                Format::Nf4Mma => Nf4Products::Mma,
+                _ => Nf4Products::Auto,
+            })
+            .filter(|_| layers == RandomFormat::Nf4);
         let usage = client
             .memory_usage()
             .map_err(|e| anyhow::anyhow!("memory usage: {e:?}"))?;
@@ -230,7 +238,7 @@ fn run_in<R: Runtime, F: Activation>(
             let case = Case {
                 format,
                 lora_rank,
-                nf4_mma,
+                nf4_mma_from,
                 batch,
                 context: args.context,
                 steps: args.steps,

@@ -255,8 +255,8 @@ fn kernels_in<R: Runtime, F: nf4::Activation>(
             if args.mma_sweep {
                 for m in [1usize, 32] {
                     for split in [1, 2, 4, 8] {
-                        for unroll in [1, 2, 4] {
-                            for copies in [1, 4, 8] {
+                        for unroll in [1, 2] {
+                            for copies in [1, 4] {
                                 let t = MmaTiling {
                                     split,
                                     unroll,

@@ -514,7 +514,7 @@ impl<F: Activation> Matrix<F> {
     ) -> Result<(), KernelError> {
         let [rows, cols] = self.shape();
         if let Self::Nf4(m) = self
-            && kernels.nf4_mma
+            && kernels.mma_from.is_some_and(|rows| batch >= rows)
             && mma::takes(m, batch)
         {
             return mma::gemv_mma(client, x, batch, m, y);
@@ -953,8 +953,21 @@ pub struct DecodePlan<R: Runtime, F: Activation> {
 struct Kernels {
     /// Products of more than [`GEMV_GROUP`] rows as tensor-core GEMMs ([`gemm::supported`]).
     tensor_cores: bool,
-    /// NF4 products of 1-32 rows as tensor-core GEMVs ([`mma::supported`]; [`DecodePlan::use_nf4_mma`]).
-    nf4_mma: bool,
+    /// NF4 products of this many rows and more (up to 32) as tensor-core GEMVs ([`mma::supported`];
+    /// [`DecodePlan::set_nf4_products`]).
+    mma_from: Option<usize>,
+}
+
+/// Which kernel multiplies a plan's NF4 weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Nf4Products {
+    /// The tensor-core GEMV ([`mma::gemv_mma`]) from [`mma::PREFERRED_FROM`] rows up where the device has it; the
+    /// plain GEMV below (faster there on an H100) and past 32 rows the GEMM.
+    Auto,
+    /// The plain GEMV (up to 8 rows) and the tensor-core GEMM past that (to compare).
+    Gemv,
+    /// The tensor-core GEMV for every batch of 1-32 rows where the device has it (to compare).
+    Mma,
 }
 
 impl<R: Runtime, F: Activation> DecodePlan<R, F> {
@@ -1055,7 +1068,7 @@ impl<R: Runtime, F: Activation> DecodePlan<R, F> {
             slots: vec![Slot::default(); b],
             kernels: Kernels {
                 tensor_cores: gemm::supported::<R, F>(client),
-                nf4_mma: mma::supported::<R, F>(client),
+                mma_from: mma::supported::<R, F>(client).then_some(mma::PREFERRED_FROM),
             },
             config,
         })
@@ -1122,12 +1135,16 @@ impl<R: Runtime, F: Activation> DecodePlan<R, F> {
         )
     }
 
-    /// Whether NF4 products of 1-32 rows run as tensor-core GEMVs ([`mma::gemv_mma`]): on by default where the
-    /// device has them (bf16/f16 on NVIDIA since Ampere). `on: false` keeps the plain GEMV and GEMM (to compare
-    /// them). Returns whether the tensor-core GEMV is now used.
-    pub fn use_nf4_mma(&mut self, on: bool) -> bool {
-        self.kernels.nf4_mma = on && mma::supported::<R, F>(&self.client);
-        self.kernels.nf4_mma
+    /// Which kernels multiply the NF4 weights ([`Nf4Products::Auto`] unless set). Returns the smallest batch the
+    /// tensor-core GEMV now takes, `None` when it is not used (not chosen, or the device has no such product).
+    pub fn set_nf4_products(&mut self, products: Nf4Products) -> Option<usize> {
+        let supported = mma::supported::<R, F>(&self.client);
+        self.kernels.mma_from = match products {
+            Nf4Products::Auto => supported.then_some(mma::PREFERRED_FROM),
+            Nf4Products::Gemv => None,
+            Nf4Products::Mma => supported.then_some(1),
+        };
+        self.kernels.mma_from
     }
 
     /// The sizes the plan was built for.
