@@ -45,19 +45,21 @@ pub struct MmaTiling {
 }
 
 impl MmaTiling {
-    /// The tiling for a `rows x cols` matrix: enough planes to fill an H100 (132 SMs) with split-K for the
-    /// matrices of few rows, each plane keeping a few loads in flight.
-    pub fn for_shape(rows: usize, cols: usize) -> Self {
-        let tiles = rows.div_ceil(16);
-        let sub_blocks = cols / 64;
-        let mut split = 1;
-        while split < 8 && tiles * split < 2048 && sub_blocks >= 8 * split {
-            split *= 2;
+    /// The tiling for a `cols`-wide matrix: 8 planes per 16-row tile (fewer when the width has fewer than 8
+    /// sub-blocks), one sub-block in flight per lane, one copy of the table. The sweep of `medvl-bench kernels
+    /// --mma-sweep` on an H100 (docs/KERNELS.md) found 8 planes best or within a few percent of it at every shape
+    /// of the 7B at 1 and 32 rows: more planes per cube share one table fill and fill the GPU for the matrices of
+    /// few rows.
+    pub fn for_shape(_rows: usize, cols: usize) -> Self {
+        let sub_blocks = (cols / 64).max(1);
+        let mut split = 8;
+        while split > sub_blocks {
+            split /= 2;
         }
         Self {
             split,
-            unroll: 2,
-            copies: 4,
+            unroll: 1,
+            copies: 1,
         }
     }
 
