@@ -12,7 +12,7 @@
 #      (PY_BASELINE=0 to skip), each alone on the card;
 #   1. the kernel benchmark, bf16 and f32 activations (alone on the card, first; BENCH_FLAGS=--sweep for every
 #      tiling);
-#   2. the NF4 GEMV kernel tests, CUDA (f32 and bf16 activations);
+#   2. the NF4 GEMV kernel tests, CUDA (f32 and bf16 activations; NF4_TEST_FILTER, e.g. cuda_mma, for some);
 #   3. model fidelity on CUDA (FIDELITY_RUNS: bf16 and f32 by default, empty for none), each in its own process,
 #      in parallel: on a fresh machine every kernel and autotune candidate is JIT-compiled, which takes minutes;
 #   4. `medvl ask` on CUDA (ASK_DTYPES: bf16 f32 by default, empty for none) against the transformers greedy
@@ -104,7 +104,7 @@ for run in $runs; do
       > "$OUT/$t-$att.log" 2>&1; echo "exit $?" >> "$OUT/$t-$att.log" ) &
 done
 if [ "${NF4_TESTS:-1}" = 1 ]; then
-  ( timeout $left $bin/test-nf4_gemv --ignored --nocapture --test-threads 1 > "$OUT/kernels-test.log" 2>&1
+  ( timeout $left $bin/test-nf4_gemv --ignored ${NF4_TEST_FILTER:-} --nocapture --test-threads 1 > "$OUT/kernels-test.log" 2>&1
     echo "exit $?" >> "$OUT/kernels-test.log" ) &
 fi
 # The decode plan on CUDA (tiny model: transformers' tokens, burn's logits) and the decode kernels.

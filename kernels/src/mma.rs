@@ -32,6 +32,10 @@ pub const MAX_ROWS: usize = 32;
 /// shapes (`medvl-bench kernels`, docs/KERNELS.md); callers choose, this is the measured default.
 pub const PREFERRED_FROM: usize = 4;
 
+/// The most activation rows per launch that keep this kernel fast on an H100: 32 rows (four fragments per plane)
+/// take 1.4-3x as long as two launches of 16 (`medvl-bench kernels`, docs/KERNELS.md).
+pub const PREFERRED_MAX: usize = 16;
+
 /// How [`gemv_mma`] splits its work.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MmaTiling {
