@@ -18,9 +18,9 @@ use medvl_kernels::decode::{
     self, ArgmaxScratch, AttentionScratch, AttentionShape, DenseMatrix, LoraPart, LoraUp,
     MAX_DENSE_BATCH,
 };
-use medvl_kernels::{gemm, mma};
 use medvl_kernels::nf4::{self, Activation, MAX_BATCH, Nf4Matrix};
 use medvl_kernels::{Buffer, KernelError};
+use medvl_kernels::{gemm, mma};
 use medvl_model::layers::{Linear, LinearWeight};
 use medvl_model::text::DecoderLayer;
 use medvl_model::{KvCache, QwenVl, TextConfig};
@@ -502,8 +502,9 @@ impl<F: Activation> Matrix<F> {
     }
 
     /// `y = x W^T` for `batch` rows. NF4 weights go through the tensor-core GEMV ([`mma::gemv_mma`], launches of
-    /// up to 16 rows) where `kernels` allows it and it takes the shape; otherwise, past the GEMV's rows, one tensor-core GEMM where
-    /// the device has them and the width is a multiple of 32; otherwise GEMVs of up to [`GEMV_GROUP`] rows each.
+    /// up to 16 rows) where `kernels` allows it and it takes the shape; otherwise, past the GEMV's rows, one
+    /// tensor-core GEMM where the device has them and the width is a multiple of 32; otherwise GEMVs of up to
+    /// [`GEMV_GROUP`] rows each.
     fn apply<R: Runtime>(
         &self,
         client: &ComputeClient<R>,
@@ -518,17 +519,14 @@ impl<F: Activation> Matrix<F> {
             && mma::takes(m, batch)
         {
             // Launches of at most `PREFERRED_MAX` rows: faster than one of 32 (measured).
-            for first in (0..batch).step_by(mma::PREFERRED_MAX) {
-                let n = mma::PREFERRED_MAX.min(batch - first);
-                if n == batch {
-                    mma::gemv_mma(client, x, n, m, y)?;
-                } else {
-                    let xs = x.slice(first * cols, n * cols)?;
-                    let ys = y.slice(first * rows, n * rows)?;
-                    mma::gemv_mma(client, &xs, n, m, &ys)?;
-                }
-            }
-            return Ok(());
+            return in_row_groups(
+                x,
+                y,
+                batch,
+                mma::PREFERRED_MAX,
+                [rows, cols],
+                |xs, n, ys| mma::gemv_mma(client, xs, n, m, ys),
+            );
         }
         if batch > GEMV_GROUP && kernels.tensor_cores && cols.is_multiple_of(32) {
             return match self {
@@ -536,22 +534,17 @@ impl<F: Activation> Matrix<F> {
                 Self::Nf4(m) => gemm::gemm_nf4(client, x, batch, m, y),
             };
         }
-        for first in (0..batch).step_by(GEMV_GROUP) {
-            let n = GEMV_GROUP.min(batch - first);
-            let (xs, ys) = if batch <= GEMV_GROUP {
-                (x.clone(), y.clone())
-            } else {
-                (
-                    x.slice(first * cols, n * cols)?,
-                    y.slice(first * rows, n * rows)?,
-                )
-            };
-            match self {
-                Self::Dense(m) => decode::gemv_dense(client, &xs, n, m, &ys)?,
-                Self::Nf4(m) => nf4::gemv(client, &xs, n, m, &ys)?,
-            }
-        }
-        Ok(())
+        in_row_groups(
+            x,
+            y,
+            batch,
+            GEMV_GROUP,
+            [rows, cols],
+            |xs, n, ys| match self {
+                Self::Dense(m) => decode::gemv_dense(client, xs, n, m, ys),
+                Self::Nf4(m) => nf4::gemv(client, xs, n, m, ys),
+            },
+        )
     }
 
     fn shape(&self) -> [usize; 2] {
@@ -567,6 +560,30 @@ impl<F: Activation> Matrix<F> {
             Self::Nf4(m) => m.weight_bytes(),
         }
     }
+}
+
+/// Runs `product` over groups of at most `group` rows of `x` (`[batch, cols]`) and `y` (`[batch, rows]`): on the
+/// buffers themselves when one group holds the whole batch, on views of their rows otherwise.
+fn in_row_groups<F: Activation>(
+    x: &Buffer<F>,
+    y: &Buffer<F>,
+    batch: usize,
+    group: usize,
+    [rows, cols]: [usize; 2],
+    mut product: impl FnMut(&Buffer<F>, usize, &Buffer<F>) -> Result<(), KernelError>,
+) -> Result<(), KernelError> {
+    if batch <= group {
+        return product(x, batch, y);
+    }
+    for first in (0..batch).step_by(group) {
+        let n = group.min(batch - first);
+        product(
+            &x.slice(first * cols, n * cols)?,
+            n,
+            &y.slice(first * rows, n * rows)?,
+        )?;
+    }
+    Ok(())
 }
 
 /// The LoRA adapters of one (stacked) product on the device: the parts' `A`s stacked into one matrix (one
@@ -981,6 +998,20 @@ pub enum Nf4Products {
     Mma,
 }
 
+/// The smallest batch whose NF4 products run on the tensor-core GEMV for `products` on this device (`None`:
+/// never).
+fn mma_from<R: Runtime, F: Activation>(
+    client: &ComputeClient<R>,
+    products: Nf4Products,
+) -> Option<usize> {
+    let supported = mma::supported::<R, F>(client);
+    match products {
+        Nf4Products::Auto => supported.then_some(mma::PREFERRED_FROM),
+        Nf4Products::Gemv => None,
+        Nf4Products::Mma => supported.then_some(1),
+    }
+}
+
 impl<R: Runtime, F: Activation> DecodePlan<R, F> {
     /// Uploads the weights (`layers` yields them one at a time, so the host never holds them all) and allocates
     /// every buffer a step uses. `embed` is `[vocab, hidden]`; `lm_head` `[vocab, hidden]`.
@@ -1079,7 +1110,7 @@ impl<R: Runtime, F: Activation> DecodePlan<R, F> {
             slots: vec![Slot::default(); b],
             kernels: Kernels {
                 tensor_cores: gemm::supported::<R, F>(client),
-                mma_from: mma::supported::<R, F>(client).then_some(mma::PREFERRED_FROM),
+                mma_from: mma_from::<R, F>(client, Nf4Products::Auto),
             },
             config,
         })
@@ -1149,12 +1180,7 @@ impl<R: Runtime, F: Activation> DecodePlan<R, F> {
     /// Which kernels multiply the NF4 weights ([`Nf4Products::Auto`] unless set). Returns the smallest batch the
     /// tensor-core GEMV now takes, `None` when it is not used (not chosen, or the device has no such product).
     pub fn set_nf4_products(&mut self, products: Nf4Products) -> Option<usize> {
-        let supported = mma::supported::<R, F>(&self.client);
-        self.kernels.mma_from = match products {
-            Nf4Products::Auto => supported.then_some(mma::PREFERRED_FROM),
-            Nf4Products::Gemv => None,
-            Nf4Products::Mma => supported.then_some(1),
-        };
+        self.kernels.mma_from = mma_from::<R, F>(&self.client, products);
         self.kernels.mma_from
     }
 
