@@ -15,11 +15,13 @@ rm -rf .gpu/bin && mkdir -p .gpu/bin
   | jq -r 'select(.reason == "compiler-artifact" and .executable != null)
            | select(.target.name == "fidelity" or .target.name == "nf4_gemv" or .target.name == "medvl"
                     or .target.name == "nf4"
-                    or .target.name == "medvl-bench" or .target.name == "plan" or .target.name == "decode")
+                    or .target.name == "medvl-bench" or .target.name == "plan" or .target.name == "decode"
+                    or .target.name == "medvl_engine")
            | "\(.target.name) \(.executable)"' \
   | while read -r name exe; do
       # Test binaries and bins can share a target name (medvl): keep bins under their own name.
       case "$exe" in
+        */deps/medvl_engine-*) dst=".gpu/bin/test-engine-lib" ;;  # the engine's unit tests (share.rs on CUDA)
         */deps/medvl-*|*/deps/medvl_*) continue ;;  # the bins' own unit tests
         */deps/*) dst=".gpu/bin/test-$name" ;;
         *) dst=".gpu/bin/$name" ;;

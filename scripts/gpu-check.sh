@@ -2,7 +2,7 @@
 # Every GPU check and benchmark in one run on the GPU machine (binaries from scripts/gpu-build.sh in .gpu/).
 # Writes full logs and the kernel benchmark JSON under $OUT and prints a short summary last.
 #   P. the page benchmark, 7B with random weights, end to end through the engine (PAGE_FORMATS, default bf16,nf4,
-#      empty for none; PAGE_TOKENS, default 1260,2772; PAGE_PARALLEL=1: one process per format at once), then the Python stack on the same pages (PY_PAGE=1;
+#      empty for none; PAGE_TOKENS, default 1260,2772; PAGE_FLAGS, e.g. --compare-nf4-dequant; PAGE_PARALLEL=1: one process per format at once), then the Python stack on the same pages (PY_PAGE=1;
 #      PY_PAGE_FORMATS, PY_PAGE_TOKENS, PY_PAGE_RUNS);
 #   B. with bitsandbytes' wheel carried (.gpu/whl/repacked, from scripts/bnb-wheel.sh): installed for the Python
 #      NF4 baselines; fixtures/nf4/tiny_logits_cuda_bf16.safetensors made when missing (copied to $OUT), and the
@@ -64,7 +64,7 @@ fi
 page=${PAGE_FORMATS-bf16,nf4}
 page_bench() {  # FORMATS NAME
   timeout ${PAGE_TIMEOUT:-400} $bin/medvl-bench page --formats "$1" --image-tokens "${PAGE_TOKENS:-1260,2772}" \
-    --runs "${PAGE_RUNS:-3}" --card "$card" --commit "$commit" --out "$OUT/$2.json" > "$OUT/$2.log" 2>&1
+    --runs "${PAGE_RUNS:-3}" ${PAGE_FLAGS:-} --card "$card" --commit "$commit" --out "$OUT/$2.json" > "$OUT/$2.log" 2>&1
   echo "page bench exit $?" >> "$OUT/$2.log"
 }
 if [ -n "$page" ] && [ "${PAGE_PARALLEL:-0}" = 1 ]; then
@@ -117,6 +117,11 @@ if [ "${PLAN_TESTS:-1}" = 1 ]; then
   done
   ( timeout $left $bin/test-decode --ignored --nocapture > "$OUT/decode-test.log" 2>&1
     echo "exit $?" >> "$OUT/decode-test.log" ) &
+  # The engine's unit tests on CUDA (a plan sharing NF4 weights and their double-quantized scales).
+  if [ -x $bin/test-engine-lib ]; then
+    ( timeout $left $bin/test-engine-lib --ignored --nocapture > "$OUT/engine-lib-test.log" 2>&1
+      echo "exit $?" >> "$OUT/engine-lib-test.log" ) &
+  fi
 fi
 if [ "${NF4_MODEL_TEST:-1}" = 1 ]; then
   ( timeout $left $bin/test-nf4 --ignored --nocapture > "$OUT/nf4-model-test.log" 2>&1
@@ -145,7 +150,7 @@ for f in "$OUT"/page.log "$OUT"/page-*.log; do [ -f "$f" ] && grep -E "^\||on cu
 [ -f "$OUT/decode.log" ] && grep -E "^\||decoder|exit|rror" "$OUT/decode.log"
 [ -f "$OUT/python.log" ] && tail -8 "$OUT/python.log"
 [ -f "$OUT/bench.log" ] && grep -E "copy probe|^\| [a-z]|exit" "$OUT/bench.log"
-for f in "$OUT"/plan-test*.log "$OUT"/decode-test.log; do
+for f in "$OUT"/plan-test*.log "$OUT"/decode-test.log "$OUT"/engine-lib-test.log; do
   [ -f "$f" ] && { echo "-- $(basename "$f")"; grep -E "^test |step-1|tokens equal|panicked|^exit" "$f" | tail -16; }
 done
 [ -f "$OUT/kernels-test.log" ] && grep -E "^test |test result|panicked|worst error" "$OUT/kernels-test.log" | grep -v "worst error 0\.00" | tail -12

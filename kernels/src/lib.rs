@@ -7,6 +7,7 @@
 
 mod buffer;
 pub mod decode;
+pub mod dequant;
 mod error;
 pub mod gemm;
 pub mod mma;

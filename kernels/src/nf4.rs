@@ -13,7 +13,7 @@
 //! - `gemv_any` for other widths (blocks then straddle rows): one code per lane per step, exact but slower.
 
 use cubecl::prelude::*;
-use medvl_nf4::{Absmax, NESTED_BLOCKSIZE, NF4_CODE, Nf4Tensor};
+use medvl_nf4::{Absmax, NESTED_BLOCKSIZE, NF4_CODE, Nf4Tensor, le_words};
 
 use crate::{Buffer, KernelError};
 
@@ -26,14 +26,18 @@ const PLANES_PER_CUBE: u32 = 4;
 /// Block scales on the device.
 // One per matrix, built once and never moved on a hot path: the size difference does not matter.
 #[allow(clippy::large_enum_variant)]
-enum Scales {
-    /// Double quantization: 8-bit codes (4 per u32), then per nested block (256 blocks) its f32 scale and offset,
-    /// and the 256-entry map. The offset is kept per nested block so that matrices quantized separately (each with
-    /// its own mean offset) can be stacked into one ([`Nf4Matrix::stack`]).
+pub enum Scales {
+    /// Double quantization: `scale[b] = map[codes[b]] * nested[b / 256] + offsets[b / 256]`. The offset is kept
+    /// per nested block so that matrices quantized separately (each with its own mean offset) can be stacked into
+    /// one ([`Nf4Matrix::stack`]).
     Double {
+        /// One 8-bit code per block, four per word (little-endian).
         codes: Buffer<u32>,
+        /// One f32 scale per nested block of 256 blocks.
         nested: Buffer<f32>,
+        /// One f32 offset per nested block.
         offsets: Buffer<f32>,
+        /// The 256-entry map the codes index.
         map: Buffer<f32>,
     },
     /// One f32 per block.
@@ -61,16 +65,6 @@ fn pair_tables<R: Runtime>(client: &ComputeClient<R>) -> Buffer<u32> {
         half::f16::from_f32(v).to_bits()
     }));
     Buffer::from_slice(client, &tables)
-}
-
-/// Bytes as little-endian u32 words, zero-padded to a multiple of `align` bytes (at least one word).
-fn words(bytes: &[u8], align: usize) -> Vec<u32> {
-    let mut padded = bytes.to_vec();
-    padded.resize(bytes.len().div_ceil(align).max(1) * align, 0);
-    padded
-        .chunks_exact(4)
-        .map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]]))
-        .collect()
 }
 
 /// The `[rows, cols]` of a 2-D tensor.
@@ -166,7 +160,7 @@ impl Nf4Matrix {
                 }
             }
             Scales::Double {
-                codes: Buffer::from_slice(client, &words(&codes, 4)),
+                codes: Buffer::from_slice(client, &le_words(&codes, 4)),
                 nested: Buffer::from_slice(client, &nested),
                 offsets: Buffer::from_slice(client, &offsets),
                 map: Buffer::from_slice(client, map),
@@ -183,20 +177,20 @@ impl Nf4Matrix {
             rows,
             cols,
             blocksize,
-            packed: Buffer::from_slice(client, &words(&packed, 16)),
+            packed: Buffer::from_slice(client, &le_words(&packed, 16)),
             scales,
             codebook: Buffer::from_slice(client, &NF4_CODE),
             pairs: pair_tables(client),
         })
     }
 
-    /// A `[rows, cols]` NF4 matrix whose codes are already on the device (e.g. a model's, shared): `packed` holds
-    /// the bitsandbytes byte stream as little-endian words (at least `ceil(rows * cols / 8)`; a multiple of 4
-    /// words when `cols % 32 == 0`, as the 16-byte loads need), `scales` one f32 per block.
+    /// A `[rows, cols]` NF4 matrix whose codes and scales are already on the device (e.g. a model's, shared):
+    /// `packed` holds the bitsandbytes byte stream as little-endian words (at least `ceil(rows * cols / 8)`; a
+    /// multiple of 4 words when `cols % 32 == 0`, as the 16-byte loads need), `scales` the block scales.
     pub fn from_device<R: Runtime>(
         client: &ComputeClient<R>,
         packed: Buffer<u32>,
-        scales: Buffer<f32>,
+        scales: Scales,
         rows: usize,
         cols: usize,
         blocksize: usize,
@@ -214,13 +208,27 @@ impl Nf4Matrix {
                 packed.len()
             )));
         }
-        scales.check("NF4 block scales", n.div_ceil(blocksize))?;
+        let blocks = n.div_ceil(blocksize);
+        match &scales {
+            Scales::Plain(absmax) => absmax.check("NF4 block scales", blocks)?,
+            Scales::Double {
+                codes,
+                nested,
+                offsets,
+                map,
+            } => {
+                codes.check("NF4 8-bit scale codes", blocks.div_ceil(4))?;
+                nested.check("NF4 nested scales", blocks.div_ceil(NESTED_BLOCKSIZE))?;
+                offsets.check("NF4 scale offsets", blocks.div_ceil(NESTED_BLOCKSIZE))?;
+                map.check("NF4 scale map", 256)?;
+            }
+        }
         Ok(Self {
             rows,
             cols,
             blocksize,
             packed,
-            scales: Scales::Plain(scales),
+            scales,
             codebook: Buffer::from_slice(client, &NF4_CODE),
             pairs: pair_tables(client),
         })

@@ -505,6 +505,57 @@ fn copy_probe_copies<R: Runtime>(client: &ComputeClient<R>) {
     assert!(probe::copy(client, &odd, &odd).is_err());
 }
 
+/// The dequantization kernel writes exactly the host's `code * scale` (f32) rounded once to `F`, as
+/// bitsandbytes' `dequantize_4bit`: double-quantized and plain scales, block sizes 32-256, sizes with a partial
+/// last word and block, a stack of separately quantized parts, the 7B's vision MLP shape.
+fn dequantize_exactly<R: Runtime, F: Host>(client: &ComputeClient<R>) {
+    let mut cases: Vec<(Nf4Matrix, Vec<f32>)> = Vec::new();
+    for (i, &(rows, cols, blocksize, double)) in [
+        (1, 64, 64, true),
+        (7, 100, 64, true),
+        (3, 33, 32, false),
+        (300, 64, 64, true),
+        (64, 96, 128, false),
+        (5, 1024, 256, true),
+        (1280, 3420, 64, true),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let weight = random_weight(rows, cols, blocksize, double, 50 + i as u64);
+        cases.push((Nf4Matrix::upload(client, &weight).unwrap(), weight.dequantize()));
+    }
+    let parts = [
+        random_weight(256, 64, 64, true, 60),
+        random_weight(40, 64, 64, true, 61),
+    ];
+    let host: Vec<f32> = parts.iter().flat_map(|p| p.dequantize()).collect();
+    let stack = Nf4Matrix::stack(client, &[&parts[0], &parts[1]]).unwrap();
+    assert!(stack.double_quant());
+    cases.push((stack, host));
+    for (matrix, host) in cases {
+        let out = Buffer::<F>::empty(client, host.len());
+        medvl_kernels::dequant::dequantize(client, &matrix, &out).unwrap();
+        let got = out.read(client).unwrap();
+        let (rows, cols) = (matrix.rows(), matrix.cols());
+        for (i, (g, h)) in got.iter().zip(&host).enumerate() {
+            assert_eq!(
+                g.host_to().to_bits(),
+                F::host_from(*h).host_to().to_bits(),
+                "{rows}x{cols} value {i}: {} against {h}",
+                g.host_to()
+            );
+        }
+    }
+    // Too small an output buffer is refused.
+    let weight = Nf4Matrix::upload(client, &random_weight(4, 64, 64, true, 70)).unwrap();
+    let small = Buffer::<F>::empty(client, 255);
+    assert!(matches!(
+        medvl_kernels::dequant::dequantize(client, &weight, &small),
+        Err(KernelError::BufferTooSmall { .. })
+    ));
+}
+
 #[cfg(feature = "wgpu")]
 mod wgpu {
     use super::*;
@@ -542,6 +593,11 @@ mod wgpu {
     #[test]
     fn mma_refuses_f32_and_lavapipe() {
         mma_refuses_unsupported::<WgpuRuntime, f32>(&client(), false);
+    }
+
+    #[test]
+    fn dequantize_f32() {
+        dequantize_exactly::<WgpuRuntime, f32>(&client());
     }
 
     #[test]
@@ -609,6 +665,14 @@ mod cuda {
         mma_shapes::<CudaRuntime, half::f16>(&client);
         mma_refuses_unsupported::<CudaRuntime, bf16>(&client, true);
         mma_refuses_unsupported::<CudaRuntime, f32>(&client, false);
+    }
+
+    #[test]
+    #[ignore = "needs an NVIDIA GPU"]
+    fn cuda_dequantize() {
+        dequantize_exactly::<CudaRuntime, f32>(&client());
+        dequantize_exactly::<CudaRuntime, bf16>(&client());
+        dequantize_exactly::<CudaRuntime, half::f16>(&client());
     }
 
     #[test]

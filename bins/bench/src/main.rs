@@ -14,6 +14,7 @@
 
 mod decode;
 mod page;
+mod report;
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -46,6 +47,9 @@ enum Command {
     /// A page end to end through the engine (random weights): load, memory, vision and decoder prefill, time
     /// to first token, decode tokens/s, page + 256 tokens avg/min/max.
     Page(page::PageArgs),
+    /// docs/BENCHMARK_REPORT.md and its SVG charts from benchmark JSON reports (medvl's and the Python
+    /// baselines'), the two stacks side by side.
+    Report(report::ReportArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -154,6 +158,7 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Decode(args) => decode::run(&args),
         Command::Page(args) => page::run(&args),
+        Command::Report(args) => report::run(args),
         Command::Kernels(args) => match args.runtime {
             #[cfg(feature = "cuda")]
             RuntimeKind::Cuda => kernels::<cubecl::cuda::CudaRuntime>(&args, "cuda"),
@@ -439,7 +444,10 @@ fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
     }
-    let tmp = path.with_extension("json.tmp");
+    let name = path
+        .file_name()
+        .with_context(|| format!("{}: not a file name", path.display()))?;
+    let tmp = path.with_file_name(format!("{}.tmp", name.to_string_lossy()));
     std::fs::write(&tmp, bytes).with_context(|| format!("write {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("rename to {}", path.display()))?;
     Ok(())

@@ -70,6 +70,10 @@ pub struct PageArgs {
     /// How the tokens after the first are decoded.
     #[arg(long, value_enum, default_value = "plan")]
     decode: PageDecode,
+    /// For NF4 formats, also time the vision tower and the decoder's prefill with the NF4 weights dequantized by
+    /// tensor ops instead of the CubeCL kernel (`medvl_model::layers::set_fused_dequantize`), in the same process.
+    #[arg(long)]
+    compare_nf4_dequant: bool,
     /// Qwen2.5-VL's `tokenizer.json` (gzip-compressed if the name ends in `.gz`).
     #[arg(long, default_value = "fixtures/qwen/tokenizer.json.gz")]
     tokenizer: PathBuf,
@@ -158,7 +162,7 @@ struct Case {
     /// Allocator bytes in use after building the model (its weights), MB.
     model_mb: Option<f64>,
     /// What building the decode plan added to the allocator's bytes in use (it shares the model's weights and
-    /// adds its NF4 block scales, norms, biases, adapters and KV cache), MB.
+    /// their NF4 block scales, and adds norms, biases, adapters and the KV cache), MB.
     plan_weights_mb: Option<f64>,
     /// Allocator bytes in use and reserved after the runs, MB.
     in_use_mb: Option<f64>,
@@ -167,6 +171,12 @@ struct Case {
     vision_s: f64,
     /// The decoder's prefill over the prompt alone, image features given (median), s.
     llm_prefill_s: f64,
+    /// With `--compare-nf4-dequant`: the vision tower and the decoder's prefill (medians) with the NF4 weights
+    /// dequantized by tensor ops instead of the kernel, s.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    vision_tensor_ops_s: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    llm_prefill_tensor_ops_s: Option<f64>,
     total_s: Spread,
     time_to_first_token_s: Spread,
     decode_tokens_per_s: Spread,
@@ -480,6 +490,19 @@ fn run_on<B: Backend>(
                 vision.push(v);
                 llm.push(l);
             }
+            let tensor_ops = if args.compare_nf4_dequant && format != PageFormat::Bf16 {
+                medvl_model::layers::set_fused_dequantize(false);
+                let split = (0..args.runs)
+                    .map(|_| prefill_split(&engine, &png, &device))
+                    .collect::<Result<Vec<_>>>();
+                medvl_model::layers::set_fused_dequantize(true);
+                let (v, l): (Vec<f64>, Vec<f64>) = split?.into_iter().unzip();
+                let (v, l) = (median(v), median(l));
+                eprintln!("  NF4 dequantized by tensor ops: vision {v:.3} s, LLM prefill {l:.3} s");
+                Some((v, l))
+            } else {
+                None
+            };
             let usage = memory();
             let case = Case {
                 format,
@@ -499,6 +522,8 @@ fn run_on<B: Backend>(
                 reserved_mb: usage.map(|m| m.1),
                 vision_s: median(vision),
                 llm_prefill_s: median(llm),
+                vision_tensor_ops_s: tensor_ops.map(|t| t.0),
+                llm_prefill_tensor_ops_s: tensor_ops.map(|t| t.1),
                 total_s: Spread::of(runs.iter().map(|r| r.total_s)),
                 time_to_first_token_s: Spread::of(runs.iter().map(|r| r.time_to_first_token_s)),
                 decode_tokens_per_s: Spread::of(runs.iter().map(|r| r.decode_tokens_per_s)),

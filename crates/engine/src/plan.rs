@@ -21,7 +21,7 @@ use medvl_kernels::decode::{
 use medvl_kernels::nf4::{self, Activation, MAX_BATCH, Nf4Matrix};
 use medvl_kernels::{Buffer, KernelError};
 use medvl_kernels::{gemm, mma};
-use medvl_model::layers::{Linear, LinearWeight};
+use medvl_model::layers::{Linear, LinearWeight, Nf4Scales, Nf4Weight};
 use medvl_model::text::DecoderLayer;
 use medvl_model::{KvCache, QwenVl, TextConfig};
 use medvl_nf4::{Absmax, DYNAMIC_MAP, NESTED_BLOCKSIZE, Nf4Tensor};
@@ -415,6 +415,35 @@ pub(crate) fn host_values<B: Backend, const D: usize>(tensor: Tensor<B, D>) -> R
         .map_err(|e| EngineError::Plan(format!("reading a weight: {e:?}")))
 }
 
+/// The block scales of a model's NF4 weight on the host: double-quantized as on the device when the weight has
+/// one offset (as bitsandbytes stores it), else resolved to one f32 per block.
+fn host_absmax<B: Backend>(w: &Nf4Weight<B>) -> Result<Absmax> {
+    let blocks = w.blocks();
+    if let Nf4Scales::Double(d) = &w.scales {
+        let offsets = host_values(d.offsets.clone())?;
+        if let Some(&offset) = offsets.first()
+            && offsets.iter().all(|&o| o == offset)
+        {
+            let words = d
+                .codes
+                .clone()
+                .into_data()
+                .convert::<i64>()
+                .to_vec::<i64>()
+                .map_err(|e| EngineError::Plan(format!("reading NF4 scale codes: {e:?}")))?;
+            let mut codes: Vec<u8> = words.into_iter().flat_map(|w| (w as i32).to_le_bytes()).collect();
+            codes.truncate(blocks);
+            return Ok(Absmax::Double {
+                codes,
+                nested_absmax: host_values(d.nested.clone())?,
+                nested_code: host_values(d.map.clone())?,
+                offset,
+            });
+        }
+    }
+    Ok(Absmax::Plain(host_values(w.scales.resolve(blocks))?))
+}
+
 impl HostMatrix {
     fn shape(&self) -> [usize; 2] {
         match self {
@@ -435,7 +464,7 @@ impl HostMatrix {
             },
             LinearWeight::Nf4(w) => Self::Nf4(Nf4Tensor {
                 packed: w.packed_bytes()?,
-                absmax: Absmax::Plain(host_values(w.absmax.clone())?),
+                absmax: host_absmax(w)?,
                 blocksize: w.blocksize,
                 shape: vec![rows, cols],
             }),

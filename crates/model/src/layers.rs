@@ -6,7 +6,7 @@
 use burn::module::Param;
 use burn::prelude::*;
 use burn::tensor::activation::silu;
-use burn::tensor::{FloatDType, Int};
+use burn::tensor::{DType, FloatDType, Int};
 
 /// A linear layer `y = x W^T + b` with the weight in the PyTorch layout `[out, in]`.
 ///
@@ -43,18 +43,18 @@ pub enum LinearWeight<B: Backend> {
     Nf4(Nf4Weight<B>),
 }
 
-/// An NF4 weight on the device: packed codes and one f32 scale per block. The codes are bitsandbytes' byte
-/// stream (two per byte, high nibble first) read as little-endian 32-bit words, eight codes per word, exactly the
-/// bits the CubeCL kernels of `medvl-kernels` read, in half a byte per weight.
-/// This is the reference path (dequantize with tensor ops, then a dense matmul); the fused CubeCL kernels of
-/// `medvl-kernels` replace it on CUDA.
+/// An NF4 weight on the device: packed codes and block scales, in bitsandbytes' layout and precision. The codes
+/// are bitsandbytes' byte stream (two per byte, high nibble first) read as little-endian 32-bit words, eight codes
+/// per word, exactly the bits the CubeCL kernels of `medvl-kernels` read, in half a byte per weight.
+/// [`Nf4Weight::dequantize`] is the reference path (dequantize with tensor ops in f32, as bitsandbytes, then a
+/// dense matmul); the fused CubeCL kernels of `medvl-kernels` replace it on CUDA and read the same buffers.
 #[derive(Module, Debug)]
 pub struct Nf4Weight<B: Backend> {
     /// `[ceil(out * in / 8)]` words of packed codes (the byte stream zero-padded to whole words).
     pub packed: Tensor<B, 1, Int>,
-    /// `[blocks]` scales (double quantization already resolved).
-    pub absmax: Tensor<B, 1>,
-    /// The 16 NF4 values.
+    /// The block scales (f32 whatever the model's float type).
+    pub scales: Nf4Scales<B>,
+    /// The 16 NF4 values (f32).
     pub code: Tensor<B, 1>,
     /// `[out_features, in_features]`.
     #[module(skip)]
@@ -64,28 +64,125 @@ pub struct Nf4Weight<B: Backend> {
     pub blocksize: usize,
 }
 
+/// Whether NF4 weights on burn's CUDA backend are dequantized by the CubeCL kernel (the default) rather than by
+/// tensor ops ([`Nf4Weight::dense`]); process-wide, for comparisons (`medvl-bench page --nf4-dequant`).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+static FUSED_DEQUANTIZE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Turns the NF4 dequantization kernel on or off for the whole process (see [`Nf4Weight::dense`]).
+pub fn set_fused_dequantize(enabled: bool) {
+    FUSED_DEQUANTIZE.store(enabled, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The block scales of an [`Nf4Weight`], f32 tensors in any model.
+#[derive(Module, Debug)]
+pub enum Nf4Scales<B: Backend> {
+    /// `[blocks]`: one scale per block.
+    Plain(Tensor<B, 1>),
+    /// bitsandbytes' double quantization kept as stored: one byte per block instead of four.
+    Double(DoubleQuant<B>),
+}
+
+/// Double-quantized block scales: `scale[b] = map[code[b]] * nested[b / 256] + offsets[b / 256]`, in f32.
+#[derive(Module, Debug)]
+pub struct DoubleQuant<B: Backend> {
+    /// `[ceil(blocks / 4)]` words of 8-bit codes, four per word, little-endian (block `4w` in the low byte).
+    pub codes: Tensor<B, 1, Int>,
+    /// `[ceil(blocks / 256)]`: one scale per nested block of 256 blocks.
+    pub nested: Tensor<B, 1>,
+    /// `[ceil(blocks / 256)]`: the offset added back (bitsandbytes' one mean per weight, repeated per nested
+    /// block so that weights stacked into one keep their own).
+    pub offsets: Tensor<B, 1>,
+    /// `[256]`: the map the codes index (bitsandbytes' `nested_quant_map`).
+    pub map: Tensor<B, 1>,
+}
+
+/// An f32 tensor in any model (the default float type may be bf16).
+fn f32_tensor<B: Backend>(values: Vec<f32>, device: &B::Device) -> Tensor<B, 1> {
+    let len = values.len();
+    Tensor::from_data(TensorData::new(values, [len]), (device, DType::F32))
+}
+
+/// Bytes as a tensor of little-endian 32-bit words (the bits as i32, burn's integer type).
+fn word_tensor<B: Backend>(bytes: &[u8], device: &B::Device) -> Tensor<B, 1, Int> {
+    let words: Vec<i32> = medvl_nf4::le_words(bytes, 4)
+        .into_iter()
+        .map(|w| w as i32)
+        .collect();
+    let len = words.len();
+    Tensor::from_data(TensorData::new(words, [len]), device)
+}
+
+/// Field `i` of width `bits` of every word, as `[words * 32 / bits]` integers (field 0 in the low bits first,
+/// or, with `shifts`, in the given order).
+fn unpack<B: Backend>(words: Tensor<B, 1, Int>, shifts: &[i32], mask: i32) -> Tensor<B, 1, Int> {
+    let n = words.dims()[0];
+    let per = shifts.len();
+    let shifts = Tensor::<B, 1, Int>::from_data(TensorData::new(shifts.to_vec(), [per]), &words.device())
+        .reshape([1, per])
+        .expand([n, per]);
+    words
+        .reshape([n, 1])
+        .expand([n, per])
+        .bitwise_right_shift(shifts)
+        .bitwise_and_scalar(mask.elem())
+        .reshape([n * per])
+}
+
+/// `[groups]` -> `[len]`: each value repeated `size` times, the tail cut.
+fn repeat_each<B: Backend>(values: Tensor<B, 1>, size: usize, len: usize) -> Tensor<B, 1> {
+    let groups = values.dims()[0];
+    values
+        .reshape([groups, 1])
+        .expand([groups, size])
+        .reshape([groups * size])
+        .narrow(0, 0, len)
+}
+
+impl<B: Backend> Nf4Scales<B> {
+    /// The f32 scale of each of the first `blocks` blocks.
+    pub fn resolve(&self, blocks: usize) -> Tensor<B, 1> {
+        match self {
+            Self::Plain(scales) => scales.clone().narrow(0, 0, blocks),
+            Self::Double(d) => {
+                let codes = unpack(d.codes.clone(), &[0, 8, 16, 24], 0xFF).narrow(0, 0, blocks);
+                let nested = medvl_nf4::NESTED_BLOCKSIZE;
+                d.map.clone().select(0, codes) * repeat_each(d.nested.clone(), nested, blocks)
+                    + repeat_each(d.offsets.clone(), nested, blocks)
+            }
+        }
+    }
+}
+
 impl<B: Backend> Nf4Weight<B> {
-    /// Uploads a host NF4 tensor of shape `[out, in]`.
+    /// Uploads a host NF4 tensor of shape `[out, in]`, keeping double-quantized scales double-quantized.
     pub fn from_host(tensor: &medvl_nf4::Nf4Tensor, device: &B::Device) -> Self {
-        let shape = [tensor.shape[0], tensor.shape[1]];
-        let packed: Vec<i32> = tensor
-            .packed
-            .chunks(4)
-            .map(|c| {
-                let mut word = [0u8; 4];
-                word[..c.len()].copy_from_slice(c);
-                i32::from_le_bytes(word)
-            })
-            .collect();
-        let words = packed.len();
-        let absmax = tensor.absmax.to_f32();
+        let scales = match &tensor.absmax {
+            medvl_nf4::Absmax::Plain(scales) => Nf4Scales::Plain(f32_tensor(scales.clone(), device)),
+            medvl_nf4::Absmax::Double {
+                codes,
+                nested_absmax,
+                nested_code,
+                offset,
+            } => Nf4Scales::Double(DoubleQuant {
+                codes: word_tensor(codes, device),
+                nested: f32_tensor(nested_absmax.clone(), device),
+                offsets: f32_tensor(vec![*offset; nested_absmax.len()], device),
+                map: f32_tensor(nested_code.clone(), device),
+            }),
+        };
         Self {
-            packed: Tensor::from_data(TensorData::new(packed, [words]), device),
-            absmax: Tensor::from_data(TensorData::new(absmax.clone(), [absmax.len()]), device),
-            code: Tensor::from_data(TensorData::new(medvl_nf4::NF4_CODE.to_vec(), [16]), device),
-            shape,
+            packed: word_tensor(&tensor.packed, device),
+            scales,
+            code: f32_tensor(medvl_nf4::NF4_CODE.to_vec(), device),
+            shape: [tensor.shape[0], tensor.shape[1]],
             blocksize: tensor.blocksize,
         }
+    }
+
+    /// Number of blocks.
+    pub fn blocks(&self) -> usize {
+        (self.shape[0] * self.shape[1]).div_ceil(self.blocksize)
     }
 
     /// The packed codes as bitsandbytes stores them: `ceil(out * in / 2)` bytes, high nibble first.
@@ -109,36 +206,40 @@ impl<B: Backend> Nf4Weight<B> {
         Ok(bytes)
     }
 
-    /// The dense `[out, in]` weight: `code[nibble] * absmax[block]`.
+    /// The dense `[out, in]` weight in `dtype`, for a matmul: on burn's CUDA backend one CubeCL kernel
+    /// (`medvl_kernels::dequant`), elsewhere (or with [`set_fused_dequantize`] off) [`Self::dequantize`] and a
+    /// cast. Both compute `code * scale` in f32 and round once, as bitsandbytes.
+    pub fn dense(&self, dtype: DType) -> Tensor<B, 2> {
+        #[cfg(feature = "cuda")]
+        if FUSED_DEQUANTIZE.load(std::sync::atomic::Ordering::Relaxed) {
+            match self.dense_by_kernel(dtype) {
+                Some(Ok(dense)) => return dense,
+                Some(Err(e)) => {
+                    tracing::warn!("the NF4 dequantization kernel failed ({e}); using tensor ops")
+                }
+                None => {}
+            }
+        }
+        self.dequantize().cast(dtype)
+    }
+
+    /// [`Self::dense`] by the CubeCL kernel: `None` when the weight is not on burn's CUDA backend, an error when the
+    /// kernel cannot take it.
+    #[cfg(feature = "cuda")]
+    pub fn dense_by_kernel(&self, dtype: DType) -> Option<Result<Tensor<B, 2>, String>> {
+        crate::fused::dequantize(self, dtype)
+    }
+
+    /// The dense `[out, in]` weight in f32 through tensor ops (the reference path, any backend):
+    /// `code[nibble] * scale[block]`, as bitsandbytes computes it.
     pub fn dequantize(&self) -> Tensor<B, 2> {
         let [out, inp] = self.shape;
         let n = out * inp;
-        let words = self.packed.dims()[0];
-        let device = self.packed.device();
         // Code i of a word sits at bits SHIFTS[i]..+4 (byte 0 lowest, high nibble first within a byte).
-        const SHIFTS: [i32; 8] = [4, 0, 12, 8, 20, 16, 28, 24];
-        let shifts = Tensor::<B, 1, Int>::from_data(TensorData::new(SHIFTS.to_vec(), [8]), &device)
-            .reshape([1, 8])
-            .expand([words, 8]);
-        let codes = self
-            .packed
-            .clone()
-            .reshape([words, 1])
-            .expand([words, 8])
-            .bitwise_right_shift(shifts)
-            .bitwise_and_scalar(0xF.elem())
-            .reshape([8 * words])
-            .narrow(0, 0, n);
+        let codes = unpack(self.packed.clone(), &[4, 0, 12, 8, 20, 16, 28, 24], 0xF).narrow(0, 0, n);
         let values = self.code.clone().select(0, codes);
-        let blocks = self.absmax.dims()[0];
-        // [blocks] -> [blocks, blocksize] -> [blocks * blocksize] -> first n
-        let scales = self
-            .absmax
-            .clone()
-            .reshape([blocks, 1])
-            .expand([blocks, self.blocksize])
-            .reshape([blocks * self.blocksize]);
-        (values * scales.narrow(0, 0, n)).reshape([out, inp])
+        let scales = repeat_each(self.scales.resolve(self.blocks()), self.blocksize, n);
+        (values * scales).reshape([out, inp])
     }
 }
 
@@ -170,7 +271,7 @@ impl<B: Backend> Linear<B> {
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let weight = match &self.weight {
             LinearWeight::Dense(w) => w.val(),
-            LinearWeight::Nf4(w) => w.dequantize(),
+            LinearWeight::Nf4(w) => w.dense(x.dtype()),
         };
         let y = burn::tensor::module::linear(
             x.clone(),

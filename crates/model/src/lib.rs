@@ -9,6 +9,8 @@ pub mod attention;
 pub mod chat;
 pub mod config;
 pub mod error;
+#[cfg(feature = "cuda")]
+mod fused;
 pub mod image;
 pub mod layers;
 pub mod loader;

@@ -108,6 +108,41 @@ fn skip_list_keeps_modules_dense() {
     );
 }
 
+/// A model's NF4 weight dequantizes to exactly bitsandbytes' values (`Nf4Tensor::dequantize`, bit-exact with
+/// `dequantize_4bit` in `crates/nf4/tests`), with double-quantized scales kept as stored (one byte per block) and
+/// plain ones as given: odd shapes with a partial last block, a partial last nested block, block sizes 64 and 128.
+#[test]
+fn nf4_weight_dequantizes_as_bitsandbytes() {
+    use medvl_model::layers::{Nf4Scales, Nf4Weight};
+    let device = Default::default();
+    for (shape, blocksize) in [([7, 100], 64), ([300, 64], 64), ([260, 128], 128), ([1, 64], 64)] {
+        let n = shape[0] * shape[1];
+        let values: Vec<f32> = (0..n)
+            .map(|i| ((i as f32 * 0.37).sin() * (1.0 + (i / 97) as f32)).powi(3))
+            .collect();
+        for double_quant in [true, false] {
+            let tensor = medvl_nf4::quantize(&values, &shape, blocksize, double_quant).unwrap();
+            let weight = Nf4Weight::<Cpu>::from_host(&tensor, &device);
+            let blocks = n.div_ceil(blocksize);
+            assert_eq!(weight.blocks(), blocks);
+            match &weight.scales {
+                Nf4Scales::Double(d) => {
+                    assert!(double_quant, "{shape:?}");
+                    assert_eq!(d.codes.dims(), [blocks.div_ceil(4)]);
+                    assert_eq!(d.nested.dims(), [blocks.div_ceil(256)]);
+                }
+                Nf4Scales::Plain(s) => {
+                    assert!(!double_quant, "{shape:?}");
+                    assert_eq!(s.dims(), [blocks]);
+                }
+            }
+            let got = weight.dequantize().into_data().to_vec::<f32>().unwrap();
+            assert_eq!(got, tensor.dequantize(), "{shape:?} double quant {double_quant}");
+            assert_eq!(weight.packed_bytes().unwrap(), tensor.packed);
+        }
+    }
+}
+
 /// On CUDA in bf16: the checkpoint bitsandbytes saved, loaded by medvl, (a) against transformers + bitsandbytes on
 /// the CPU in f32 (`fixtures/nf4.py`) within the bf16 tolerance of the fidelity tests (relative Frobenius error
 /// <= 2e-2), and (b) against transformers + bitsandbytes' CUDA kernels with bf16 compute (`fixtures/nf4.py
@@ -117,6 +152,36 @@ fn skip_list_keeps_modules_dense() {
 mod cuda {
     use super::*;
     use medvl_model::backend::CudaBf16;
+
+    /// On CUDA every NF4 weight of the model is dequantized by the CubeCL kernel (not the tensor-op fallback),
+    /// bit for bit as the tensor ops do it, in bf16 and f32.
+    #[test]
+    #[ignore = "needs an NVIDIA GPU: run with `just test-cuda`"]
+    fn cuda_dequantization_kernel_equals_tensor_ops() {
+        use burn::tensor::DType;
+        let model =
+            load_dir::<CudaBf16>(&fixtures().join("tiny/nf4-bnb"), &Default::default()).unwrap();
+        let mut checked = 0;
+        for layer in &model.text.layers {
+            for linear in [&layer.self_attn.q_proj, &layer.self_attn.k_proj, &layer.mlp.down_proj] {
+                let LinearWeight::Nf4(w) = &linear.weight else {
+                    panic!("NF4")
+                };
+                for dtype in [DType::BF16, DType::F32] {
+                    let fused = w.dense_by_kernel(dtype).expect("a CUDA tensor").unwrap();
+                    assert_eq!(fused.dtype(), dtype);
+                    let fused = fused.into_data().convert::<f32>().to_vec::<f32>().unwrap();
+                    let ops = w.dequantize().cast(dtype).into_data().convert::<f32>();
+                    let ops = ops.to_vec::<f32>().unwrap();
+                    assert_eq!(fused.len(), ops.len());
+                    let differ = fused.iter().zip(&ops).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+                    assert_eq!(differ, 0, "{:?} {dtype:?}: {differ} values differ", w.shape);
+                    checked += 1;
+                }
+            }
+        }
+        assert!(checked > 0);
+    }
 
     #[test]
     #[ignore = "needs an NVIDIA GPU: run with `just test-cuda`"]

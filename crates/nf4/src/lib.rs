@@ -475,6 +475,19 @@ pub fn double_quantize(absmax: &[f32]) -> Absmax {
     }
 }
 
+/// `bytes` as little-endian 32-bit words (byte `4w` in the low bits of word `w`), zero-padded to a multiple of
+/// `align` bytes and to at least one word: how packed codes and 8-bit scale codes sit on a device that reads
+/// them a word at a time.
+pub fn le_words(bytes: &[u8], align: usize) -> Vec<u32> {
+    let align = align.max(4).next_multiple_of(4);
+    let mut padded = bytes.to_vec();
+    padded.resize(bytes.len().div_ceil(align).max(1) * align, 0);
+    padded
+        .chunks_exact(4)
+        .map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]]))
+        .collect()
+}
+
 impl Absmax {
     /// The f32 scale of every block.
     pub fn to_f32(&self) -> Vec<f32> {

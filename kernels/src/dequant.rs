@@ -1,0 +1,88 @@
+//! NF4 weights dequantized on the device in one pass: `W[n, k] = code * scale` in f32, rounded once to the
+//! output type, exactly as bitsandbytes' `dequantize_4bit`. The prefill multiplies many rows at once, where a
+//! dense matmul on the dequantized weight is the fast path; this kernel replaces the chain of tensor ops
+//! (unpack, look up, expand the scales, multiply, cast) that would otherwise build that weight.
+
+use cubecl::prelude::*;
+
+use crate::nf4::{Activation, Nf4Matrix, block_scale, decode_word, load_codebook};
+use crate::{Buffer, KernelError};
+
+/// Units per cube.
+const CUBE_UNITS: u32 = 256;
+
+/// Most cubes along x (the limit of some runtimes; CUDA allows more, wgpu does not).
+const MAX_CUBES_X: u32 = 65_535;
+
+/// `out = W` as `[rows, cols]`, row-major in `F`. One launch; nothing is read back.
+pub fn dequantize<R: Runtime, F: Activation>(
+    client: &ComputeClient<R>,
+    weight: &Nf4Matrix,
+    out: &Buffer<F>,
+) -> Result<(), KernelError> {
+    let n = weight.rows * weight.cols;
+    out.check("dequantized weight", n)?;
+    if weight.blocksize < 8 {
+        return Err(KernelError::Unsupported(format!(
+            "blocks of {}: a code word (8 codes) must lie in one block",
+            weight.blocksize
+        )));
+    }
+    let words = n.div_ceil(8) as u32;
+    let cubes = words.div_ceil(CUBE_UNITS);
+    let (x, y) = (cubes.min(MAX_CUBES_X), cubes.div_ceil(MAX_CUBES_X));
+    let (codes, scales, offsets, map, double_quant) = weight.scale_args();
+    // SAFETY: every array is passed with the element count of its own buffer; the kernel reads word `w` of the
+    // codes only for `w < ceil(n / 8)` (the packed buffer holds at least that many), the scales of blocks below
+    // `ceil(n / blocksize)` (sized by the matrix's constructors), and writes `out` below `n` (checked above).
+    #[allow(unsafe_code)]
+    unsafe {
+        dequantize_words::launch_unchecked::<F, R>(
+            client,
+            CubeCount::Static(x, y, 1),
+            CubeDim::new_1d(CUBE_UNITS),
+            weight.packed.array_arg(),
+            codes.array_arg(),
+            scales.array_arg(),
+            offsets.array_arg(),
+            map.array_arg(),
+            weight.codebook.array_arg(),
+            out.array_arg(),
+            n as u32,
+            weight.blocksize as u32,
+            double_quant,
+        );
+    }
+    Ok(())
+}
+
+/// Unit `w` decodes code word `w` (codes `8w..8w + 8`, one block) and writes its values.
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+fn dequantize_words<F: Float>(
+    packed: &Array<u32>,
+    codes: &Array<u32>,
+    scales: &Array<f32>,
+    offsets: &Array<f32>,
+    map: &Array<f32>,
+    codebook: &Array<f32>,
+    out: &mut Array<F>,
+    n: u32,
+    #[comptime] blocksize: u32,
+    #[comptime] double_quant: bool,
+) {
+    let table = load_codebook(codebook);
+    let word = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) * CUBE_DIM_X + UNIT_POS_X;
+    let first = word * 8;
+    if first < n {
+        let mut values = Array::<f32>::new(8usize);
+        decode_word(packed[word as usize], &table, &mut values, 0usize);
+        let scale = block_scale(first / blocksize, codes, scales, offsets, map, double_quant);
+        #[unroll]
+        for i in 0..8u32 {
+            if first + i < n {
+                out[(first + i) as usize] = F::cast_from(values[i as usize] * scale);
+            }
+        }
+    }
+}
