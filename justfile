@@ -29,12 +29,18 @@ bench-cpu:
 # Benchmarks on the GPU, 7B with random weights, each next to the Python stack on the same card (needs python3 with
 # torch + transformers; bitsandbytes for the NF4 baselines: `pip install bitsandbytes==0.50.2`):
 # a page end to end (bf16, NF4; 1,260 and 2,772 image tokens; 256 new tokens), then the decode step (bf16, NF4,
-# NF4 + lm_head; batch 1, 8, 16, 32).
+# NF4 + lm_head; batch 1, 8, 16, 32); then the report (`just report`).
 bench:
     cargo run --release -p medvl-bench --features cuda -- page --out benchmarks/page.json
     python3 benches/python/page_baseline.py --image-tokens 1260,2772 --out benchmarks/page-python.json
     cargo run --release -p medvl-bench --features cuda -- decode --batches 1,8,16,32 --out benchmarks/decode.json
     python3 benches/python/decode_baseline.py --batches 1,8,16,32 --out benchmarks/decode-python.json
+    just report benchmarks/page.json benchmarks/page-python.json benchmarks/decode.json benchmarks/decode-python.json
+
+# docs/BENCHMARK_REPORT.md and its SVG charts (docs/BENCHMARK_REPORT/) from benchmark JSON reports, medvl's and
+# the Python stack's side by side (CPU only).
+report +files:
+    cargo run -p medvl-bench -- report {{files}}
 
 # Regenerate the reference fixtures with transformers (CPU is enough; installs fixtures/requirements.txt in a venv).
 golden:

@@ -1,5 +1,7 @@
 //! NF4 weights dequantized on the device in one pass: `W[n, k] = code * scale` in f32, rounded once to the
-//! output type, exactly as bitsandbytes' `dequantize_4bit`. The prefill multiplies many rows at once, where a
+//! output type, as bitsandbytes' `dequantize_4bit` (on CUDA a double-quantized block scale `map[code] * nested +
+//! offset` is one fused multiply-add, rounded once where bitsandbytes rounds twice: a value can differ from
+//! bitsandbytes' by one unit in the last place). The prefill multiplies many rows at once, where a
 //! dense matmul on the dequantized weight is the fast path; this kernel replaces the chain of tensor ops
 //! (unpack, look up, expand the scales, multiply, cast) that would otherwise build that weight.
 

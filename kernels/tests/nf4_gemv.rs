@@ -13,7 +13,7 @@ use medvl_kernels::gemm::{self, GemmTiling};
 use medvl_kernels::mma::{self, MmaTiling};
 use medvl_kernels::nf4::{self, Activation, GemvTiling, Nf4Matrix};
 use medvl_kernels::{Buffer, KernelError, probe, reference};
-use medvl_nf4::{Nf4Tensor, quantize};
+use medvl_nf4::{Absmax, NESTED_BLOCKSIZE, NF4_CODE, Nf4Tensor, quantize};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -505,11 +505,37 @@ fn copy_probe_copies<R: Runtime>(client: &ComputeClient<R>) {
     assert!(probe::copy(client, &odd, &odd).is_err());
 }
 
-/// The dequantization kernel writes exactly the host's `code * scale` (f32) rounded once to `F`, as
-/// bitsandbytes' `dequantize_4bit`: double-quantized and plain scales, block sizes 32-256, sizes with a partial
-/// last word and block, a stack of separately quantized parts, the 7B's vision MLP shape.
+/// `code * scale` of every value (f32), with the double-quantized block scales computed as bitsandbytes does
+/// (`map[code] * nested`, then `+ offset`: two roundings) and as one fused multiply-add (one rounding), which is
+/// what CUDA compiles the kernels' `map[code] * nested + offset` to.
+fn dequantized_both(t: &Nf4Tensor) -> [Vec<f32>; 2] {
+    let unfused = t.absmax.to_f32();
+    let fused = match &t.absmax {
+        Absmax::Plain(v) => v.clone(),
+        Absmax::Double {
+            codes,
+            nested_absmax,
+            nested_code,
+            offset,
+        } => codes
+            .iter()
+            .enumerate()
+            .map(|(b, &c)| nested_code[c as usize].mul_add(nested_absmax[b / NESTED_BLOCKSIZE], *offset))
+            .collect(),
+    };
+    [unfused, fused].map(|scales| {
+        (0..t.numel())
+            .map(|i| NF4_CODE[t.code(i) as usize] * scales[i / t.blocksize])
+            .collect()
+    })
+}
+
+/// The dequantization kernel writes the host's `code * scale` (f32) rounded once to `F`, as bitsandbytes'
+/// `dequantize_4bit` (with the block scale's multiply-add fused or not): double-quantized and plain scales,
+/// block sizes 32-256, sizes with a partial last word and block, a stack of separately quantized parts, the 7B's
+/// vision MLP shape.
 fn dequantize_exactly<R: Runtime, F: Host>(client: &ComputeClient<R>) {
-    let mut cases: Vec<(Nf4Matrix, Vec<f32>)> = Vec::new();
+    let mut cases: Vec<(Nf4Matrix, [Vec<f32>; 2])> = Vec::new();
     for (i, &(rows, cols, blocksize, double)) in [
         (1, 64, 64, true),
         (7, 100, 64, true),
@@ -523,30 +549,41 @@ fn dequantize_exactly<R: Runtime, F: Host>(client: &ComputeClient<R>) {
     .enumerate()
     {
         let weight = random_weight(rows, cols, blocksize, double, 50 + i as u64);
-        cases.push((Nf4Matrix::upload(client, &weight).unwrap(), weight.dequantize()));
+        assert_eq!(dequantized_both(&weight)[0], weight.dequantize());
+        cases.push((Nf4Matrix::upload(client, &weight).unwrap(), dequantized_both(&weight)));
     }
     let parts = [
         random_weight(256, 64, 64, true, 60),
         random_weight(40, 64, 64, true, 61),
     ];
-    let host: Vec<f32> = parts.iter().flat_map(|p| p.dequantize()).collect();
+    let [a, b] = parts.each_ref().map(dequantized_both);
+    let host = [0, 1].map(|k| [a[k].clone(), b[k].clone()].concat());
     let stack = Nf4Matrix::stack(client, &[&parts[0], &parts[1]]).unwrap();
     assert!(stack.double_quant());
     cases.push((stack, host));
-    for (matrix, host) in cases {
+    let mut fused = 0;
+    for (matrix, [host, host_fused]) in cases {
         let out = Buffer::<F>::empty(client, host.len());
         medvl_kernels::dequant::dequantize(client, &matrix, &out).unwrap();
         let got = out.read(client).unwrap();
         let (rows, cols) = (matrix.rows(), matrix.cols());
-        for (i, (g, h)) in got.iter().zip(&host).enumerate() {
-            assert_eq!(
-                g.host_to().to_bits(),
-                F::host_from(*h).host_to().to_bits(),
-                "{rows}x{cols} value {i}: {} against {h}",
-                g.host_to()
-            );
+        for (i, g) in got.iter().enumerate() {
+            let bits = |v: f32| F::host_from(v).host_to().to_bits();
+            let g = g.host_to().to_bits();
+            if g != bits(host[i]) {
+                assert_eq!(
+                    g,
+                    bits(host_fused[i]),
+                    "{rows}x{cols} value {i}: {} against {} (or {} fused)",
+                    f32::from_bits(g),
+                    host[i],
+                    host_fused[i]
+                );
+                fused += 1;
+            }
         }
     }
+    eprintln!("dequantize: {fused} values took the fused scale");
     // Too small an output buffer is refused.
     let weight = Nf4Matrix::upload(client, &random_weight(4, 64, 64, true, 70)).unwrap();
     let small = Buffer::<F>::empty(client, 255);

@@ -221,7 +221,8 @@ fn page_section(md: &mut String, rows: &[PageRow], charts: &Path, dir: &str) -> 
         "## A page end to end\n\nOne page image and the extraction prompt, then {tokens} generated tokens. \
          Weights MB: medvl the model plus the decode plan's own buffers, transformers the model's weights. Peak: \
          the allocator's (transformers). Times in seconds; end to end is avg (min-max) over the timed runs after a \
-         warm-up. Speed-up: transformers' end-to-end time over medvl's, same card.\n"
+         warm-up. Speed-up: transformers' end-to-end time over medvl's, same card. #: the report a row \
+         comes from (Environment above); rows of different reports come from different commands.\n"
     )?;
     writeln!(
         md,
@@ -372,7 +373,13 @@ fn decode_section(
     }
     let mut series: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
     for row in &rows {
-        let name = format!("{} {}", if row.3 { "transformers" } else { "medvl" }, row.0);
+        // One line per stack, format and report (#): reports of other runs are not joined.
+        let name = format!(
+            "{} {} (#{})",
+            if row.3 { "transformers" } else { "medvl" },
+            row.0,
+            row.4 + 1
+        );
         let point = (row.1 as f64, row.6);
         match series.iter_mut().find(|(n, _)| *n == name) {
             Some((_, points)) => points.push(point),

@@ -424,15 +424,7 @@ fn host_absmax<B: Backend>(w: &Nf4Weight<B>) -> Result<Absmax> {
         if let Some(&offset) = offsets.first()
             && offsets.iter().all(|&o| o == offset)
         {
-            let words = d
-                .codes
-                .clone()
-                .into_data()
-                .convert::<i64>()
-                .to_vec::<i64>()
-                .map_err(|e| EngineError::Plan(format!("reading NF4 scale codes: {e:?}")))?;
-            let mut codes: Vec<u8> = words.into_iter().flat_map(|w| (w as i32).to_le_bytes()).collect();
-            codes.truncate(blocks);
+            let codes = d.code_bytes(blocks)?;
             return Ok(Absmax::Double {
                 codes,
                 nested_absmax: host_values(d.nested.clone())?,

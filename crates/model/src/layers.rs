@@ -139,6 +139,36 @@ fn repeat_each<B: Backend>(values: Tensor<B, 1>, size: usize, len: usize) -> Ten
         .narrow(0, 0, len)
 }
 
+/// The first `len` bytes of a tensor of little-endian 32-bit words, read back to the host.
+fn word_bytes<B: Backend>(
+    words: &Tensor<B, 1, Int>,
+    len: usize,
+    what: &'static str,
+) -> Result<Vec<u8>, crate::error::ModelError> {
+    let words = words
+        .clone()
+        .into_data()
+        .convert::<i64>()
+        .to_vec::<i64>()
+        .map_err(|e| crate::error::ModelError::Readback {
+            what,
+            reason: format!("{e:?}"),
+        })?;
+    let mut bytes: Vec<u8> = words
+        .into_iter()
+        .flat_map(|w| (w as i32).to_le_bytes())
+        .collect();
+    bytes.truncate(len);
+    Ok(bytes)
+}
+
+impl<B: Backend> DoubleQuant<B> {
+    /// The 8-bit codes of the first `blocks` blocks, read back to the host.
+    pub fn code_bytes(&self, blocks: usize) -> Result<Vec<u8>, crate::error::ModelError> {
+        word_bytes(&self.codes, blocks, "NF4 scale codes")
+    }
+}
+
 impl<B: Backend> Nf4Scales<B> {
     /// The f32 scale of each of the first `blocks` blocks.
     pub fn resolve(&self, blocks: usize) -> Tensor<B, 1> {
@@ -188,22 +218,7 @@ impl<B: Backend> Nf4Weight<B> {
     /// The packed codes as bitsandbytes stores them: `ceil(out * in / 2)` bytes, high nibble first.
     pub fn packed_bytes(&self) -> Result<Vec<u8>, crate::error::ModelError> {
         let [out, inp] = self.shape;
-        let words = self
-            .packed
-            .clone()
-            .into_data()
-            .convert::<i64>()
-            .to_vec::<i64>()
-            .map_err(|e| crate::error::ModelError::Readback {
-                what: "NF4 codes",
-                reason: format!("{e:?}"),
-            })?;
-        let mut bytes: Vec<u8> = words
-            .into_iter()
-            .flat_map(|w| (w as i32).to_le_bytes())
-            .collect();
-        bytes.truncate((out * inp).div_ceil(2));
-        Ok(bytes)
+        word_bytes(&self.packed, (out * inp).div_ceil(2), "NF4 codes")
     }
 
     /// The dense `[out, in]` weight in `dtype`, for a matmul: on burn's CUDA backend one CubeCL kernel
