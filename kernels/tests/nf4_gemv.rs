@@ -520,7 +520,9 @@ fn dequantized_both(t: &Nf4Tensor) -> [Vec<f32>; 2] {
         } => codes
             .iter()
             .enumerate()
-            .map(|(b, &c)| nested_code[c as usize].mul_add(nested_absmax[b / NESTED_BLOCKSIZE], *offset))
+            .map(|(b, &c)| {
+                nested_code[c as usize].mul_add(nested_absmax[b / NESTED_BLOCKSIZE], *offset)
+            })
             .collect(),
     };
     [unfused, fused].map(|scales| {
@@ -550,7 +552,10 @@ fn dequantize_exactly<R: Runtime, F: Host>(client: &ComputeClient<R>) {
     {
         let weight = random_weight(rows, cols, blocksize, double, 50 + i as u64);
         assert_eq!(dequantized_both(&weight)[0], weight.dequantize());
-        cases.push((Nf4Matrix::upload(client, &weight).unwrap(), dequantized_both(&weight)));
+        cases.push((
+            Nf4Matrix::upload(client, &weight).unwrap(),
+            dequantized_both(&weight),
+        ));
     }
     let parts = [
         random_weight(256, 64, 64, true, 60),

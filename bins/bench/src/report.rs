@@ -110,7 +110,11 @@ fn read(path: &Path) -> Result<Input> {
 
 /// Which stack a report is from.
 fn stack_name(stack: &Option<String>) -> &'static str {
-    if stack.is_some() { "transformers" } else { "medvl" }
+    if stack.is_some() {
+        "transformers"
+    } else {
+        "medvl"
+    }
 }
 
 /// One row of the page table.
@@ -167,7 +171,10 @@ pub(crate) fn run(args: ReportArgs) -> Result<()> {
             Input::Decode(_) => None,
         })
         .flat_map(|(file, report)| {
-            report.cases.iter().map(move |case| PageRow { file, report, case })
+            report
+                .cases
+                .iter()
+                .map(move |case| PageRow { file, report, case })
         })
         .collect();
     if !pages.is_empty() {
@@ -185,18 +192,28 @@ pub(crate) fn run(args: ReportArgs) -> Result<()> {
         decode_section(&mut md, &decodes, &charts, &chart_dir_name)?;
     }
     crate::write_atomic(&args.out, md.as_bytes())?;
-    println!("wrote {} and its charts in {}", args.out.display(), charts.display());
+    println!(
+        "wrote {} and its charts in {}",
+        args.out.display(),
+        charts.display()
+    );
     Ok(())
 }
 
 fn environment(md: &mut String, paths: &[PathBuf], inputs: &[Input]) -> Result<()> {
-    writeln!(md, "## Environment\n\n| # | report | kind | stack | card | commit |\n|---|---|---|---|---|---|")?;
+    writeln!(
+        md,
+        "## Environment\n\n| # | report | kind | stack | card | commit |\n|---|---|---|---|---|---|"
+    )?;
     for (i, (path, input)) in paths.iter().zip(inputs).enumerate() {
         let (kind, card, stack, commit) = match input {
             Input::Page(r) => ("page", &r.card, &r.stack, &r.git_commit),
             Input::Decode(r) => ("decode", &r.card, &r.stack, &r.git_commit),
         };
-        let file = path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
+        let file = path
+            .file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default();
         writeln!(
             md,
             "| {} | `{file}` | {kind} | {} | {card} | {} |",
@@ -215,7 +232,11 @@ fn opt(value: Option<f64>, digits: usize) -> String {
 
 fn page_section(md: &mut String, rows: &[PageRow], charts: &Path, dir: &str) -> Result<()> {
     let new_tokens: BTreeSet<usize> = rows.iter().map(|r| r.report.new_tokens).collect();
-    let tokens = new_tokens.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(" / ");
+    let tokens = new_tokens
+        .iter()
+        .map(|t| t.to_string())
+        .collect::<Vec<_>>()
+        .join(" / ");
     writeln!(
         md,
         "## A page end to end\n\nOne page image and the extraction prompt, then {tokens} generated tokens. \
@@ -283,7 +304,11 @@ fn page_section(md: &mut String, rows: &[PageRow], charts: &Path, dir: &str) -> 
             r.weights_mb().map(|mb| Bar {
                 label: format!("{} {}", r.case.format, r.case.image_tokens),
                 python: r.python(),
-                value: Stat { avg: mb, min: mb, max: mb },
+                value: Stat {
+                    avg: mb,
+                    min: mb,
+                    max: mb,
+                },
             })
         })
         .collect();
@@ -329,7 +354,11 @@ fn decode_section(
                 bail!("decode report #{}: a case without a format", file + 1);
             };
             // transformers' bf16 is medvl's dense format.
-            let format = if format == "bf16" { "dense".to_string() } else { format };
+            let format = if format == "bf16" {
+                "dense".to_string()
+            } else {
+                format
+            };
             rows.push((
                 format,
                 case.batch,
@@ -366,10 +395,17 @@ fn decode_section(
     }
     let copies: Vec<String> = reports
         .iter()
-        .filter_map(|(file, r)| r.copy_gb_per_s.map(|c| format!("#{}: {c:.0} GB/s", file + 1)))
+        .filter_map(|(file, r)| {
+            r.copy_gb_per_s
+                .map(|c| format!("#{}: {c:.0} GB/s", file + 1))
+        })
         .collect();
     if !copies.is_empty() {
-        writeln!(md, "\nThe card's copy bandwidth measured in the same run: {}.", copies.join(", "))?;
+        writeln!(
+            md,
+            "\nThe card's copy bandwidth measured in the same run: {}.",
+            copies.join(", ")
+        )?;
     }
     let mut series: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
     for row in &rows {
@@ -414,65 +450,71 @@ fn bar_chart(path: &Path, title: &str, bars: &[Bar]) -> Result<()> {
     let err = chart_err(path);
     let mut svg = String::new();
     {
-    let root = SVGBackend::with_string(&mut svg, (860, 480)).into_drawing_area();
-    root.fill(&WHITE).map_err(&err)?;
-    let top = bars.iter().map(|b| b.value.max).fold(0.0, f64::max) * 1.15;
-    let labels: Vec<String> = bars
-        .iter()
-        .map(|b| format!("{} {}", b.label, if b.python { "(py)" } else { "" }))
-        .collect();
-    let mut chart = ChartBuilder::on(&root)
-        .caption(title, ("sans-serif", 20))
-        .margin(12)
-        .x_label_area_size(60)
-        .y_label_area_size(60)
-        .build_cartesian_2d((0..bars.len()).into_segmented(), 0.0..top.max(1e-9))
-        .map_err(&err)?;
-    chart
-        .configure_mesh()
-        .disable_x_mesh()
-        .x_labels(bars.len())
-        .x_label_formatter(&|v| match v {
-            SegmentValue::CenterOf(i) => labels.get(*i).cloned().unwrap_or_default(),
-            _ => String::new(),
-        })
-        .draw()
-        .map_err(&err)?;
-    chart
-        .draw_series(bars.iter().enumerate().map(|(i, b)| {
-            let color = if b.python { PYTHON } else { MEDVL };
-            let mut bar = Rectangle::new(
-                [(SegmentValue::Exact(i), 0.0), (SegmentValue::Exact(i + 1), b.value.avg)],
-                color.filled(),
-            );
-            bar.set_margin(0, 0, 12, 12);
-            bar
-        }))
-        .map_err(&err)?;
-    chart
-        .draw_series(bars.iter().enumerate().filter(|(_, b)| b.value.max > b.value.min).map(
-            |(i, b)| {
-                PathElement::new(
-                    vec![
-                        (SegmentValue::CenterOf(i), b.value.min),
-                        (SegmentValue::CenterOf(i), b.value.max),
+        let root = SVGBackend::with_string(&mut svg, (860, 480)).into_drawing_area();
+        root.fill(&WHITE).map_err(&err)?;
+        let top = bars.iter().map(|b| b.value.max).fold(0.0, f64::max) * 1.15;
+        let labels: Vec<String> = bars
+            .iter()
+            .map(|b| format!("{} {}", b.label, if b.python { "(py)" } else { "" }))
+            .collect();
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 20))
+            .margin(12)
+            .x_label_area_size(60)
+            .y_label_area_size(60)
+            .build_cartesian_2d((0..bars.len()).into_segmented(), 0.0..top.max(1e-9))
+            .map_err(&err)?;
+        chart
+            .configure_mesh()
+            .disable_x_mesh()
+            .x_labels(bars.len())
+            .x_label_formatter(&|v| match v {
+                SegmentValue::CenterOf(i) => labels.get(*i).cloned().unwrap_or_default(),
+                _ => String::new(),
+            })
+            .draw()
+            .map_err(&err)?;
+        chart
+            .draw_series(bars.iter().enumerate().map(|(i, b)| {
+                let color = if b.python { PYTHON } else { MEDVL };
+                let mut bar = Rectangle::new(
+                    [
+                        (SegmentValue::Exact(i), 0.0),
+                        (SegmentValue::Exact(i + 1), b.value.avg),
                     ],
-                    BLACK.stroke_width(2),
-                )
-            },
-        ))
-        .map_err(&err)?;
-    chart
-        .draw_series(bars.iter().enumerate().map(|(i, b)| {
-            EmptyElement::at((SegmentValue::CenterOf(i), b.value.max))
-                + Text::new(
-                    format!("{:.*}", if b.value.avg < 10.0 { 2 } else { 0 }, b.value.avg),
-                    (-12, -18),
-                    ("sans-serif", 13).into_font(),
-                )
-        }))
-        .map_err(&err)?;
-    root.present().map_err(&err)?;
+                    color.filled(),
+                );
+                bar.set_margin(0, 0, 12, 12);
+                bar
+            }))
+            .map_err(&err)?;
+        chart
+            .draw_series(
+                bars.iter()
+                    .enumerate()
+                    .filter(|(_, b)| b.value.max > b.value.min)
+                    .map(|(i, b)| {
+                        PathElement::new(
+                            vec![
+                                (SegmentValue::CenterOf(i), b.value.min),
+                                (SegmentValue::CenterOf(i), b.value.max),
+                            ],
+                            BLACK.stroke_width(2),
+                        )
+                    }),
+            )
+            .map_err(&err)?;
+        chart
+            .draw_series(bars.iter().enumerate().map(|(i, b)| {
+                EmptyElement::at((SegmentValue::CenterOf(i), b.value.max))
+                    + Text::new(
+                        format!("{:.*}", if b.value.avg < 10.0 { 2 } else { 0 }, b.value.avg),
+                        (-12, -18),
+                        ("sans-serif", 13).into_font(),
+                    )
+            }))
+            .map_err(&err)?;
+        root.present().map_err(&err)?;
     }
     crate::write_atomic(path, svg.as_bytes())
 }
@@ -482,53 +524,62 @@ fn line_chart(path: &Path, title: &str, series: &[(String, Vec<(f64, f64)>)]) ->
     let err = chart_err(path);
     let mut svg = String::new();
     {
-    let root = SVGBackend::with_string(&mut svg, (860, 520)).into_drawing_area();
-    root.fill(&WHITE).map_err(&err)?;
-    // x: log2 of the batch on a linear axis, so that the labels fall on the batch sizes.
-    let points = series.iter().flat_map(|(_, p)| p.iter());
-    let (x_max, y_min, y_max) = points.fold((1.0f64, f64::MAX, 1.0f64), |(x, lo, hi), p| {
-        (x.max(p.0), lo.min(p.1), hi.max(p.1))
-    });
-    let mut chart = ChartBuilder::on(&root)
-        .caption(title, ("sans-serif", 20))
-        .margin(12)
-        .x_label_area_size(40)
-        .y_label_area_size(70)
-        .build_cartesian_2d(
-            -0.3..x_max.log2() + 0.3,
-            ((y_min * 0.7).max(0.1)..y_max * 1.5).log_scale(),
-        )
-        .map_err(&err)?;
-    chart
-        .configure_mesh()
-        .disable_x_mesh()
-        .x_labels(x_max.log2().ceil() as usize + 1)
-        .x_label_formatter(&|x| format!("{}", 2f64.powf(*x).round()))
-        .y_label_formatter(&|y| format!("{y:.0}"))
-        .x_desc("batch (sequences decoded together)")
-        .y_desc("tokens/s")
-        .draw()
-        .map_err(&err)?;
-    for (i, (name, points)) in series.iter().enumerate() {
-        let color = Palette99::pick(i).to_rgba();
-        let dashed = name.starts_with("transformers");
-        chart
-            .draw_series(LineSeries::new(points.iter().map(|&(x, y)| (x.log2(), y)), color.stroke_width(if dashed { 1 } else { 3 })))
-            .map_err(&err)?
-            .label(name.clone())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(3)));
-        chart
-            .draw_series(points.iter().map(|&(x, y)| Circle::new((x.log2(), y), 4, color.filled())))
+        let root = SVGBackend::with_string(&mut svg, (860, 520)).into_drawing_area();
+        root.fill(&WHITE).map_err(&err)?;
+        // x: log2 of the batch on a linear axis, so that the labels fall on the batch sizes.
+        let points = series.iter().flat_map(|(_, p)| p.iter());
+        let (x_max, y_min, y_max) = points.fold((1.0f64, f64::MAX, 1.0f64), |(x, lo, hi), p| {
+            (x.max(p.0), lo.min(p.1), hi.max(p.1))
+        });
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 20))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(70)
+            .build_cartesian_2d(
+                -0.3..x_max.log2() + 0.3,
+                ((y_min * 0.7).max(0.1)..y_max * 1.5).log_scale(),
+            )
             .map_err(&err)?;
-    }
-    chart
-        .configure_series_labels()
-        .border_style(BLACK)
-        .background_style(WHITE.mix(0.9))
-        .position(SeriesLabelPosition::UpperLeft)
-        .draw()
-        .map_err(&err)?;
-    root.present().map_err(&err)?;
+        chart
+            .configure_mesh()
+            .disable_x_mesh()
+            .x_labels(x_max.log2().ceil() as usize + 1)
+            .x_label_formatter(&|x| format!("{}", 2f64.powf(*x).round()))
+            .y_label_formatter(&|y| format!("{y:.0}"))
+            .x_desc("batch (sequences decoded together)")
+            .y_desc("tokens/s")
+            .draw()
+            .map_err(&err)?;
+        for (i, (name, points)) in series.iter().enumerate() {
+            let color = Palette99::pick(i).to_rgba();
+            let dashed = name.starts_with("transformers");
+            chart
+                .draw_series(LineSeries::new(
+                    points.iter().map(|&(x, y)| (x.log2(), y)),
+                    color.stroke_width(if dashed { 1 } else { 3 }),
+                ))
+                .map_err(&err)?
+                .label(name.clone())
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(3))
+                });
+            chart
+                .draw_series(
+                    points
+                        .iter()
+                        .map(|&(x, y)| Circle::new((x.log2(), y), 4, color.filled())),
+                )
+                .map_err(&err)?;
+        }
+        chart
+            .configure_series_labels()
+            .border_style(BLACK)
+            .background_style(WHITE.mix(0.9))
+            .position(SeriesLabelPosition::UpperLeft)
+            .draw()
+            .map_err(&err)?;
+        root.present().map_err(&err)?;
     }
     crate::write_atomic(path, svg.as_bytes())
 }
@@ -572,17 +623,35 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let inputs = write_inputs(
             &dir,
-            &[("page.json", PAGE), ("py.json", PY_PAGE), ("decode.json", DECODE), ("pyd.json", PY_DECODE)],
+            &[
+                ("page.json", PAGE),
+                ("py.json", PY_PAGE),
+                ("decode.json", DECODE),
+                ("pyd.json", PY_DECODE),
+            ],
         );
         let out = dir.join("REPORT.md");
-        run(ReportArgs { inputs, out: out.clone() }).unwrap();
+        run(ReportArgs {
+            inputs,
+            out: out.clone(),
+        })
+        .unwrap();
         let md = std::fs::read_to_string(&out).unwrap();
         // 24 s against 2 s; the plan's memory counted with the model's.
         assert!(md.contains("| nf4 | 2772 | medvl | 1 | 90.0 | 5100 | - | 0.800 | 0.400 | 1.000 | 250.0 | 2.000 (1.500-2.500) | 12.0x |"), "{md}");
-        assert!(md.contains("| nf4 | 2772 | transformers | 2 | 50.0 | 5964 | 6656 |"), "{md}");
+        assert!(
+            md.contains("| nf4 | 2772 | transformers | 2 | 50.0 | 5964 | 6656 |"),
+            "{md}"
+        );
         // 150 tokens/s against transformers' bf16 10: 15x; batch 8 has no Python row.
-        assert!(md.contains("| dense | 1 | 1300 | medvl | 3 | 150.0 | 2.00 | 15.0x |"), "{md}");
-        assert!(md.contains("| dense | 8 | 1300 | medvl | 3 | 700.0 | 2.50 |  |"), "{md}");
+        assert!(
+            md.contains("| dense | 1 | 1300 | medvl | 3 | 150.0 | 2.00 | 15.0x |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| dense | 8 | 1300 | medvl | 3 | 700.0 | 2.50 |  |"),
+            "{md}"
+        );
         for chart in ["page.svg", "memory.svg", "decode.svg"] {
             let svg = std::fs::read_to_string(dir.join("REPORT").join(chart)).unwrap();
             assert!(svg.starts_with("<svg"), "{chart}");
@@ -598,12 +667,36 @@ mod tests {
     fn report_refuses_what_it_cannot_read() {
         let dir = std::env::temp_dir().join(format!("medvl-report-bad-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let inputs = write_inputs(&dir, &[("k.json", r#"{"card": "H100", "cases": [{"name": "q"}]}"#)]);
-        let err = run(ReportArgs { inputs, out: dir.join("R.md") }).unwrap_err();
-        assert!(err.to_string().contains("k.json: neither a page nor a decode report"), "{err}");
-        let inputs = write_inputs(&dir, &[("p.json", r#"{"card": "H100", "cases": [{"image_tokens": 1}]}"#)]);
-        let err = run(ReportArgs { inputs, out: dir.join("R.md") }).unwrap_err();
-        assert!(err.to_string().contains("p.json: not a page report"), "{err}");
+        let inputs = write_inputs(
+            &dir,
+            &[("k.json", r#"{"card": "H100", "cases": [{"name": "q"}]}"#)],
+        );
+        let err = run(ReportArgs {
+            inputs,
+            out: dir.join("R.md"),
+        })
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("k.json: neither a page nor a decode report"),
+            "{err}"
+        );
+        let inputs = write_inputs(
+            &dir,
+            &[(
+                "p.json",
+                r#"{"card": "H100", "cases": [{"image_tokens": 1}]}"#,
+            )],
+        );
+        let err = run(ReportArgs {
+            inputs,
+            out: dir.join("R.md"),
+        })
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("p.json: not a page report"),
+            "{err}"
+        );
         assert!(!dir.join("R.md").exists());
         std::fs::remove_dir_all(&dir).unwrap();
     }
@@ -614,7 +707,11 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let other = PY_PAGE.replace("\"H100\"", "\"H200\"");
         let inputs = write_inputs(&dir, &[("page.json", PAGE), ("py.json", &other)]);
-        run(ReportArgs { inputs, out: dir.join("R.md") }).unwrap();
+        run(ReportArgs {
+            inputs,
+            out: dir.join("R.md"),
+        })
+        .unwrap();
         let md = std::fs::read_to_string(dir.join("R.md")).unwrap();
         assert!(md.contains("2.000 (1.500-2.500) |  |"), "{md}");
         std::fs::remove_dir_all(&dir).unwrap();

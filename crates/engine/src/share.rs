@@ -12,9 +12,9 @@
 use burn::module::Param;
 use burn::prelude::{Int, Tensor};
 use burn::tensor::{BasicOps, TensorPrimitive};
-use cubecl::CubeElement;
 pub use burn_cubecl::FloatElement;
 use burn_cubecl::{CubeBackend, CubeRuntime};
+use cubecl::CubeElement;
 use cubecl::prelude::ComputeClient;
 use medvl_kernels::decode::DenseMatrix;
 use medvl_kernels::nf4::{Activation, Nf4Matrix, Scales};
@@ -80,7 +80,9 @@ fn word_buffer<R: CubeRuntime, F: FloatElement>(
 /// `parts` concatenated along their first dimension on the device, and each part as a view of its rows of the
 /// result (burn slices: the same memory), so that the parts can give up their own memory. One part is returned
 /// as it is.
-fn stack_rows<B, const D: usize, K>(parts: Vec<Tensor<B, D, K>>) -> (Tensor<B, D, K>, Vec<Tensor<B, D, K>>)
+fn stack_rows<B, const D: usize, K>(
+    parts: Vec<Tensor<B, D, K>>,
+) -> (Tensor<B, D, K>, Vec<Tensor<B, D, K>>)
 where
     B: burn::prelude::Backend,
     K: BasicOps<B>,
@@ -216,8 +218,11 @@ fn share_nf4<R: CubeRuntime, F: Activation + FloatElement>(
         let (codes, codes_views) = stack_rows(dq.iter().map(|d| d.codes.clone()).collect());
         let (nested, nested_views) = stack_rows(dq.iter().map(|d| d.nested.clone()).collect());
         let (offsets, offsets_views) = stack_rows(dq.iter().map(|d| d.offsets.clone()).collect());
-        for (((part, codes), nested), offsets) in
-            parts.iter_mut().zip(codes_views).zip(nested_views).zip(offsets_views)
+        for (((part, codes), nested), offsets) in parts
+            .iter_mut()
+            .zip(codes_views)
+            .zip(nested_views)
+            .zip(offsets_views)
         {
             if let LinearWeight::Nf4(w) = &mut part.weight
                 && let Nf4Scales::Double(d) = &mut w.scales
@@ -233,8 +238,13 @@ fn share_nf4<R: CubeRuntime, F: Activation + FloatElement>(
         }
     } else {
         // Scales in other forms are resolved to one f32 per block; plain scales become views as the codes do.
-        let all_plain = weights.iter().all(|w| matches!(w.scales, Nf4Scales::Plain(_)));
-        let resolved = weights.iter().map(|w| w.scales.resolve(w.blocks())).collect();
+        let all_plain = weights
+            .iter()
+            .all(|w| matches!(w.scales, Nf4Scales::Plain(_)));
+        let resolved = weights
+            .iter()
+            .map(|w| w.scales.resolve(w.blocks()))
+            .collect();
         let (scales, views) = stack_rows(resolved);
         if all_plain {
             for (part, view) in parts.iter_mut().zip(views) {
@@ -323,7 +333,6 @@ mod tests {
 
     use super::{Cube, share};
     use crate::plan::Matrix;
-
 
     fn quantized(rng: &mut ChaCha8Rng, rows: usize, double_quant: bool) -> Nf4Tensor {
         let values: Vec<f32> = (0..rows * 64)

@@ -37,9 +37,15 @@ fn float_tensor<B: Backend>(tensor: &Tensor<B, 1>) -> Option<CubeTensor<Cuda>> {
 }
 
 /// A contiguous device tensor's memory as a kernel buffer of `T`.
-fn buffer<T: cubecl::CubeElement>(tensor: CubeTensor<Cuda>, what: &str) -> Result<Buffer<T>, String> {
+fn buffer<T: cubecl::CubeElement>(
+    tensor: CubeTensor<Cuda>,
+    what: &str,
+) -> Result<Buffer<T>, String> {
     if !tensor.is_contiguous() || tensor.dtype.size() != size_of::<T>() {
-        return Err(format!("{what}: not contiguous {}-byte values", size_of::<T>()));
+        return Err(format!(
+            "{what}: not contiguous {}-byte values",
+            size_of::<T>()
+        ));
     }
     let len = tensor.meta.shape().num_elements();
     Buffer::from_handle(tensor.handle, len).map_err(|e| format!("{what}: {e}"))
@@ -69,7 +75,12 @@ pub(crate) fn dequantize<B: Backend>(
     }))
 }
 
-type DoubleParts = (CubeTensor<Cuda>, CubeTensor<Cuda>, CubeTensor<Cuda>, CubeTensor<Cuda>);
+type DoubleParts = (
+    CubeTensor<Cuda>,
+    CubeTensor<Cuda>,
+    CubeTensor<Cuda>,
+    CubeTensor<Cuda>,
+);
 
 fn launch<B: Backend>(
     w: &Nf4Weight<B>,

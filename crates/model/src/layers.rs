@@ -118,9 +118,10 @@ fn word_tensor<B: Backend>(bytes: &[u8], device: &B::Device) -> Tensor<B, 1, Int
 fn unpack<B: Backend>(words: Tensor<B, 1, Int>, shifts: &[i32], mask: i32) -> Tensor<B, 1, Int> {
     let n = words.dims()[0];
     let per = shifts.len();
-    let shifts = Tensor::<B, 1, Int>::from_data(TensorData::new(shifts.to_vec(), [per]), &words.device())
-        .reshape([1, per])
-        .expand([n, per]);
+    let shifts =
+        Tensor::<B, 1, Int>::from_data(TensorData::new(shifts.to_vec(), [per]), &words.device())
+            .reshape([1, per])
+            .expand([n, per]);
     words
         .reshape([n, 1])
         .expand([n, per])
@@ -188,7 +189,9 @@ impl<B: Backend> Nf4Weight<B> {
     /// Uploads a host NF4 tensor of shape `[out, in]`, keeping double-quantized scales double-quantized.
     pub fn from_host(tensor: &medvl_nf4::Nf4Tensor, device: &B::Device) -> Self {
         let scales = match &tensor.absmax {
-            medvl_nf4::Absmax::Plain(scales) => Nf4Scales::Plain(f32_tensor(scales.clone(), device)),
+            medvl_nf4::Absmax::Plain(scales) => {
+                Nf4Scales::Plain(f32_tensor(scales.clone(), device))
+            }
             medvl_nf4::Absmax::Double {
                 codes,
                 nested_absmax,
@@ -251,7 +254,8 @@ impl<B: Backend> Nf4Weight<B> {
         let [out, inp] = self.shape;
         let n = out * inp;
         // Code i of a word sits at bits SHIFTS[i]..+4 (byte 0 lowest, high nibble first within a byte).
-        let codes = unpack(self.packed.clone(), &[4, 0, 12, 8, 20, 16, 28, 24], 0xF).narrow(0, 0, n);
+        let codes =
+            unpack(self.packed.clone(), &[4, 0, 12, 8, 20, 16, 28, 24], 0xF).narrow(0, 0, n);
         let values = self.code.clone().select(0, codes);
         let scales = repeat_each(self.scales.resolve(self.blocks()), self.blocksize, n);
         (values * scales).reshape([out, inp])

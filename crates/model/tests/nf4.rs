@@ -115,7 +115,12 @@ fn skip_list_keeps_modules_dense() {
 fn nf4_weight_dequantizes_as_bitsandbytes() {
     use medvl_model::layers::{Nf4Scales, Nf4Weight};
     let device = Default::default();
-    for (shape, blocksize) in [([7, 100], 64), ([300, 64], 64), ([260, 128], 128), ([1, 64], 64)] {
+    for (shape, blocksize) in [
+        ([7, 100], 64),
+        ([300, 64], 64),
+        ([260, 128], 128),
+        ([1, 64], 64),
+    ] {
         let n = shape[0] * shape[1];
         let values: Vec<f32> = (0..n)
             .map(|i| ((i as f32 * 0.37).sin() * (1.0 + (i / 97) as f32)).powi(3))
@@ -137,7 +142,11 @@ fn nf4_weight_dequantizes_as_bitsandbytes() {
                 }
             }
             let got = weight.dequantize().into_data().to_vec::<f32>().unwrap();
-            assert_eq!(got, tensor.dequantize(), "{shape:?} double quant {double_quant}");
+            assert_eq!(
+                got,
+                tensor.dequantize(),
+                "{shape:?} double quant {double_quant}"
+            );
             assert_eq!(weight.packed_bytes().unwrap(), tensor.packed);
         }
     }
@@ -163,7 +172,11 @@ mod cuda {
             load_dir::<CudaBf16>(&fixtures().join("tiny/nf4-bnb"), &Default::default()).unwrap();
         let mut checked = 0;
         for layer in &model.text.layers {
-            for linear in [&layer.self_attn.q_proj, &layer.self_attn.k_proj, &layer.mlp.down_proj] {
+            for linear in [
+                &layer.self_attn.q_proj,
+                &layer.self_attn.k_proj,
+                &layer.mlp.down_proj,
+            ] {
                 let LinearWeight::Nf4(w) = &linear.weight else {
                     panic!("NF4")
                 };
@@ -184,7 +197,11 @@ mod cuda {
                         .map(|(a, b)| (a.to_bits() as i64 - b.to_bits() as i64).abs())
                         .max()
                         .unwrap_or(0);
-                    assert!(worst <= ulp, "{:?} {dtype:?}: values differ by {worst} f32 units", w.shape);
+                    assert!(
+                        worst <= ulp,
+                        "{:?} {dtype:?}: values differ by {worst} f32 units",
+                        w.shape
+                    );
                     checked += 1;
                 }
             }
