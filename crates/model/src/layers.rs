@@ -65,7 +65,7 @@ pub struct Nf4Weight<B: Backend> {
 }
 
 /// Whether NF4 weights on burn's CUDA backend are dequantized by the CubeCL kernel (the default) rather than by
-/// tensor ops ([`Nf4Weight::dense`]); process-wide, for comparisons (`medvl-bench page --nf4-dequant`).
+/// tensor ops ([`Nf4Weight::dense`]); process-wide, for comparisons (`medvl-bench page --compare-nf4-dequant`).
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 static FUSED_DEQUANTIZE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
 
@@ -113,8 +113,8 @@ fn word_tensor<B: Backend>(bytes: &[u8], device: &B::Device) -> Tensor<B, 1, Int
     Tensor::from_data(TensorData::new(words, [len]), device)
 }
 
-/// Field `i` of width `bits` of every word, as `[words * 32 / bits]` integers (field 0 in the low bits first,
-/// or, with `shifts`, in the given order).
+/// The fields of every word, in the order of `shifts`: `(word >> shift) & mask` for each shift, as
+/// `[words * shifts.len()]` integers.
 fn unpack<B: Backend>(words: Tensor<B, 1, Int>, shifts: &[i32], mask: i32) -> Tensor<B, 1, Int> {
     let n = words.dims()[0];
     let per = shifts.len();
