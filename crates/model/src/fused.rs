@@ -3,11 +3,18 @@
 //! [`Nf4Weight::dequantize`]. The model stays generic over the backend: the CUDA path is found at run time from
 //! the tensors' primitive types, and every other backend (the CPU in tests) runs the tensor-op reference, which
 //! computes the same values.
+//!
+//! Under burn's autodiff (QLoRA training) the same kernel runs on the tensors the autodiff backend wraps: the
+//! dequantized weight is a constant of the graph (the NF4 base is frozen), so the linear layer's backward with
+//! respect to its input is `grad_y W` over the very matrix the forward used.
 
-use std::any::Any;
+use std::any::{Any, TypeId};
 
 use burn::prelude::*;
+use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{DType, TensorPrimitive};
+use burn_autodiff::Autodiff;
+use burn_cubecl::FloatElement;
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::cuda::CudaRuntime;
 use medvl_kernels::Buffer;
@@ -17,6 +24,14 @@ use crate::layers::{Nf4Scales, Nf4Weight};
 
 type Cuda = CudaRuntime;
 
+/// burn's un-fused CUDA backend with float type `F` (the inner backend of `Autodiff<_>` in training).
+type CudaBackend<F> = burn_cubecl::CubeBackend<Cuda, F, i32, u8>;
+
+/// The float tensors of `Autodiff<CudaBackend<F>>` (whatever its checkpointing strategy: the tensor type is the
+/// same).
+type Tracked<F> =
+    <Autodiff<CudaBackend<F>> as burn::tensor::backend::BackendTypes>::FloatTensorPrimitive;
+
 /// The CUDA tensor behind a burn primitive, when it is one.
 fn cube<T: Any>(primitive: T) -> Option<CubeTensor<Cuda>> {
     (Box::new(primitive) as Box<dyn Any>)
@@ -25,13 +40,51 @@ fn cube<T: Any>(primitive: T) -> Option<CubeTensor<Cuda>> {
         .map(|t| *t)
 }
 
+/// The CUDA tensor behind a float primitive: burn's CUDA tensor itself, or the one an autodiff tensor of the
+/// un-fused CUDA backend (f32, bf16 or f16) wraps.
+fn float_cube<T: Any>(primitive: T) -> Option<CubeTensor<Cuda>> {
+    fn tracked<F: FloatElement>(any: Box<dyn Any>) -> Result<CubeTensor<Cuda>, Box<dyn Any>> {
+        any.downcast::<Tracked<F>>()
+            .map(|t| Autodiff::<CudaBackend<F>>::inner(*t))
+    }
+    let any = match (Box::new(primitive) as Box<dyn Any>).downcast::<CubeTensor<Cuda>>() {
+        Ok(t) => return Some(*t),
+        Err(any) => any,
+    };
+    tracked::<f32>(any)
+        .or_else(tracked::<half::bf16>)
+        .or_else(tracked::<half::f16>)
+        .ok()
+}
+
+/// A CUDA tensor as the float primitive `P`: itself, or wrapped as a constant of the autodiff graph (no
+/// gradient flows into it) when `P` is an autodiff tensor of the un-fused CUDA backend.
+fn float_primitive<P: Any>(tensor: CubeTensor<Cuda>) -> Option<P> {
+    fn constant<F: FloatElement>(tensor: CubeTensor<Cuda>) -> Box<dyn Any> {
+        Box::new(Autodiff::<CudaBackend<F>>::from_inner(tensor))
+    }
+    let target = TypeId::of::<P>();
+    let any: Box<dyn Any> = if target == TypeId::of::<CubeTensor<Cuda>>() {
+        Box::new(tensor)
+    } else if target == TypeId::of::<Tracked<f32>>() {
+        constant::<f32>(tensor)
+    } else if target == TypeId::of::<Tracked<half::bf16>>() {
+        constant::<half::bf16>(tensor)
+    } else if target == TypeId::of::<Tracked<half::f16>>() {
+        constant::<half::f16>(tensor)
+    } else {
+        return None;
+    };
+    any.downcast::<P>().ok().map(|p| *p)
+}
+
 fn int_tensor<B: Backend>(tensor: &Tensor<B, 1, Int>) -> Option<CubeTensor<Cuda>> {
     cube(tensor.clone().into_primitive())
 }
 
 fn float_tensor<B: Backend>(tensor: &Tensor<B, 1>) -> Option<CubeTensor<Cuda>> {
     match tensor.clone().into_primitive() {
-        TensorPrimitive::Float(t) => cube(t),
+        TensorPrimitive::Float(t) => float_cube(t),
         TensorPrimitive::QFloat(_) => None,
     }
 }
@@ -68,10 +121,9 @@ pub(crate) fn dequantize<B: Backend>(
         )),
     };
     Some(launch(w, packed, scales, dtype).and_then(|out| {
-        (Box::new(out) as Box<dyn Any>)
-            .downcast::<B::FloatTensorPrimitive>()
-            .map(|t| Tensor::from_primitive(TensorPrimitive::Float(*t)))
-            .map_err(|_| "the backend's float tensors are not CubeCL's".to_string())
+        float_primitive::<B::FloatTensorPrimitive>(out)
+            .map(|t| Tensor::from_primitive(TensorPrimitive::Float(t)))
+            .ok_or_else(|| "the backend's float tensors are not CubeCL's".to_string())
     }))
 }
 

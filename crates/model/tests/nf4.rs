@@ -209,6 +209,104 @@ mod cuda {
         assert!(checked > 0);
     }
 
+    /// The input gradient of an NF4 linear layer under burn's autodiff on CUDA, through the dequantization kernel
+    /// (checked: the autodiff tensors are recognised), at the 7B's and the vision tower's shapes and odd ones,
+    /// 1-64 rows, bf16 and f32: `grad_y W` against the f64 host product with bitsandbytes' dequantized `W`, within
+    /// the type's precision relative to the sum of |products| (the weight and the gradient are rounded to the type
+    /// before the products; f32 matmuls may run on TF32 tensor cores).
+    #[test]
+    #[ignore = "needs an NVIDIA GPU: run with `just test-cuda`"]
+    fn cuda_nf4_input_gradient() {
+        use medvl_model::backend::CudaF32;
+        type Bf16 = burn_autodiff::Autodiff<CudaBf16>;
+        type F32 = burn_autodiff::Autodiff<CudaF32>;
+        for ([out, inp], rows) in [
+            ([37, 320], 1),
+            ([37, 320], 64),
+            ([3584, 3584], 7),
+            ([512, 3584], 64),
+            ([18944, 3584], 1),
+            ([3584, 18944], 5),
+            ([1280, 3420], 17),
+        ] {
+            let tensor =
+                medvl_nf4::quantize(&pseudo(out * inp, 7, 1.0), &[out, inp], 64, true).unwrap();
+            // Gradients exact in bf16, so that both types multiply the same values.
+            let g: Vec<f32> = pseudo(rows * out, 8, 1.0)
+                .into_iter()
+                .map(|v| half::bf16::from_f32(v).to_f32())
+                .collect();
+            let w = tensor.dequantize();
+            let want = matmul(&g, &w, [rows, out, inp]);
+            let abs_g: Vec<f32> = g.iter().map(|v| v.abs()).collect();
+            let abs_w: Vec<f32> = w.iter().map(|v| v.abs()).collect();
+            let magnitude = matmul(&abs_g, &abs_w, [rows, out, inp]);
+            for (name, eps, got) in [
+                (
+                    "bf16",
+                    2f64.powi(-8),
+                    input_gradient::<Bf16>(&tensor, &g, rows),
+                ),
+                (
+                    "f32",
+                    2f64.powi(-10),
+                    input_gradient::<F32>(&tensor, &g, rows),
+                ),
+            ] {
+                let worst = got
+                    .iter()
+                    .zip(&want)
+                    .zip(&magnitude)
+                    .map(|((g, w), m)| (*g as f64 - w).abs() / m.max(f64::MIN_POSITIVE))
+                    .fold(0.0, f64::max);
+                println!(
+                    "{out}x{inp}, {rows} rows, {name}: worst error {:.3} of the tolerance",
+                    worst / eps
+                );
+                assert!(
+                    worst <= eps,
+                    "{out}x{inp} {rows} rows {name}: error {worst}"
+                );
+            }
+        }
+    }
+
+    /// `d/dx sum(linear(x) * g)` for an NF4 linear layer on `B`, checking that the kernel dequantizes it.
+    fn input_gradient<B: burn::tensor::backend::AutodiffBackend>(
+        tensor: &medvl_nf4::Nf4Tensor,
+        g: &[f32],
+        rows: usize,
+    ) -> Vec<f32> {
+        use burn::tensor::{Tensor, TensorData};
+        use medvl_model::layers::{Linear, Nf4Weight};
+        let device = Default::default();
+        let [out, inp] = [tensor.shape[0], tensor.shape[1]];
+        let weight = Nf4Weight::<B>::from_host(tensor, &device);
+        let dtype = Tensor::<B, 1>::zeros([1], &device).dtype();
+        assert!(
+            matches!(weight.dense_by_kernel(dtype), Some(Ok(_))),
+            "the kernel takes the autodiff backend's tensors"
+        );
+        let linear = Linear::<B> {
+            weight: LinearWeight::Nf4(weight),
+            bias: None,
+            lora: None,
+        };
+        let x = Tensor::<B, 2>::from_data(
+            TensorData::new(pseudo(rows * inp, 9, 1.0), [rows, inp]),
+            &device,
+        )
+        .require_grad();
+        let upstream = Tensor::<B, 2>::from_data(TensorData::new(g.to_vec(), [rows, out]), &device);
+        let grads = (linear.forward(x.clone()) * upstream).sum().backward();
+        x.grad(&grads)
+            .unwrap()
+            .into_data()
+            .convert::<f32>()
+            .to_vec::<f32>()
+            .unwrap()
+    }
+
     #[test]
     #[ignore = "needs an NVIDIA GPU: run with `just test-cuda`"]
     fn cuda_bf16_nf4_matches_bitsandbytes() {
@@ -226,5 +324,146 @@ mod cuda {
                 );
             }
         }
+    }
+}
+
+/// Deterministic values in about `[-scale, scale]`, different per `seed`.
+fn pseudo(n: usize, seed: u32, scale: f32) -> Vec<f32> {
+    (0..n)
+        .map(|i| ((i as f32 * 0.618 + seed as f32 * 1.7).sin() * 43758.547).fract() * 2.0 * scale)
+        .collect()
+}
+
+/// `a [m, k] x b [k, n]` in f64.
+fn matmul(a: &[f32], b: &[f32], [m, k, n]: [usize; 3]) -> Vec<f64> {
+    let mut out = vec![0.0; m * n];
+    for i in 0..m {
+        for p in 0..k {
+            let av = a[i * k + p] as f64;
+            for j in 0..n {
+                out[i * n + j] += av * b[p * n + j] as f64;
+            }
+        }
+    }
+    out
+}
+
+fn transpose(a: &[f32], [rows, cols]: [usize; 2]) -> Vec<f32> {
+    (0..rows * cols)
+        .map(|i| a[(i % rows) * cols + i / rows])
+        .collect()
+}
+
+/// The worst `|got - want|` relative to the largest `|want|`.
+fn worst_relative(got: &[f32], want: &[f64]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    let largest = want.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+    let worst = got
+        .iter()
+        .zip(want)
+        .fold(0.0f64, |m, (g, w)| m.max((*g as f64 - w).abs()));
+    worst / largest
+}
+
+/// QLoRA's backward through an NF4 linear layer with a LoRA adapter, under burn's autodiff on the CPU: the gradient
+/// with respect to the input is `grad_y (W + s B A)` with `W` bitsandbytes' dequantized weight, the adapter's `A`
+/// gets `s B^T grad_y^T x`, the bias `sum grad_y`, and the frozen NF4 base no gradient at all (hand-worked in f64
+/// from `Nf4Tensor::dequantize`, bit-exact with bitsandbytes).
+#[test]
+fn nf4_linear_backward_gives_the_input_gradient() {
+    use burn::module::Param;
+    use burn::tensor::{Tensor, TensorData};
+    use medvl_model::layers::{Linear, Lora, Nf4Scales, Nf4Weight};
+    type Train = burn_autodiff::Autodiff<Cpu>;
+    let device = Default::default();
+    let rank = 4;
+    let scale = 2.0;
+    for ([out, inp], blocksize, rows) in [([7, 100], 64, 3), ([48, 64], 64, 1), ([33, 256], 128, 5)]
+    {
+        let tensor =
+            medvl_nf4::quantize(&pseudo(out * inp, 1, 1.0), &[out, inp], blocksize, true).unwrap();
+        let w = tensor.dequantize();
+        let (a, b) = (pseudo(rank * inp, 2, 0.1), pseudo(out * rank, 3, 0.1));
+        let (x, g, bias) = (
+            pseudo(rows * inp, 4, 1.0),
+            pseudo(rows * out, 5, 1.0),
+            pseudo(out, 6, 1.0),
+        );
+        let param = |v: &[f32], shape: [usize; 2]| {
+            Param::from_tensor(Tensor::<Train, 2>::from_data(
+                TensorData::new(v.to_vec(), shape),
+                &device,
+            ))
+        };
+        let linear = Linear::<Train> {
+            weight: LinearWeight::Nf4(Nf4Weight::from_host(&tensor, &device)),
+            bias: Some(Param::from_tensor(Tensor::from_data(
+                TensorData::new(bias, [out]),
+                &device,
+            ))),
+            lora: Some(Lora {
+                a: param(&a, [rank, inp]),
+                b: param(&b, [out, rank]),
+                scale,
+            }),
+        };
+        let input =
+            Tensor::<Train, 3>::from_data(TensorData::new(x.clone(), [1, rows, inp]), &device)
+                .require_grad();
+        let upstream =
+            Tensor::<Train, 3>::from_data(TensorData::new(g.clone(), [1, rows, out]), &device);
+        let grads = (linear.forward(input.clone()) * upstream).sum().backward();
+
+        // grad_x = g (W + s B A): [rows, out] x [out, inp].
+        let ba = matmul(&b, &a, [out, rank, inp]);
+        let effective: Vec<f32> = w
+            .iter()
+            .zip(&ba)
+            .map(|(w, ba)| (*w as f64 + scale * ba) as f32)
+            .collect();
+        let want = matmul(&g, &effective, [rows, out, inp]);
+        let got = input
+            .grad(&grads)
+            .unwrap()
+            .into_data()
+            .to_vec::<f32>()
+            .unwrap();
+        let err = worst_relative(&got, &want);
+        assert!(err <= 1e-5, "{out}x{inp}: input gradient off by {err}");
+
+        // grad_A = s B^T g^T x: [rank, out] x [out, rows] x [rows, inp].
+        let bt_gt = matmul(
+            &transpose(&b, [out, rank]),
+            &transpose(&g, [rows, out]),
+            [rank, out, rows],
+        );
+        let bt_gt: Vec<f32> = bt_gt.iter().map(|v| (v * scale) as f32).collect();
+        let want_a = matmul(&bt_gt, &x, [rank, rows, inp]);
+        let lora = linear.lora.as_ref().unwrap();
+        let got_a = lora
+            .a
+            .grad(&grads)
+            .unwrap()
+            .into_data()
+            .to_vec::<f32>()
+            .unwrap();
+        let err = worst_relative(&got_a, &want_a);
+        assert!(err <= 1e-5, "{out}x{inp}: adapter gradient off by {err}");
+        let want_bias: Vec<f64> = (0..out)
+            .map(|n| (0..rows).map(|m| g[m * out + n] as f64).sum())
+            .collect();
+        let got_bias = linear.bias.as_ref().unwrap().grad(&grads).unwrap();
+        let err = worst_relative(&got_bias.into_data().to_vec::<f32>().unwrap(), &want_bias);
+        assert!(err <= 1e-5, "{out}x{inp}: bias gradient off by {err}");
+
+        // The NF4 base is frozen: nothing in it receives a gradient.
+        let LinearWeight::Nf4(base) = &linear.weight else {
+            unreachable!()
+        };
+        assert!(base.code.grad(&grads).is_none());
+        let Nf4Scales::Double(d) = &base.scales else {
+            panic!("double-quantized")
+        };
+        assert!(d.nested.grad(&grads).is_none() && d.map.grad(&grads).is_none());
     }
 }
