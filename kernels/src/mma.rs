@@ -85,14 +85,19 @@ impl MmaTiling {
 pub fn supported<R: Runtime, F: Activation>(client: &ComputeClient<R>) -> bool {
     let ty = F::as_type_native_unchecked().storage_type();
     F::PAIR_TABLE.is_some()
-        && client.properties().features.matmul.mma.contains(&MmaConfig {
-            a_type: ty,
-            b_type: ty,
-            cd_type: f32::as_type_native_unchecked().storage_type(),
-            m: 16,
-            n: 8,
-            k: 16,
-        })
+        && client
+            .properties()
+            .features
+            .matmul
+            .mma
+            .contains(&MmaConfig {
+                a_type: ty,
+                b_type: ty,
+                cd_type: f32::as_type_native_unchecked().storage_type(),
+                m: 16,
+                n: 8,
+                k: 16,
+            })
 }
 
 /// Whether [`gemv_mma`] takes this weight and batch where it is [`supported`]: 1 to [`MAX_ROWS`] rows, a width
@@ -293,8 +298,8 @@ fn gemv_mma_kernel<F: Float>(
         for e in 0..4usize {
             #[unroll]
             for c in 0..copies {
-                table[((UNIT_POS * 4 + comptime!(e as u32)) * copies_u + comptime!(c as u32)) as usize] =
-                    first_half[e];
+                table[((UNIT_POS * 4 + comptime!(e as u32)) * copies_u + comptime!(c as u32))
+                    as usize] = first_half[e];
                 table[(((UNIT_POS + 32) * 4 + comptime!(e as u32)) * copies_u + comptime!(c as u32))
                     as usize] = second_half[e];
             }
@@ -307,8 +312,16 @@ fn gemv_mma_kernel<F: Float>(
     let (g, q) = (lane / 4, lane % 4);
     let first = CUBE_POS_X * 16;
     // Rows past the end re-read the last row; their sums are not written.
-    let row_low = if first + g < rows { first + g } else { rows - 1 };
-    let row_high = if first + g + 8 < rows { first + g + 8 } else { rows - 1 };
+    let row_low = if first + g < rows {
+        first + g
+    } else {
+        rows - 1
+    };
+    let row_high = if first + g + 8 < rows {
+        first + g + 8
+    } else {
+        rows - 1
+    };
     let sub_blocks = cols / 64;
     let row_words = cols / 16;
 
@@ -389,8 +402,8 @@ fn gemv_mma_kernel<F: Float>(
         let mut partial = SharedMemory::<f32>::new(comptime!(split * 4 * tiles * 32));
         #[unroll]
         for i in 0..outputs {
-            partial[((UNIT_POS_Y * comptime!(outputs as u32) + comptime!(i as u32)) * 32 + lane) as usize] =
-                acc[i];
+            partial[((UNIT_POS_Y * comptime!(outputs as u32) + comptime!(i as u32)) * 32 + lane)
+                as usize] = acc[i];
         }
         sync_cube();
         if UNIT_POS_Y == 0 {

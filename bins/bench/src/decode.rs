@@ -278,17 +278,18 @@ fn run_in<R: Runtime, F: Activation>(
                 .find(|c| c.format == format && c.batch == batch)
         }) {
             println!(
-                "\n  per operation, batch {}: | op | us per launch | launches per step | ms per step | weight GB/s | of copy |",
+                "\n  per operation, batch {}: | op | us per launch (host-bound) | GPU us per launch | launches per step | GPU ms per step | weight GB/s (GPU time) | of copy |",
                 case.batch
             );
             for op in &case.ops {
-                let gb_per_s = op.weight_bytes as f64 / op.us / 1e3;
+                let gb_per_s = op.weight_bytes as f64 / op.gpu_us / 1e3;
                 println!(
-                    "  | {} | {:.1} | {} | {:.3} | {} | {} |",
+                    "  | {} | {:.1} | {:.1} | {} | {:.3} | {} | {} |",
                     op.op,
                     op.us,
+                    op.gpu_us,
                     op.per_step,
-                    op.us * op.per_step as f64 / 1e3,
+                    op.gpu_us * op.per_step as f64 / 1e3,
                     if op.weight_bytes > 0 {
                         format!("{gb_per_s:.0}")
                     } else {
@@ -301,6 +302,12 @@ fn run_in<R: Runtime, F: Activation>(
                     },
                 );
             }
+            let gpu_ms: f64 = case
+                .ops
+                .iter()
+                .map(|op| op.gpu_us * op.per_step as f64 / 1e3)
+                .sum();
+            println!("  GPU time of one step's launches, summed: {gpu_ms:.3} ms");
             println!();
         }
         drop(plan);

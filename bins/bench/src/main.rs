@@ -14,6 +14,8 @@
 
 mod decode;
 mod page;
+#[cfg(feature = "cuda")]
+mod prefill;
 mod report;
 
 use std::path::PathBuf;
@@ -103,6 +105,13 @@ struct KernelArgs {
     /// Activation type (`bf16` as in the model; `f32` where the runtime has no bf16, e.g. wgpu).
     #[arg(long, value_enum, default_value = "bf16")]
     activations: ActivationKind,
+    /// Instead of the decode products: the prefill's, dequantize + burn's matmul (what the model runs) against
+    /// the fused NF4 GEMM, at page-sized row counts (CUDA, bf16).
+    #[arg(long)]
+    prefill: bool,
+    /// Launches timed per prefill case.
+    #[arg(long, default_value_t = 10)]
+    prefill_launches: usize,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -137,6 +146,10 @@ struct Report {
     git_commit: String,
     copy_gb_per_s: f64,
     cases: Vec<Case>,
+    /// `--prefill`: the prefill's products both ways.
+    #[cfg(feature = "cuda")]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    prefill: Vec<prefill::PrefillCase>,
 }
 
 /// The decode-path matrices of Qwen2.5-VL-7B's decoder, `[out, in]`, and the fused ones a decode plan uses.
@@ -226,6 +239,26 @@ fn kernels_in<R: Runtime, F: nf4::Activation>(
     let probe = CopyProbe::measure(&client, args.copy_gib)?;
     let copy_gb_per_s = probe.gb_per_s;
     let tensor_cores = gemm::supported::<R, F>(&client);
+    if args.prefill {
+        #[cfg(feature = "cuda")]
+        {
+            if runtime != "cuda" || activations != "bf16" {
+                bail!("--prefill runs on CUDA in bf16 (the model's path)");
+            }
+            let report = Report {
+                card: args.run.card.clone(),
+                runtime,
+                activations,
+                git_commit: args.run.commit.clone(),
+                copy_gb_per_s,
+                cases: Vec::new(),
+                prefill: prefill::measure(&probe, args.prefill_launches)?,
+            };
+            return args.run.write_report(&report);
+        }
+        #[cfg(not(feature = "cuda"))]
+        bail!("--prefill needs the `cuda` feature");
+    }
 
     let shapes: Vec<_> = if args.quick {
         SHAPES.iter().filter(|s| s.1 * s.2 < 20_000_000).collect()
@@ -342,6 +375,8 @@ fn kernels_in<R: Runtime, F: nf4::Activation>(
         git_commit: args.run.commit.clone(),
         copy_gb_per_s,
         cases,
+        #[cfg(feature = "cuda")]
+        prefill: Vec::new(),
     };
     args.run.write_report(&report)
 }

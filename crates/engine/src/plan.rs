@@ -961,8 +961,11 @@ struct Product<'a, F> {
 pub struct OpTime {
     /// Which operation.
     pub op: &'static str,
-    /// Microseconds per launch.
+    /// Microseconds per launch, launched back to back from the host (bounded below by the host's launch cost).
     pub us: f64,
+    /// Microseconds of GPU time per launch: launches queued behind a long copy, so that the GPU runs them back to
+    /// back without waiting for the host.
+    pub gpu_us: f64,
     /// Launches per step.
     pub per_step: usize,
     /// Weight bytes one launch reads (0 for operations without weights).
@@ -1430,10 +1433,12 @@ impl<R: Runtime, F: Activation> DecodePlan<R, F> {
         Ok(())
     }
 
-    /// Times each operation of a step for the admitted sequences: `reps` launches of it back to back between
-    /// two device syncs (so a kernel shorter than the host's launch cost shows the launch cost). Returns, per
-    /// operation, its name, microseconds per launch, launches per step, and the weight bytes it reads (0 for
-    /// operations without weights). Leaves the sequences' state as it was.
+    /// Times each operation of a step for the admitted sequences, two ways: `reps` launches back to back between
+    /// two device syncs (a kernel shorter than the host's launch cost shows the launch cost), and the same
+    /// launches queued behind two copies of a 512 MiB buffer that outlast their enqueueing, minus the copies' time
+    /// (the GPU's own time per launch). Returns, per operation, its name, both times, launches per step, and the
+    /// weight bytes it reads (0 for operations without weights). Leaves the sequences' state as it was; holds
+    /// 1 GiB of scratch while it runs.
     pub fn profile(&mut self, reps: usize) -> Result<Vec<OpTime>> {
         let b = self.active()?;
         let longest = self.longest(b);
@@ -1441,6 +1446,20 @@ impl<R: Runtime, F: Activation> DecodePlan<R, F> {
             cubecl::future::block_on(client.sync())
                 .map_err(|e| EngineError::Plan(format!("device sync: {e:?}")))
         };
+        let words = 128 << 20;
+        let (src, dst) = (
+            Buffer::<u32>::empty(&self.client, words),
+            Buffer::<u32>::empty(&self.client, words),
+        );
+        let copy = || medvl_kernels::probe::copy(&self.client, &src, &dst);
+        copy()?;
+        sync(&self.client)?;
+        let start = std::time::Instant::now();
+        for _ in 0..4 {
+            copy()?;
+        }
+        sync(&self.client)?;
+        let copy_s = start.elapsed().as_secs_f64() / 4.0;
         let mut times = Vec::new();
         let layers = self.layers.len();
         // Layer 1 where there is one, so that the norm adds a residual as most layers do.
@@ -1457,12 +1476,22 @@ impl<R: Runtime, F: Activation> DecodePlan<R, F> {
             }
             sync(&self.client)?;
             let us = start.elapsed().as_secs_f64() * 1e6 / reps as f64;
+            let start = std::time::Instant::now();
+            copy()?;
+            copy()?;
+            for _ in 0..reps {
+                self.launch_op(op, layer, b, longest)?;
+            }
+            sync(&self.client)?;
+            let gpu_us =
+                ((start.elapsed().as_secs_f64() - 2.0 * copy_s) * 1e6 / reps as f64).max(0.0);
             let weight_bytes = self.gemv(op, layer).map_or(0, |p| {
                 p.matrix.weight_bytes() + p.adapter.map_or(0, Adapter::weight_bytes)
             });
             times.push(OpTime {
                 op: op.name(),
                 us,
+                gpu_us,
                 per_step,
                 weight_bytes,
             });
