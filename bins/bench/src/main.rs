@@ -92,6 +92,9 @@ struct KernelArgs {
     /// Only the small shapes (a smoke run).
     #[arg(long)]
     quick: bool,
+    /// Only the shapes whose name contains this (e.g. `gate+up`).
+    #[arg(long)]
+    only: Option<String>,
     /// Measure every candidate tiling of the aligned kernel, not just the one `gemv` picks.
     #[arg(long)]
     sweep: bool,
@@ -260,11 +263,11 @@ fn kernels_in<R: Runtime, F: nf4::Activation>(
         bail!("--prefill needs the `cuda` feature");
     }
 
-    let shapes: Vec<_> = if args.quick {
-        SHAPES.iter().filter(|s| s.1 * s.2 < 20_000_000).collect()
-    } else {
-        SHAPES.iter().collect()
-    };
+    let shapes: Vec<_> = SHAPES
+        .iter()
+        .filter(|s| !args.quick || s.1 * s.2 < 20_000_000)
+        .filter(|s| args.only.as_ref().is_none_or(|only| s.0.contains(only.as_str())))
+        .collect();
     let mut cases = Vec::new();
     println!(
         "| matrix | out x in | rows | kernel (tiling) | weight MB | kernel us | GB/s | of copy | launch us |\n|---|---|---|---|---|---|---|---|---|"
