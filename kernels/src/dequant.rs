@@ -39,6 +39,26 @@ pub fn dequantize<R: Runtime, F: Activation>(
     // `ceil(n / blocksize)` (sized by the matrix's constructors), and writes `out` below `n` (checked above).
     #[allow(unsafe_code)]
     unsafe {
+        // Whole words of 8 values (every matrix of Qwen2.5-VL): one vector store of 8 values per unit.
+        if n.is_multiple_of(8) && out.len() >= n {
+            dequantize_vectors::launch_unchecked::<F, R>(
+                client,
+                CubeCount::Static(x, y, 1),
+                CubeDim::new_1d(CUBE_UNITS),
+                8,
+                weight.packed.array_arg(),
+                codes.array_arg(),
+                scales.array_arg(),
+                offsets.array_arg(),
+                map.array_arg(),
+                weight.codebook.array_arg(),
+                out.array_arg(),
+                words,
+                weight.blocksize as u32,
+                double_quant,
+            );
+            return Ok(());
+        }
         dequantize_words::launch_unchecked::<F, R>(
             client,
             CubeCount::Static(x, y, 1),
@@ -86,5 +106,42 @@ fn dequantize_words<F: Float>(
                 out[(first + i) as usize] = F::cast_from(values[i as usize] * scale);
             }
         }
+    }
+}
+
+/// [`dequantize_words`] for a whole number of words: unit `w` writes its 8 values as one vector.
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+fn dequantize_vectors<F: Float, N: Size>(
+    packed: &Array<u32>,
+    codes: &Array<u32>,
+    scales: &Array<f32>,
+    offsets: &Array<f32>,
+    map: &Array<f32>,
+    codebook: &Array<f32>,
+    out: &mut Array<Vector<F, N>>,
+    words: u32,
+    #[comptime] blocksize: u32,
+    #[comptime] double_quant: bool,
+) {
+    let table = load_codebook(codebook);
+    let word = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) * CUBE_DIM_X + UNIT_POS_X;
+    if word < words {
+        let mut values = Array::<f32>::new(8usize);
+        decode_word(packed[word as usize], &table, &mut values, 0usize);
+        let scale = block_scale(
+            word * 8 / blocksize,
+            codes,
+            scales,
+            offsets,
+            map,
+            double_quant,
+        );
+        let mut v = Vector::<F, N>::empty();
+        #[unroll]
+        for i in 0..8usize {
+            v[i] = F::cast_from(values[i] * scale);
+        }
+        out[word as usize] = v;
     }
 }

@@ -450,6 +450,7 @@ pub fn gemv_tiled<R: Runtime, F: Activation>(
                 tiling.rows_per_plane,
                 tiling.unroll,
                 if split { tiling.split } else { 1 },
+                shuffle_lookup(client),
             );
         } else {
             gemv_any::launch_unchecked::<F, R>(
@@ -473,6 +474,13 @@ pub fn gemv_tiled<R: Runtime, F: Activation>(
         }
     }
     Ok(())
+}
+
+/// Whether the GEMV looks codes up with plane shuffles ([`decode_word_shuffled`]): on CUDA with 32-lane planes,
+/// where a shuffle reads only the low 5 bits of its source lane. Elsewhere (e.g. Vulkan, whose subgroup shuffle
+/// leaves other lane numbers undefined, or planes of fewer than 16 lanes) the shared-memory table.
+pub(crate) fn shuffle_lookup<R: Runtime>(client: &ComputeClient<R>) -> bool {
+    R::name(client) == "cuda" && crate::plane_size(client) == 32
 }
 
 /// The scale of block `block`.
@@ -524,6 +532,27 @@ pub(crate) fn decode_word(
     values[base + 7] = table[((word >> 24) & 0xF) as usize];
 }
 
+/// [`decode_word`] through plane shuffles instead of a shared-memory table: lane `l` holds code value `l % 16`
+/// in `lane_value`. CUDA's shuffle reads the source lane from the low 5 bits of its operand (PTX `shfl.sync.idx`:
+/// `b[4:0]`), and lanes `l` and `l + 16` hold the same value, so a code needs a shift and no mask or address
+/// arithmetic. Every lane of the plane must take part.
+#[cube]
+pub(crate) fn decode_word_shuffled(
+    word: u32,
+    lane_value: f32,
+    values: &mut Array<f32>,
+    #[comptime] base: usize,
+) {
+    values[base] = plane_shuffle(lane_value, word >> 4);
+    values[base + 1] = plane_shuffle(lane_value, word);
+    values[base + 2] = plane_shuffle(lane_value, word >> 12);
+    values[base + 3] = plane_shuffle(lane_value, word >> 8);
+    values[base + 4] = plane_shuffle(lane_value, word >> 20);
+    values[base + 5] = plane_shuffle(lane_value, word >> 16);
+    values[base + 6] = plane_shuffle(lane_value, word >> 28);
+    values[base + 7] = plane_shuffle(lane_value, word >> 24);
+}
+
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 fn gemv_aligned<F: Float, NX: Size>(
@@ -543,8 +572,11 @@ fn gemv_aligned<F: Float, NX: Size>(
     #[comptime] rows_per_plane: usize,
     #[comptime] unroll: usize,
     #[comptime] split: usize,
+    #[comptime] shuffle: bool,
 ) {
     let table = load_codebook(codebook);
+    // With `shuffle`, lane `l` holds code value `l % 16` and a code is looked up with a plane shuffle.
+    let lane_value = codebook[(UNIT_POS_X % 16) as usize];
     // Without split-K each plane of the cube has rows of its own; with it, the cube's planes share the same rows
     // and each takes every `split`-th group of chunks.
     let (first_row, lane, width) = if comptime!(split == 1) {
@@ -576,36 +608,38 @@ fn gemv_aligned<F: Float, NX: Size>(
         let mut dots = Array::<f32>::new(batch * rows_per_plane);
         // Each step, lane `i` takes chunks `first + u * plane + i` (`u < unroll`) of each of the plane's rows, and
         // issues every load of the step before using any. Rows past the end re-read the last row; their sums are
-        // not written.
+        // not written. Lanes past the last chunk re-read it and add nothing, so that every lane of the plane takes
+        // part in the shuffles.
         for first in range_stepped(0, chunks, width * comptime!(unroll as u32)) {
             #[unroll]
             for u in 0..unroll {
-                let chunk = first + width * comptime!(u as u32) + lane;
-                if chunk < chunks {
-                    #[unroll]
-                    for r in 0..rows_per_plane {
-                        let candidate = first_row + comptime!(r as u32);
-                        let row = if candidate < rows {
-                            candidate
-                        } else {
-                            rows - 1
-                        };
-                        words[u * rows_per_plane + r] = packed[(row * chunks + chunk) as usize];
-                        block_scales[u * rows_per_plane + r] = block_scale(
-                            (row * cols + chunk * 32) / blocksize,
-                            codes,
-                            scales,
-                            offsets,
-                            map,
-                            double_quant,
-                        );
-                    }
+                let wanted = first + width * comptime!(u as u32) + lane;
+                let chunk = if wanted < chunks { wanted } else { chunks - 1 };
+                #[unroll]
+                for r in 0..rows_per_plane {
+                    let candidate = first_row + comptime!(r as u32);
+                    let row = if candidate < rows {
+                        candidate
+                    } else {
+                        rows - 1
+                    };
+                    words[u * rows_per_plane + r] = packed[(row * chunks + chunk) as usize];
+                    block_scales[u * rows_per_plane + r] = block_scale(
+                        (row * cols + chunk * 32) / blocksize,
+                        codes,
+                        scales,
+                        offsets,
+                        map,
+                        double_quant,
+                    );
                 }
             }
             #[unroll]
             for u in 0..unroll {
-                let chunk = first + width * comptime!(u as u32) + lane;
-                if chunk < chunks {
+                let wanted = first + width * comptime!(u as u32) + lane;
+                let valid = wanted < chunks;
+                let chunk = if valid { wanted } else { chunks - 1 };
+                {
                     #[unroll]
                     for i in 0..batch * rows_per_plane {
                         dots[i] = 0.0;
@@ -617,7 +651,11 @@ fn gemv_aligned<F: Float, NX: Size>(
                         #[unroll]
                         for r in 0..rows_per_plane {
                             let word = words[u * rows_per_plane + r];
-                            decode_word(word[w], &table, &mut values, r * 8);
+                            if comptime!(shuffle) {
+                                decode_word_shuffled(word[w], lane_value, &mut values, r * 8);
+                            } else {
+                                decode_word(word[w], &table, &mut values, r * 8);
+                            }
                         }
                         #[unroll]
                         for b in 0..batch {
@@ -641,8 +679,9 @@ fn gemv_aligned<F: Float, NX: Size>(
                     for b in 0..batch {
                         #[unroll]
                         for r in 0..rows_per_plane {
-                            acc[b * rows_per_plane + r] +=
+                            let sum =
                                 dots[b * rows_per_plane + r] * block_scales[u * rows_per_plane + r];
+                            acc[b * rows_per_plane + r] += select(valid, sum, 0.0);
                         }
                     }
                 }

@@ -266,7 +266,11 @@ fn kernels_in<R: Runtime, F: nf4::Activation>(
     let shapes: Vec<_> = SHAPES
         .iter()
         .filter(|s| !args.quick || s.1 * s.2 < 20_000_000)
-        .filter(|s| args.only.as_ref().is_none_or(|only| s.0.contains(only.as_str())))
+        .filter(|s| {
+            args.only
+                .as_ref()
+                .is_none_or(|only| s.0.contains(only.as_str()))
+        })
         .collect();
     let mut cases = Vec::new();
     println!(

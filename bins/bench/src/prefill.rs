@@ -55,13 +55,13 @@ pub(crate) struct PrefillCase {
     matmul_us: f64,
     /// Both, as the model runs them.
     dequantize_matmul_us: f64,
-    /// The fused NF4 tensor-core GEMM.
-    nf4_gemm_us: f64,
+    /// The fused NF4 tensor-core GEMM (`None` where it does not take the shape: widths not a multiple of 32).
+    nf4_gemm_us: Option<f64>,
     /// `2 m rows cols / dequantize_matmul_us`.
     dequantize_matmul_tflops: f64,
-    nf4_gemm_tflops: f64,
+    nf4_gemm_tflops: Option<f64>,
     /// Largest |GEMM - matmul| over the largest |matmul| output.
-    gemm_difference: f64,
+    gemm_difference: Option<f64>,
 }
 
 /// Measures every shape; `launches` per timing.
@@ -99,20 +99,24 @@ pub(crate) fn measure(probe: &CopyProbe, launches: usize) -> Result<Vec<PrefillC
             drop(x.clone().matmul(weight.dense(DType::BF16).transpose()));
             Ok(())
         })?;
-        let (gemm_s, _) = probe.time(&client, launches, || {
-            gemm::gemm_nf4(&client, &x_buf, m, &matrix, &y)?;
-            Ok(())
-        })?;
-
-        let reference = x.clone().matmul(dense_t).into_data().convert::<f32>();
-        let reference = reference.to_vec::<f32>().context("matmul output")?;
-        let fused = y.read(&client)?;
-        let largest = reference.iter().fold(0f32, |a, v| a.max(v.abs()));
-        let difference = fused
-            .iter()
-            .zip(&reference)
-            .fold(0f32, |a, (f, r)| a.max((f.to_f32() - r).abs()))
-            / largest;
+        let gemm = if cols.is_multiple_of(32) {
+            let (gemm_s, _) = probe.time(&client, launches, || {
+                gemm::gemm_nf4(&client, &x_buf, m, &matrix, &y)?;
+                Ok(())
+            })?;
+            let reference = x.clone().matmul(dense_t).into_data().convert::<f32>();
+            let reference = reference.to_vec::<f32>().context("matmul output")?;
+            let fused = y.read(&client)?;
+            let largest = reference.iter().fold(0f32, |a, v| a.max(v.abs()));
+            let difference = fused
+                .iter()
+                .zip(&reference)
+                .fold(0f32, |a, (f, r)| a.max((f.to_f32() - r).abs()))
+                / largest;
+            Some((gemm_s, difference as f64))
+        } else {
+            None
+        };
 
         let flops = 2.0 * (m * rows * cols) as f64;
         let case = PrefillCase {
@@ -123,21 +127,25 @@ pub(crate) fn measure(probe: &CopyProbe, launches: usize) -> Result<Vec<PrefillC
             dequantize_us: dequantize_s * 1e6,
             matmul_us: matmul_s * 1e6,
             dequantize_matmul_us: both_s * 1e6,
-            nf4_gemm_us: gemm_s * 1e6,
+            nf4_gemm_us: gemm.map(|g| g.0 * 1e6),
             dequantize_matmul_tflops: flops / both_s / 1e12,
-            nf4_gemm_tflops: flops / gemm_s / 1e12,
-            gemm_difference: difference as f64,
+            nf4_gemm_tflops: gemm.map(|g| flops / g.0 / 1e12),
+            gemm_difference: gemm.map(|g| g.1),
         };
+        let or_dash = |v: Option<String>| v.unwrap_or_else(|| "-".into());
         println!(
-            "| {name} | {rows}x{cols} | {m} | {:.1} | {:.1} | {:.1} | {:.0} | {:.1} | {:.0} | {:.2} | {:.1e} |",
+            "| {name} | {rows}x{cols} | {m} | {:.1} | {:.1} | {:.1} | {:.0} | {} | {} | {} | {} |",
             case.dequantize_us,
             case.matmul_us,
             case.dequantize_matmul_us,
             case.dequantize_matmul_tflops,
-            case.nf4_gemm_us,
-            case.nf4_gemm_tflops,
-            case.nf4_gemm_us / case.dequantize_matmul_us,
-            case.gemm_difference,
+            or_dash(case.nf4_gemm_us.map(|v| format!("{v:.1}"))),
+            or_dash(case.nf4_gemm_tflops.map(|v| format!("{v:.0}"))),
+            or_dash(
+                case.nf4_gemm_us
+                    .map(|v| format!("{:.2}", v / case.dequantize_matmul_us))
+            ),
+            or_dash(case.gemm_difference.map(|v| format!("{v:.1e}"))),
         );
         cases.push(case);
     }
