@@ -23,6 +23,21 @@ pub const MAX_BATCH: usize = 8;
 /// Planes (warps) per cube.
 const PLANES_PER_CUBE: u32 = 4;
 
+/// Most shared memory the aligned GEMV's copy of the activations may take per cube (all batch rows, each padded
+/// to whole groups of 32 chunks): with the rest of the kernel's, within the 16 KiB every runtime offers.
+const X_SHARED_BYTES: usize = 12 * 1024;
+
+/// Groups of 32 chunks of 32 activations per batch row that the aligned GEMV keeps in shared memory, 0 when
+/// they do not fit in [`X_SHARED_BYTES`] (the activations are then read from global memory).
+fn x_groups<F>(batch: usize, cols: usize) -> usize {
+    let groups = cols.div_ceil(32).div_ceil(32);
+    if batch * groups * 32 * 32 * size_of::<F>() <= X_SHARED_BYTES {
+        groups
+    } else {
+        0
+    }
+}
+
 /// Block scales on the device.
 // One per matrix, built once and never moved on a hot path: the size difference does not matter.
 #[allow(clippy::large_enum_variant)]
@@ -451,6 +466,7 @@ pub fn gemv_tiled<R: Runtime, F: Activation>(
                 tiling.unroll,
                 if split { tiling.split } else { 1 },
                 shuffle_lookup(client),
+                x_groups::<F>(batch, weight.cols),
             );
         } else {
             gemv_any::launch_unchecked::<F, R>(
@@ -491,6 +507,25 @@ pub(crate) fn block_scale(
     scales: &Array<f32>,
     offsets: &Array<f32>,
     map: &Array<f32>,
+    #[comptime] double_quant: bool,
+) -> f32 {
+    if comptime!(double_quant) {
+        let code = (codes[(block / 4) as usize] >> ((block % 4) * 8)) & 0xFF;
+        let nested = (block / 256) as usize;
+        map[code as usize] * scales[nested] + offsets[nested]
+    } else {
+        scales[block as usize]
+    }
+}
+
+/// [`block_scale`] with the double-quantization map in shared memory.
+#[cube]
+pub(crate) fn block_scale_shared(
+    block: u32,
+    codes: &Array<u32>,
+    scales: &Array<f32>,
+    offsets: &Array<f32>,
+    map: &SharedMemory<f32>,
     #[comptime] double_quant: bool,
 ) -> f32 {
     if comptime!(double_quant) {
@@ -573,7 +608,37 @@ fn gemv_aligned<F: Float, NX: Size>(
     #[comptime] unroll: usize,
     #[comptime] split: usize,
     #[comptime] shuffle: bool,
+    #[comptime] x_groups: usize,
 ) {
+    // With `x_groups > 0` the activations are copied to shared memory once per cube (one coalesced pass), laid
+    // out so that the lanes of a plane, which take consecutive chunks of 32 values, read consecutive 16-byte
+    // vectors: vector `k` of chunk `c` goes to `(c / 32) * 32 * vpc + k * 32 + c % 32` of its batch row (`vpc`
+    // vectors per chunk). From global memory those reads are 64 bytes apart and most of the L1 traffic.
+    let nxc = NX::value();
+    let vpc = comptime!(32 / nxc);
+    let group_len = comptime!(x_groups * 32 * vpc);
+    let mut xs = SharedMemory::<Vector<F, NX>>::new(comptime!((batch * group_len).max(1)));
+    if comptime!(x_groups > 0) {
+        let row_vectors = cols / comptime!(nxc as u32);
+        for i in range_stepped(UNIT_POS, comptime!(batch as u32) * row_vectors, CUBE_DIM) {
+            let b = i / row_vectors;
+            let j = i % row_vectors;
+            let c = j / comptime!(vpc as u32);
+            let k = j % comptime!(vpc as u32);
+            let at = b * comptime!(group_len as u32)
+                + (c / 32) * comptime!(32 * vpc as u32)
+                + k * 32
+                + c % 32;
+            xs[at as usize] = x[i as usize];
+        }
+    }
+    // The double-quantization map in shared memory: its lookups are gathers of random entries.
+    let mut map_s = SharedMemory::<f32>::new(256usize);
+    if comptime!(double_quant) {
+        for i in range_stepped(UNIT_POS, 256u32, CUBE_DIM) {
+            map_s[i as usize] = map[i as usize];
+        }
+    }
     let table = load_codebook(codebook);
     // With `shuffle`, lane `l` holds code value `l % 16` and a code is looked up with a plane shuffle.
     let lane_value = codebook[(UNIT_POS_X % 16) as usize];
@@ -624,12 +689,12 @@ fn gemv_aligned<F: Float, NX: Size>(
                         rows - 1
                     };
                     words[u * rows_per_plane + r] = packed[(row * chunks + chunk) as usize];
-                    block_scales[u * rows_per_plane + r] = block_scale(
+                    block_scales[u * rows_per_plane + r] = block_scale_shared(
                         (row * cols + chunk * 32) / blocksize,
                         codes,
                         scales,
                         offsets,
-                        map,
+                        &map_s,
                         double_quant,
                     );
                 }
@@ -662,7 +727,15 @@ fn gemv_aligned<F: Float, NX: Size>(
                             let base = (b * cols as usize + chunk as usize * 32 + w * 8) / nx;
                             #[unroll]
                             for v in 0..per_word {
-                                let xv = x[base + v];
+                                let xv = if comptime!(x_groups > 0) {
+                                    let c = chunk as usize;
+                                    xs[b * group_len
+                                        + (c / 32) * comptime!(32 * vpc)
+                                        + comptime!((w * per_word + v) * 32)
+                                        + c % 32]
+                                } else {
+                                    x[base + v]
+                                };
                                 #[unroll]
                                 for e in 0..nx {
                                     let xe = f32::cast_from(xv[e]);
