@@ -12,6 +12,8 @@
 //!   products; the plane then sums its lanes.
 //! - `gemv_any` for other widths (blocks then straddle rows): one code per lane per step, exact but slower.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use cubecl::prelude::*;
 use medvl_nf4::{Absmax, NESTED_BLOCKSIZE, NF4_CODE, Nf4Tensor, le_words};
 
@@ -31,7 +33,9 @@ const X_SHARED_BYTES: usize = 12 * 1024;
 /// they do not fit in [`X_SHARED_BYTES`] (the activations are then read from global memory).
 fn x_groups<F>(batch: usize, cols: usize) -> usize {
     let groups = cols.div_ceil(32).div_ceil(32);
-    if batch * groups * 32 * 32 * size_of::<F>() <= X_SHARED_BYTES {
+    if !PREVIOUS_GEMV.load(Ordering::Relaxed)
+        && batch * groups * 32 * 32 * size_of::<F>() <= X_SHARED_BYTES
+    {
         groups
     } else {
         0
@@ -496,7 +500,18 @@ pub fn gemv_tiled<R: Runtime, F: Activation>(
 /// where a shuffle reads only the low 5 bits of its source lane. Elsewhere (e.g. Vulkan, whose subgroup shuffle
 /// leaves other lane numbers undefined, or planes of fewer than 16 lanes) the shared-memory table.
 pub(crate) fn shuffle_lookup<R: Runtime>(client: &ComputeClient<R>) -> bool {
-    R::name(client) == "cuda" && crate::plane_size(client) == 32
+    !PREVIOUS_GEMV.load(Ordering::Relaxed)
+        && R::name(client) == "cuda"
+        && crate::plane_size(client) == 32
+}
+
+static PREVIOUS_GEMV: AtomicBool = AtomicBool::new(false);
+
+/// Process-wide: run the aligned GEMV as it was before the shuffle lookup and the shared-memory activations
+/// (shared-memory table, activations from global memory), so that benchmarks can compare both in one process.
+/// Off by default; both compute the same sums.
+pub fn set_previous_gemv(previous: bool) {
+    PREVIOUS_GEMV.store(previous, Ordering::Relaxed);
 }
 
 /// The scale of block `block`.

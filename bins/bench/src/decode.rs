@@ -24,6 +24,10 @@ use crate::{ActivationKind, CopyProbe, RunInfo, RuntimeKind};
 pub struct DecodeArgs {
     #[command(flatten)]
     run: RunInfo,
+    /// Run the plain NF4 GEMV as it was before the shuffle lookup and the shared-memory activations
+    /// (`nf4::set_previous_gemv`): for a comparison on the same card.
+    #[arg(long)]
+    previous_gemv: bool,
     /// Where to run.
     #[arg(long, value_enum, default_value = "cuda")]
     runtime: RuntimeKind,
@@ -137,6 +141,7 @@ struct Report {
 }
 
 pub fn run(args: &DecodeArgs) -> Result<()> {
+    medvl_kernels::nf4::set_previous_gemv(args.previous_gemv);
     match (args.runtime, args.activations) {
         #[cfg(feature = "cuda")]
         (RuntimeKind::Cuda, ActivationKind::Bf16) => {

@@ -112,6 +112,10 @@ struct KernelArgs {
     /// the fused NF4 GEMM, at page-sized row counts (CUDA, bf16).
     #[arg(long)]
     prefill: bool,
+    /// Time the plain GEMV twice per case: as it is, and as it was before the shuffle lookup and the
+    /// shared-memory activations (`nf4::set_previous_gemv`), in the same run.
+    #[arg(long)]
+    compare_gemv: bool,
     /// Launches timed per prefill case.
     #[arg(long, default_value_t = 10)]
     prefill_launches: usize,
@@ -139,6 +143,9 @@ struct Case {
     gb_per_s: f64,
     fraction_of_copy: f64,
     launch_us: f64,
+    /// `--compare-gemv`: the GEMV before the shuffle lookup and shared-memory activations, same run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    previous_kernel_us: Option<f64>,
 }
 
 #[derive(Serialize)]
@@ -327,6 +334,15 @@ fn kernels_in<R: Runtime, F: nf4::Activation>(
                 }
                 Ok(())
             };
+            let previous_s = match kernel {
+                Kernel::Gemv(_) if args.compare_gemv => {
+                    nf4::set_previous_gemv(true);
+                    let timed = probe.time(&client, args.launches, launch);
+                    nf4::set_previous_gemv(false);
+                    Some(timed?.0)
+                }
+                _ => None,
+            };
             let (kernel_s, launch_s) = probe.time(&client, args.launches, launch)?;
             let bytes = matrix.weight_bytes() + batch * (rows + cols) * size_of::<F>();
             let gb_per_s = bytes as f64 / kernel_s / 1e9;
@@ -356,7 +372,17 @@ fn kernels_in<R: Runtime, F: nf4::Activation>(
                 gb_per_s,
                 fraction_of_copy: gb_per_s / copy_gb_per_s,
                 launch_us: launch_s * 1e6,
+                previous_kernel_us: previous_s.map(|s| s * 1e6),
             };
+            if let Some(previous) = case.previous_kernel_us {
+                println!(
+                    "| {name} | {rows}x{cols} | {batch} | {} previous GEMV | {:.1} | {previous:.1} | {:.0} | {:.0}% | - |",
+                    case.tiling,
+                    case.weight_mb,
+                    bytes as f64 / previous / 1e3,
+                    100.0 * bytes as f64 / previous / 1e3 / copy_gb_per_s,
+                );
+            }
             println!(
                 "| {name} | {rows}x{cols} | {batch} | {}{} | {:.1} | {:.1} | {:.0} | {:.0}% | {:.1} |",
                 case.tiling,
