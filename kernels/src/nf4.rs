@@ -470,7 +470,13 @@ pub fn gemv_tiled<R: Runtime, F: Activation>(
                 tiling.unroll,
                 if split { tiling.split } else { 1 },
                 shuffle_lookup(client),
-                x_groups::<F>(batch, weight.cols),
+                // Split-K cubes cover only `rows_per_plane` rows each: copying the activations to shared memory
+                // would read about as many bytes as the cube's weights (measured slower at 3584 rows).
+                if split {
+                    0
+                } else {
+                    x_groups::<F>(batch, weight.cols)
+                },
             );
         } else {
             gemv_any::launch_unchecked::<F, R>(
