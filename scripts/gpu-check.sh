@@ -26,6 +26,12 @@
 set -u
 OUT=${OUT:-/tmp/medvl-gpu}
 mkdir -p "$OUT"
+# A GPU machine may be handed out again with an earlier session's files still under /tmp: a log left in $OUT
+# would pass for this run's. Refuse a non-empty $OUT.
+if [ -n "$(ls -A "$OUT" 2> /dev/null)" ]; then
+  echo "gpu-check: $OUT is not empty (files from an earlier run?): use an empty directory" >&2
+  exit 2
+fi
 tar -C .gpu -xJf .gpu/bin.tar.xz
 bin=.gpu/bin
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
