@@ -74,7 +74,9 @@ fn unsupported(what: String) -> KernelError {
     KernelError::Unsupported(what)
 }
 
-/// A dense weight matrix `[rows, cols]` (`[out_features, in_features]`) in the activation type.
+/// A dense weight matrix `[rows, cols]` (`[out_features, in_features]`) in the activation type. A clone reads the
+/// same device memory.
+#[derive(Clone)]
 pub struct DenseMatrix<F> {
     pub(crate) rows: usize,
     pub(crate) cols: usize,
@@ -112,6 +114,11 @@ impl<F: Activation> DenseMatrix<F> {
     /// Output features.
     pub fn rows(&self) -> usize {
         self.rows
+    }
+
+    /// The row-major values.
+    pub fn weight(&self) -> &Buffer<F> {
+        &self.weight
     }
 
     /// Input features.

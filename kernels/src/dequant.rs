@@ -40,7 +40,7 @@ pub fn dequantize<R: Runtime, F: Activation>(
     #[allow(unsafe_code)]
     unsafe {
         // Whole words of 8 values (every matrix of Qwen2.5-VL): one vector store of 8 values per unit.
-        if n.is_multiple_of(8) && out.len() >= n {
+        if n.is_multiple_of(8) {
             dequantize_vectors::launch_unchecked::<F, R>(
                 client,
                 CubeCount::Static(x, y, 1),
@@ -78,6 +78,101 @@ pub fn dequantize<R: Runtime, F: Activation>(
     Ok(())
 }
 
+/// `out[b] = W[ids[b]]` for `batch` ids, rows of `[batch, cols]` in `F`: an embedding lookup into an NF4 table
+/// that dequantizes only the rows it reads (one cube per id). An id past the table's rows reads row 0 (as
+/// [`crate::decode::embed`] does), never memory past the table. Needs whole words per row (`cols % 8 == 0`).
+pub fn dequantize_rows<R: Runtime, F: Activation>(
+    client: &ComputeClient<R>,
+    weight: &Nf4Matrix,
+    ids: &Buffer<u32>,
+    batch: usize,
+    out: &Buffer<F>,
+) -> Result<(), KernelError> {
+    let cols = weight.cols;
+    if !cols.is_multiple_of(8) || weight.blocksize < 8 {
+        return Err(KernelError::Unsupported(format!(
+            "rows of {cols} values in blocks of {}: a row lookup needs whole code words (8 codes) per row and \
+             per block",
+            weight.blocksize
+        )));
+    }
+    ids.check("ids", batch)?;
+    out.check("rows", batch * cols)?;
+    if batch == 0 {
+        return Ok(());
+    }
+    let (codes, scales, offsets, map, double_quant) = weight.scale_args();
+    // SAFETY: the kernel clamps each id below `rows`, so it reads words below `rows * cols / 8` (the packed
+    // buffer holds at least that many) and the scales of blocks below `ceil(rows * cols / blocksize)`; it reads
+    // `ids` below `batch` and writes `out` below `batch * cols` (both checked above).
+    #[allow(unsafe_code)]
+    unsafe {
+        dequantize_rows_kernel::launch_unchecked::<F, R>(
+            client,
+            CubeCount::Static(batch as u32, 1, 1),
+            CubeDim::new_1d(CUBE_UNITS),
+            8,
+            weight.packed.array_arg(),
+            codes.array_arg(),
+            scales.array_arg(),
+            offsets.array_arg(),
+            map.array_arg(),
+            weight.codebook.array_arg(),
+            ids.array_arg(),
+            out.array_arg(),
+            (cols / 8) as u32,
+            weight.rows as u32,
+            weight.blocksize as u32,
+            double_quant,
+        );
+    }
+    Ok(())
+}
+
+/// Cube `b` writes row `ids[b]` of the weight into row `b` of `out`, one 8-value vector per code word.
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+fn dequantize_rows_kernel<F: Float, N: Size>(
+    packed: &Array<u32>,
+    codes: &Array<u32>,
+    scales: &Array<f32>,
+    offsets: &Array<f32>,
+    map: &Array<f32>,
+    codebook: &Array<f32>,
+    ids: &Array<u32>,
+    out: &mut Array<Vector<F, N>>,
+    words_per_row: u32,
+    rows: u32,
+    #[comptime] blocksize: u32,
+    #[comptime] double_quant: bool,
+) {
+    let table = load_codebook(codebook);
+    let b = CUBE_POS_X;
+    let mut id = ids[b as usize];
+    if id >= rows {
+        id = 0;
+    }
+    let mut values = Array::<f32>::new(8usize);
+    for i in range_stepped(UNIT_POS_X, words_per_row, CUBE_DIM_X) {
+        let word = id * words_per_row + i;
+        decode_word(packed[word as usize], &table, &mut values, 0usize);
+        let scale = block_scale::<Array<f32>>(
+            word * 8 / blocksize,
+            codes,
+            scales,
+            offsets,
+            map,
+            double_quant,
+        );
+        let mut v = Vector::<F, N>::empty();
+        #[unroll]
+        for k in 0..8usize {
+            v[k] = F::cast_from(values[k] * scale);
+        }
+        out[(b * words_per_row + i) as usize] = v;
+    }
+}
+
 /// Unit `w` decodes code word `w` (codes `8w..8w + 8`, one block) and writes its values.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
@@ -99,7 +194,8 @@ fn dequantize_words<F: Float>(
     if first < n {
         let mut values = Array::<f32>::new(8usize);
         decode_word(packed[word as usize], &table, &mut values, 0usize);
-        let scale = block_scale(first / blocksize, codes, scales, offsets, map, double_quant);
+        let scale =
+            block_scale::<Array<f32>>(first / blocksize, codes, scales, offsets, map, double_quant);
         #[unroll]
         for i in 0..8u32 {
             if first + i < n {
@@ -129,7 +225,7 @@ fn dequantize_vectors<F: Float, N: Size>(
     if word < words {
         let mut values = Array::<f32>::new(8usize);
         decode_word(packed[word as usize], &table, &mut values, 0usize);
-        let scale = block_scale(
+        let scale = block_scale::<Array<f32>>(
             word * 8 / blocksize,
             codes,
             scales,

@@ -22,4 +22,7 @@ pub enum KernelError {
     /// The runtime refused the launch.
     #[error("kernel launch failed: {0}")]
     Launch(String),
+    /// Waiting for the device failed.
+    #[error("device sync failed: {0}")]
+    Sync(String),
 }

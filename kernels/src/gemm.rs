@@ -463,7 +463,7 @@ fn gemm_nf4_kernel<F: Float, NX: Size>(
                     row = rows - 1;
                 }
                 let word = packed[((row * chunks + chunk) * 4 + c % 4) as usize];
-                let scale = block_scale(
+                let scale = block_scale::<Array<f32>>(
                     (row * cols + chunk * 32) / blocksize,
                     codes,
                     scales,

@@ -342,7 +342,7 @@ fn gemv_mma_kernel<F: Float>(
             if j < sub_blocks {
                 low[u] = packed[(row_low * row_words + 4 * j + q) as usize];
                 high[u] = packed[(row_high * row_words + 4 * j + q) as usize];
-                scale_low[u] = block_scale(
+                scale_low[u] = block_scale::<Array<f32>>(
                     (row_low * cols + 64 * j) / blocksize,
                     codes,
                     scales,
@@ -350,7 +350,7 @@ fn gemv_mma_kernel<F: Float>(
                     map,
                     double_quant,
                 );
-                scale_high[u] = block_scale(
+                scale_high[u] = block_scale::<Array<f32>>(
                     (row_high * cols + 64 * j) / blocksize,
                     codes,
                     scales,

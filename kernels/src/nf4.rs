@@ -45,6 +45,7 @@ fn x_groups<F>(batch: usize, cols: usize) -> usize {
 /// Block scales on the device.
 // One per matrix, built once and never moved on a hot path: the size difference does not matter.
 #[allow(clippy::large_enum_variant)]
+#[derive(Clone)]
 pub enum Scales {
     /// Double quantization: `scale[b] = map[codes[b]] * nested[b / 256] + offsets[b / 256]`. The offset is kept
     /// per nested block so that matrices quantized separately (each with its own mean offset) can be stacked into
@@ -64,6 +65,8 @@ pub enum Scales {
 }
 
 /// An NF4 weight matrix `[rows, cols]` (`[out_features, in_features]`) on the device, in the bitsandbytes layout.
+/// A clone reads the same device memory.
+#[derive(Clone)]
 pub struct Nf4Matrix {
     pub(crate) rows: usize,
     pub(crate) cols: usize,
@@ -520,39 +523,20 @@ pub fn set_previous_gemv(previous: bool) {
     PREVIOUS_GEMV.store(previous, Ordering::Relaxed);
 }
 
-/// The scale of block `block`.
+/// The scale of block `block`, with the double-quantization map in global or shared memory.
 #[cube]
-pub(crate) fn block_scale(
+pub(crate) fn block_scale<M: List<f32>>(
     block: u32,
     codes: &Array<u32>,
     scales: &Array<f32>,
     offsets: &Array<f32>,
-    map: &Array<f32>,
+    map: &M,
     #[comptime] double_quant: bool,
 ) -> f32 {
     if comptime!(double_quant) {
         let code = (codes[(block / 4) as usize] >> ((block % 4) * 8)) & 0xFF;
         let nested = (block / 256) as usize;
-        map[code as usize] * scales[nested] + offsets[nested]
-    } else {
-        scales[block as usize]
-    }
-}
-
-/// [`block_scale`] with the double-quantization map in shared memory.
-#[cube]
-pub(crate) fn block_scale_shared(
-    block: u32,
-    codes: &Array<u32>,
-    scales: &Array<f32>,
-    offsets: &Array<f32>,
-    map: &SharedMemory<f32>,
-    #[comptime] double_quant: bool,
-) -> f32 {
-    if comptime!(double_quant) {
-        let code = (codes[(block / 4) as usize] >> ((block % 4) * 8)) & 0xFF;
-        let nested = (block / 256) as usize;
-        map[code as usize] * scales[nested] + offsets[nested]
+        map.read(code as usize) * scales[nested] + offsets[nested]
     } else {
         scales[block as usize]
     }
@@ -660,6 +644,8 @@ fn gemv_aligned<F: Float, NX: Size>(
             map_s[i as usize] = map[i as usize];
         }
     }
+    // The table is read without `shuffle`; with it, loading the table still gives the barrier after the copies to
+    // shared memory above.
     let table = load_codebook(codebook);
     // With `shuffle`, lane `l` holds code value `l % 16` and a code is looked up with a plane shuffle.
     let lane_value = codebook[(UNIT_POS_X % 16) as usize];
@@ -710,7 +696,7 @@ fn gemv_aligned<F: Float, NX: Size>(
                         rows - 1
                     };
                     words[u * rows_per_plane + r] = packed[(row * chunks + chunk) as usize];
-                    block_scales[u * rows_per_plane + r] = block_scale_shared(
+                    block_scales[u * rows_per_plane + r] = block_scale::<SharedMemory<f32>>(
                         (row * cols + chunk * 32) / blocksize,
                         codes,
                         scales,
@@ -725,58 +711,55 @@ fn gemv_aligned<F: Float, NX: Size>(
                 let wanted = first + width * comptime!(u as u32) + lane;
                 let valid = wanted < chunks;
                 let chunk = if valid { wanted } else { chunks - 1 };
-                {
+                #[unroll]
+                for i in 0..batch * rows_per_plane {
+                    dots[i] = 0.0;
+                }
+                // Word `w` of the chunk holds codes `8w..8w + 8`: decode it for every row, then multiply by
+                // the matching 8 activations of each batch row (loaded once for all the plane's rows).
+                #[unroll]
+                for w in 0..4usize {
                     #[unroll]
-                    for i in 0..batch * rows_per_plane {
-                        dots[i] = 0.0;
-                    }
-                    // Word `w` of the chunk holds codes `8w..8w + 8`: decode it for every row, then multiply by
-                    // the matching 8 activations of each batch row (loaded once for all the plane's rows).
-                    #[unroll]
-                    for w in 0..4usize {
-                        #[unroll]
-                        for r in 0..rows_per_plane {
-                            let word = words[u * rows_per_plane + r];
-                            if comptime!(shuffle) {
-                                decode_word_shuffled(word[w], lane_value, &mut values, r * 8);
-                            } else {
-                                decode_word(word[w], &table, &mut values, r * 8);
-                            }
-                        }
-                        #[unroll]
-                        for b in 0..batch {
-                            let base = (b * cols as usize + chunk as usize * 32 + w * 8) / nx;
-                            #[unroll]
-                            for v in 0..per_word {
-                                let xv = if comptime!(x_groups > 0) {
-                                    let c = chunk as usize;
-                                    xs[b * group_len
-                                        + (c / 32) * comptime!(32 * vpc)
-                                        + comptime!((w * per_word + v) * 32)
-                                        + c % 32]
-                                } else {
-                                    x[base + v]
-                                };
-                                #[unroll]
-                                for e in 0..nx {
-                                    let xe = f32::cast_from(xv[e]);
-                                    #[unroll]
-                                    for r in 0..rows_per_plane {
-                                        dots[b * rows_per_plane + r] +=
-                                            xe * values[r * 8 + v * nx + e];
-                                    }
-                                }
-                            }
+                    for r in 0..rows_per_plane {
+                        let word = words[u * rows_per_plane + r];
+                        if comptime!(shuffle) {
+                            decode_word_shuffled(word[w], lane_value, &mut values, r * 8);
+                        } else {
+                            decode_word(word[w], &table, &mut values, r * 8);
                         }
                     }
                     #[unroll]
                     for b in 0..batch {
+                        let base = (b * cols as usize + chunk as usize * 32 + w * 8) / nx;
                         #[unroll]
-                        for r in 0..rows_per_plane {
-                            let sum =
-                                dots[b * rows_per_plane + r] * block_scales[u * rows_per_plane + r];
-                            acc[b * rows_per_plane + r] += select(valid, sum, 0.0);
+                        for v in 0..per_word {
+                            let xv = if comptime!(x_groups > 0) {
+                                let c = chunk as usize;
+                                xs[b * group_len
+                                    + (c / 32) * comptime!(32 * vpc)
+                                    + comptime!((w * per_word + v) * 32)
+                                    + c % 32]
+                            } else {
+                                x[base + v]
+                            };
+                            #[unroll]
+                            for e in 0..nx {
+                                let xe = f32::cast_from(xv[e]);
+                                #[unroll]
+                                for r in 0..rows_per_plane {
+                                    dots[b * rows_per_plane + r] += xe * values[r * 8 + v * nx + e];
+                                }
+                            }
                         }
+                    }
+                }
+                #[unroll]
+                for b in 0..batch {
+                    #[unroll]
+                    for r in 0..rows_per_plane {
+                        let sum =
+                            dots[b * rows_per_plane + r] * block_scales[u * rows_per_plane + r];
+                        acc[b * rows_per_plane + r] += select(valid, sum, 0.0);
                     }
                 }
             }
@@ -859,7 +842,14 @@ fn gemv_any<F: Float>(
             } else {
                 byte & 0xF
             };
-            let scale = block_scale(index / blocksize, codes, scales, offsets, map, double_quant);
+            let scale = block_scale::<Array<f32>>(
+                index / blocksize,
+                codes,
+                scales,
+                offsets,
+                map,
+                double_quant,
+            );
             let w = table[code as usize] * scale;
             #[unroll]
             for b in 0..batch {

@@ -598,6 +598,72 @@ fn dequantize_exactly<R: Runtime, F: Host>(client: &ComputeClient<R>) {
     ));
 }
 
+/// The row lookup writes rows of the dequantization kernel's output (bitsandbytes' `code * scale`, rounded once to
+/// `F`): double-quantized and plain scales, block sizes 32-128, rows that start inside a block, repeated and
+/// out-of-range ids (row 0), the 7B embedding's width.
+fn dequantize_rows_exactly<R: Runtime, F: Host>(client: &ComputeClient<R>) {
+    for (i, &(rows, cols, blocksize, double)) in [
+        (10, 64, 64, true),
+        (300, 40, 64, true),
+        (50, 96, 32, false),
+        (600, 3584, 64, true),
+        (20, 24, 128, false),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let weight = random_weight(rows, cols, blocksize, double, 80 + i as u64);
+        let matrix = Nf4Matrix::upload(client, &weight).unwrap();
+        let full = Buffer::<F>::empty(client, rows * cols);
+        medvl_kernels::dequant::dequantize(client, &matrix, &full).unwrap();
+        let full = full.read(client).unwrap();
+        let ids: Vec<u32> = vec![
+            rows as u32 - 1,
+            0,
+            3,
+            3,
+            rows as u32,
+            u32::MAX,
+            (rows / 2) as u32,
+        ];
+        let out = Buffer::<F>::empty(client, ids.len() * cols);
+        let ids_buffer = Buffer::from_slice(client, &ids);
+        medvl_kernels::dequant::dequantize_rows(client, &matrix, &ids_buffer, ids.len(), &out)
+            .unwrap();
+        let got = out.read(client).unwrap();
+        let host = weight.dequantize();
+        for (b, &id) in ids.iter().enumerate() {
+            let row = if (id as usize) < rows { id as usize } else { 0 };
+            for c in 0..cols {
+                let (g, want) = (got[b * cols + c], full[row * cols + c]);
+                assert_eq!(
+                    g.host_to().to_bits(),
+                    want.host_to().to_bits(),
+                    "{rows}x{cols} id {id} column {c}"
+                );
+                // The host's bitsandbytes values, to the last place of F (or one fused rounding off).
+                let h = F::host_from(host[row * cols + c]).host_to();
+                assert!(
+                    (g.host_to() - h).abs() <= h.abs() * 1e-2 + 1e-6,
+                    "{g:?} {h}"
+                );
+            }
+        }
+    }
+    let weight = Nf4Matrix::upload(client, &random_weight(4, 60, 32, false, 90)).unwrap();
+    let ids = Buffer::from_slice(client, &[0u32]);
+    let out = Buffer::<F>::empty(client, 60);
+    assert!(matches!(
+        medvl_kernels::dequant::dequantize_rows(client, &weight, &ids, 1, &out),
+        Err(KernelError::Unsupported(_))
+    ));
+    let weight = Nf4Matrix::upload(client, &random_weight(4, 64, 64, true, 91)).unwrap();
+    assert!(matches!(
+        medvl_kernels::dequant::dequantize_rows(client, &weight, &ids, 2, &out),
+        Err(KernelError::BufferTooSmall { .. })
+    ));
+}
+
 #[cfg(feature = "wgpu")]
 mod wgpu {
     use super::*;
@@ -640,6 +706,11 @@ mod wgpu {
     #[test]
     fn dequantize_f32() {
         dequantize_exactly::<WgpuRuntime, f32>(&client());
+    }
+
+    #[test]
+    fn dequantize_rows_f32() {
+        dequantize_rows_exactly::<WgpuRuntime, f32>(&client());
     }
 
     #[test]
@@ -715,6 +786,13 @@ mod cuda {
         dequantize_exactly::<CudaRuntime, f32>(&client());
         dequantize_exactly::<CudaRuntime, bf16>(&client());
         dequantize_exactly::<CudaRuntime, half::f16>(&client());
+    }
+
+    #[test]
+    #[ignore = "needs an NVIDIA GPU"]
+    fn cuda_dequantize_rows() {
+        dequantize_rows_exactly::<CudaRuntime, f32>(&client());
+        dequantize_rows_exactly::<CudaRuntime, bf16>(&client());
     }
 
     #[test]

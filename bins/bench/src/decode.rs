@@ -13,12 +13,14 @@ use std::time::Instant;
 use anyhow::{Result, bail};
 use clap::ValueEnum;
 use cubecl::prelude::*;
-use medvl_engine::plan::{DecodePlan, Nf4Products, OpTime, PlanConfig, RandomFormat};
+use medvl_engine::plan::{
+    DecodePlan, Nf4Products, OpTime, PlanConfig, RandomFormat, RandomFormats,
+};
 use medvl_kernels::nf4::Activation;
 use medvl_model::QwenVlConfig;
 use serde::Serialize;
 
-use crate::{ActivationKind, CopyProbe, RunInfo, RuntimeKind};
+use crate::{ActivationKind, RunInfo, RuntimeKind, measure_copy};
 
 #[derive(clap::Args)]
 pub struct DecodeArgs {
@@ -84,6 +86,9 @@ enum Format {
     Nf4,
     /// As `nf4`, with the lm_head NF4 too.
     Nf4LmHead,
+    /// Every weight NF4: the decoder projections, the lm_head and the token embedding (the smallest model;
+    /// `QuantizeOptions::everything`).
+    Nf4All,
     /// As `nf4`, with LoRA adapters of rank `--lora-rank` on all seven projections of every layer, unmerged
     /// (QLoRA's inference: PEFT over bitsandbytes).
     Nf4Lora,
@@ -95,15 +100,21 @@ enum Format {
 }
 
 impl Format {
-    /// Decoder projections, lm_head, and whether adapters are on.
-    fn formats(self) -> (RandomFormat, RandomFormat, bool) {
-        match self {
-            Self::Dense => (RandomFormat::Dense, RandomFormat::Dense, false),
-            Self::Nf4 => (RandomFormat::Nf4, RandomFormat::Dense, false),
-            Self::Nf4LmHead => (RandomFormat::Nf4, RandomFormat::Nf4, false),
-            Self::Nf4Lora => (RandomFormat::Nf4, RandomFormat::Dense, true),
-            Self::Nf4Gemv | Self::Nf4Mma => (RandomFormat::Nf4, RandomFormat::Dense, false),
-        }
+    /// Each kind of weight's format, and whether adapters are on.
+    fn formats(self) -> (RandomFormats, bool) {
+        use RandomFormat::{Dense, Nf4};
+        let (layers, lm_head, embedding) = match self {
+            Self::Dense => (Dense, Dense, Dense),
+            Self::Nf4LmHead => (Nf4, Nf4, Dense),
+            Self::Nf4All => (Nf4, Nf4, Nf4),
+            Self::Nf4 | Self::Nf4Lora | Self::Nf4Gemv | Self::Nf4Mma => (Nf4, Dense, Dense),
+        };
+        let formats = RandomFormats {
+            layers,
+            lm_head,
+            embedding,
+        };
+        (formats, self == Self::Nf4Lora)
     }
 }
 
@@ -188,7 +199,7 @@ fn run_in<R: Runtime, F: Activation>(
     activations: &'static str,
 ) -> Result<()> {
     let client = R::client(&Default::default());
-    let copy_gb_per_s = CopyProbe::measure(&client, args.copy_gib)?.gb_per_s;
+    let copy_gb_per_s = measure_copy(&client, args.copy_gib)?.gb_per_s;
     client.memory_cleanup();
     let max_batch = args.batches.iter().copied().max().unwrap_or(1);
     let warmup = 3;
@@ -201,16 +212,16 @@ fn run_in<R: Runtime, F: Activation>(
         args.context
     );
     for &format in &args.formats {
-        let (layers, head, lora) = format.formats();
+        let (formats, lora) = format.formats();
         let lora_rank = lora.then_some(args.lora_rank);
-        let mut plan = DecodePlan::<R, F>::random(&client, config, layers, head, lora_rank, 7)?;
+        let mut plan = DecodePlan::<R, F>::random(&client, config, formats, lora_rank, 7)?;
         let nf4_mma_from = plan
             .set_nf4_products(match format {
                 Format::Nf4Gemv => Nf4Products::Gemv,
                 Format::Nf4Mma => Nf4Products::Mma,
                 _ => Nf4Products::Auto,
             })
-            .filter(|_| layers == RandomFormat::Nf4);
+            .filter(|_| formats.layers == RandomFormat::Nf4);
         let usage = client
             .memory_usage()
             .map_err(|e| anyhow::anyhow!("memory usage: {e:?}"))?;

@@ -19,16 +19,16 @@ mod prefill;
 mod report;
 
 use std::path::PathBuf;
-use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use cubecl::prelude::*;
 use medvl_engine::plan::random_nf4;
+use medvl_kernels::Buffer;
 use medvl_kernels::gemm::{self, GemmTiling};
 use medvl_kernels::mma::{self, MmaTiling};
 use medvl_kernels::nf4::{self, GemvTiling, Nf4Matrix};
-use medvl_kernels::{Buffer, probe};
+use medvl_kernels::probe::CopyProbe;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
@@ -222,13 +222,15 @@ fn tilings(rows: usize, batch: usize) -> Vec<GemvTiling> {
     all
 }
 
-fn sync<R: Runtime>(client: &ComputeClient<R>) -> Result<()> {
-    cubecl::future::block_on(client.sync()).map_err(|e| anyhow::anyhow!("device sync: {e:?}"))
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
+/// The copy probe of `gib` GiB each way, its bandwidth printed.
+pub(crate) fn measure_copy<R: Runtime>(client: &ComputeClient<R>, gib: f64) -> Result<CopyProbe> {
+    let probe = CopyProbe::measure(client, gib)?;
+    println!(
+        "copy probe: {gib:.2} GiB each way in {:.3} ms = {:.0} GB/s (read + write)",
+        probe.seconds * 1e3,
+        probe.gb_per_s
+    );
+    Ok(probe)
 }
 
 fn kernels<R: Runtime>(args: &KernelArgs, runtime: &'static str) -> Result<()> {
@@ -246,7 +248,7 @@ fn kernels_in<R: Runtime, F: nf4::Activation>(
     let client = R::client(&Default::default());
     let mut rng = ChaCha8Rng::seed_from_u64(0);
 
-    let probe = CopyProbe::measure(&client, args.copy_gib)?;
+    let probe = measure_copy(&client, args.copy_gib)?;
     let copy_gb_per_s = probe.gb_per_s;
     let tensor_cores = gemm::supported::<R, F>(&client);
     if args.prefill {
@@ -430,80 +432,6 @@ impl RunInfo {
             println!("wrote {}", out.display());
         }
         Ok(())
-    }
-}
-
-/// The card's copy bandwidth (read + write counted), measured with a CubeCL copy kernel; the buffers stay for
-/// measurements queued behind copies.
-pub(crate) struct CopyProbe {
-    src: Buffer<u32>,
-    dst: Buffer<u32>,
-    /// One copy's time.
-    seconds: f64,
-    /// Bytes read and written per second / 1e9.
-    pub(crate) gb_per_s: f64,
-}
-
-impl CopyProbe {
-    pub(crate) fn measure<R: Runtime>(client: &ComputeClient<R>, gib: f64) -> Result<Self> {
-        let len = ((gib * (1u64 << 30) as f64) as usize / 16) * 4;
-        let src = Buffer::<u32>::from_slice(client, &vec![1u32; len]);
-        let dst = Buffer::<u32>::empty(client, len);
-        let time_copy = |reps: usize| -> Result<f64> {
-            sync(client)?;
-            let start = Instant::now();
-            for _ in 0..reps {
-                probe::copy(client, &src, &dst)?;
-            }
-            sync(client)?;
-            Ok(start.elapsed().as_secs_f64() / reps as f64)
-        };
-        time_copy(3)?;
-        let seconds = median((0..5).map(|_| time_copy(4)).collect::<Result<_>>()?);
-        let gb_per_s = 2.0 * (len * 4) as f64 / seconds / 1e9;
-        println!(
-            "copy probe: {gib:.2} GiB each way in {:.3} ms = {gb_per_s:.0} GB/s (read + write)",
-            seconds * 1e3
-        );
-        Ok(Self {
-            src,
-            dst,
-            seconds,
-            gb_per_s,
-        })
-    }
-
-    /// Times `launch`: `(kernel s, launch s)`, the GPU time of one launch (launches queued behind two copies,
-    /// so that the GPU runs them back to back; median of 5) and the wall time per launch back to back from the
-    /// host.
-    pub(crate) fn time<R: Runtime>(
-        &self,
-        client: &ComputeClient<R>,
-        n: usize,
-        launch: impl Fn() -> Result<()>,
-    ) -> Result<(f64, f64)> {
-        launch()?;
-        sync(client)?;
-        let start = Instant::now();
-        for _ in 0..n {
-            launch()?;
-        }
-        sync(client)?;
-        let launch_s = start.elapsed().as_secs_f64() / n as f64;
-        let queued = (0..5)
-            .map(|_| -> Result<f64> {
-                sync(client)?;
-                let start = Instant::now();
-                probe::copy(client, &self.src, &self.dst)?;
-                probe::copy(client, &self.src, &self.dst)?;
-                for _ in 0..n {
-                    launch()?;
-                }
-                sync(client)?;
-                Ok((start.elapsed().as_secs_f64() - 2.0 * self.seconds) / n as f64)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok((median(queued).max(1e-9), launch_s))
     }
 }
 

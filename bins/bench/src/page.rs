@@ -105,6 +105,9 @@ enum PageFormat {
     /// Linear layers NF4 (blocksize 64, double quantization), lm_head, embeddings and norms dense: transformers +
     /// bitsandbytes `load_in_4bit`.
     Nf4,
+    /// Every 2-D weight NF4: the linear layers, the lm_head and the token embedding (`QuantizeOptions::everything`,
+    /// the smallest model).
+    Nf4All,
     /// As `nf4`, with a PEFT LoRA adapter (rank `--lora-rank`, alpha twice the rank: the reference's r=64,
     /// alpha=128) on the 7 projections of every decoder layer, unmerged: written as a random adapter directory
     /// and loaded as `--adapter` loads one.
@@ -416,6 +419,10 @@ fn run_on<B: Backend>(
             PageFormat::Nf4 | PageFormat::Nf4Lora => build(
                 &config,
                 &mut RandomSource::<B>::quantized(&device, QuantizeOptions::default()),
+            )?,
+            PageFormat::Nf4All => build(
+                &config,
+                &mut RandomSource::<B>::quantized(&device, QuantizeOptions::everything()),
             )?,
         };
         B::sync(&device).map_err(|e| anyhow::anyhow!("device sync: {e:?}"))?;

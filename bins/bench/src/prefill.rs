@@ -12,16 +12,16 @@ use burn::tensor::{DType, TensorData};
 use cubecl::cuda::CudaRuntime;
 use cubecl::prelude::Runtime;
 use medvl_engine::plan::random_nf4;
-use medvl_kernels::Buffer;
 use medvl_kernels::gemm;
 use medvl_kernels::nf4::Nf4Matrix;
+use medvl_kernels::{Buffer, KernelError};
 use medvl_model::backend::CudaBf16;
 use medvl_model::layers::Nf4Weight;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
-use crate::CopyProbe;
+use medvl_kernels::probe::CopyProbe;
 
 /// `(name, out, in, rows of activations)`.
 const SHAPES: &[(&str, usize, usize, usize)] = &[
@@ -89,20 +89,19 @@ pub(crate) fn measure(probe: &CopyProbe, launches: usize) -> Result<Vec<PrefillC
 
         let (dequantize_s, _) = probe.time(&client, launches, || {
             drop(weight.dense(DType::BF16));
-            Ok(())
+            Ok::<_, KernelError>(())
         })?;
         let (matmul_s, _) = probe.time(&client, launches, || {
             drop(x.clone().matmul(dense_t.clone()));
-            Ok(())
+            Ok::<_, KernelError>(())
         })?;
         let (both_s, _) = probe.time(&client, launches, || {
             drop(x.clone().matmul(weight.dense(DType::BF16).transpose()));
-            Ok(())
+            Ok::<_, KernelError>(())
         })?;
         let gemm = if cols.is_multiple_of(32) {
             let (gemm_s, _) = probe.time(&client, launches, || {
-                gemm::gemm_nf4(&client, &x_buf, m, &matrix, &y)?;
-                Ok(())
+                gemm::gemm_nf4(&client, &x_buf, m, &matrix, &y)
             })?;
             let reference = x.clone().matmul(dense_t).into_data().convert::<f32>();
             let reference = reference.to_vec::<f32>().context("matmul output")?;

@@ -233,8 +233,10 @@ enum DecodeArg {
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
 enum QuantArg {
-    /// bitsandbytes NF4, blocksize 64, double quantization, lm_head kept dense.
+    /// bitsandbytes NF4, blocksize 64, double quantization, lm_head and embedding kept dense (as transformers).
     Nf4,
+    /// As `nf4`, with the lm_head and the token embedding NF4 too: the smallest model, at NF4's precision there.
+    Nf4All,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -543,7 +545,10 @@ fn execute<B: Backend>(
     job: &Job,
     plan: impl FnOnce(&mut Engine<B>) -> anyhow::Result<Option<Box<dyn medvl_engine::plan::Decoder>>>,
 ) -> anyhow::Result<ExitCode> {
-    let quantize = run.quant.map(|QuantArg::Nf4| QuantizeOptions::default());
+    let quantize = run.quant.map(|quant| match quant {
+        QuantArg::Nf4 => QuantizeOptions::default(),
+        QuantArg::Nf4All => QuantizeOptions::everything(),
+    });
     let mut engine = Engine::<B>::load_with(dir, device, quantize)
         .with_context(|| format!("loading {}", dir.display()))?;
     if let Some(adapter) = &run.adapter {

@@ -19,8 +19,9 @@ use medvl_kernels::decode::{
     MAX_DENSE_BATCH,
 };
 use medvl_kernels::nf4::{self, Activation, MAX_BATCH, Nf4Matrix};
+use medvl_kernels::probe::CopyProbe;
 use medvl_kernels::{Buffer, KernelError};
-use medvl_kernels::{gemm, mma};
+use medvl_kernels::{dequant, gemm, mma};
 use medvl_model::layers::{Linear, LinearWeight, Nf4Scales, Nf4Weight};
 use medvl_model::text::DecoderLayer;
 use medvl_model::{KvCache, QwenVl, TextConfig};
@@ -255,6 +256,17 @@ impl LayerLora {
     }
 }
 
+/// How [`DecodePlan::random`] stores each kind of weight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RandomFormats {
+    /// The decoder layers' projections.
+    pub layers: RandomFormat,
+    /// The lm_head (bitsandbytes keeps it dense).
+    pub lm_head: RandomFormat,
+    /// The token embedding (transformers keeps it dense).
+    pub embedding: RandomFormat,
+}
+
 /// How [`HostLayer::random`] stores its projections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RandomFormat {
@@ -447,8 +459,15 @@ impl HostMatrix {
     /// A linear layer's weight (dense, or NF4 with its scales already resolved), copied to the host; its LoRA
     /// adapter, if any, is [`HostLora::from_linear`]'s.
     pub fn from_linear<B: Backend>(linear: &Linear<B>) -> Result<Self> {
-        let [rows, cols] = linear.shape();
-        Ok(match &linear.weight {
+        Self::from_weight(&linear.weight, linear.shape())
+    }
+
+    /// A `[rows, cols]` weight (a linear layer's or the token embedding), copied to the host.
+    pub fn from_weight<B: Backend>(
+        weight: &LinearWeight<B>,
+        [rows, cols]: [usize; 2],
+    ) -> Result<Self> {
+        Ok(match weight {
             LinearWeight::Dense(w) => Self::Dense {
                 values: host_values(w.val())?,
                 rows,
@@ -464,7 +483,8 @@ impl HostMatrix {
     }
 }
 
-/// A matrix on the device, dense or NF4.
+/// A matrix on the device, dense or NF4. A clone reads the same device memory.
+#[derive(Clone)]
 pub(crate) enum Matrix<F> {
     Dense(DenseMatrix<F>),
     Nf4(Box<Nf4Matrix>),
@@ -985,7 +1005,8 @@ struct Slot {
 pub struct DecodePlan<R: Runtime, F: Activation> {
     client: ComputeClient<R>,
     config: PlanConfig,
-    embed: Buffer<F>,
+    /// `[vocab, hidden]`, dense or NF4 (rows dequantized as they are looked up).
+    embed: Matrix<F>,
     layers: Vec<Layer<F>>,
     norm: Buffer<F>,
     lm_head: Matrix<F>,
@@ -1038,25 +1059,24 @@ fn mma_from<R: Runtime, F: Activation>(
 
 impl<R: Runtime, F: Activation> DecodePlan<R, F> {
     /// Uploads the weights (`layers` yields them one at a time, so the host never holds them all) and allocates
-    /// every buffer a step uses. `embed` is `[vocab, hidden]`; `lm_head` `[vocab, hidden]`.
+    /// every buffer a step uses. `embed` and `lm_head` are `[vocab, hidden]`.
     pub fn new(
         client: &ComputeClient<R>,
         config: PlanConfig,
-        embed: &[f32],
+        embed: &HostMatrix,
         final_norm: &[f32],
         lm_head: &HostMatrix,
         layers: impl IntoIterator<Item = Result<HostLayer>>,
     ) -> Result<Self> {
         config.check()?;
         let h = config.hidden;
-        if embed.len() != config.vocab * h || final_norm.len() != h {
+        if final_norm.len() != h {
             return Err(EngineError::Plan(format!(
-                "embedding of {} values and final norm of {} for vocab {} x hidden {h}",
-                embed.len(),
+                "a final norm of {} values for hidden {h}",
                 final_norm.len(),
-                config.vocab
             )));
         }
+        let embed = Matrix::upload(client, embed, "embedding", [config.vocab, h])?;
         let mut uploaded = Vec::with_capacity(config.layers);
         // The runtime keeps each upload's host copy until a later flush: flush per layer so that host memory
         // holds one layer's copies at a time, not the model's.
@@ -1069,7 +1089,6 @@ impl<R: Runtime, F: Activation> DecodePlan<R, F> {
             uploaded.push(Layer::upload(client, &config, &layer?, i)?);
             flush()?;
         }
-        let embed = Buffer::from_slice(client, &to_f::<F>(embed));
         let lm_head = Matrix::upload(client, lm_head, "lm_head", [config.vocab, h])?;
         Self::assemble(client, config, embed, final_norm, lm_head, uploaded)
     }
@@ -1079,27 +1098,38 @@ impl<R: Runtime, F: Activation> DecodePlan<R, F> {
     pub(crate) fn assemble(
         client: &ComputeClient<R>,
         config: PlanConfig,
-        embed: Buffer<F>,
+        embed: Matrix<F>,
         final_norm: &[f32],
         lm_head: Matrix<F>,
         layers: Vec<Layer<F>>,
     ) -> Result<Self> {
         let (b, h) = (config.batch, config.hidden);
-        if embed.len() != config.vocab * h || final_norm.len() != h {
+        if final_norm.len() != h {
             return Err(EngineError::Plan(format!(
-                "embedding of {} values and final norm of {} for vocab {} x hidden {h}",
-                embed.len(),
+                "a final norm of {} values for hidden {h}",
                 final_norm.len(),
-                config.vocab
             )));
         }
-        if layers.len() != config.layers || lm_head.shape() != [config.vocab, h] {
+        if layers.len() != config.layers
+            || lm_head.shape() != [config.vocab, h]
+            || embed.shape() != [config.vocab, h]
+        {
             return Err(EngineError::Plan(format!(
-                "{} layers and an lm_head of {:?}: the plan needs {} and {:?}",
+                "{} layers, an embedding of {:?} and an lm_head of {:?}: the plan needs {} layers and \
+                 {:?} for both",
                 layers.len(),
+                embed.shape(),
                 lm_head.shape(),
                 config.layers,
                 [config.vocab, h]
+            )));
+        }
+        if let Matrix::Nf4(m) = &embed
+            && !h.is_multiple_of(8)
+        {
+            return Err(EngineError::Plan(format!(
+                "an NF4 embedding needs a hidden size that is a multiple of 8, not {h} ({} blocks)",
+                m.rows()
             )));
         }
         let inv_freq = medvl_model::rope::inverse_frequencies(config.rope_theta, config.head_dim);
@@ -1149,14 +1179,10 @@ impl<R: Runtime, F: Activation> DecodePlan<R, F> {
     ) -> Result<Self> {
         let text = &model.text;
         let config = PlanConfig::new(&text.config, batch, capacity);
-        let embed = host_values(text.embed_tokens.val())?;
+        let embed = HostMatrix::from_weight(&text.embed_tokens, [config.vocab, config.hidden])?;
         let lm_head = match &text.lm_head {
             Some(head) => HostMatrix::from_linear(head)?,
-            None => HostMatrix::Dense {
-                values: embed.clone(),
-                rows: config.vocab,
-                cols: config.hidden,
-            },
+            None => embed.clone(),
         };
         let norm = host_values(text.norm.weight.val())?;
         Self::new(
@@ -1169,21 +1195,20 @@ impl<R: Runtime, F: Activation> DecodePlan<R, F> {
         )
     }
 
-    /// A plan with random weights of `config`'s sizes (benchmarks): decoder layers in `layers` format, the
-    /// lm_head in `lm_head` format (bitsandbytes keeps it dense), the embedding dense; with `lora_rank`, LoRA
-    /// adapters of that rank on every projection of every layer.
+    /// A plan with random weights of `config`'s sizes (benchmarks), each kind of weight in its format of
+    /// `formats`; with `lora_rank`, LoRA adapters of that rank on every projection of every layer.
     pub fn random(
         client: &ComputeClient<R>,
         config: PlanConfig,
-        format: RandomFormat,
-        lm_head: RandomFormat,
+        formats: RandomFormats,
         lora_rank: Option<usize>,
         seed: u64,
     ) -> Result<Self> {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let embed = random_values(&mut rng, config.vocab * config.hidden, 0.02);
+        let embed = random_matrix(&mut rng, config.vocab, config.hidden, formats.embedding);
         let norm = vec![1.0; config.hidden];
-        let lm_head = random_matrix(&mut rng, config.vocab, config.hidden, lm_head);
+        let lm_head = random_matrix(&mut rng, config.vocab, config.hidden, formats.lm_head);
+        let format = formats.layers;
         Self::new(
             client,
             config,
@@ -1215,7 +1240,8 @@ impl<R: Runtime, F: Activation> DecodePlan<R, F> {
 
     /// Bytes of weights on the device (embedding, layers, final norm, lm_head).
     pub fn weight_bytes(&self) -> usize {
-        (self.embed.len() + self.norm.len()) * size_of::<F>()
+        self.embed.weight_bytes()
+            + self.norm.len() * size_of::<F>()
             + self.layers.iter().map(Layer::weight_bytes).sum::<usize>()
             + self.lm_head.weight_bytes()
     }
@@ -1379,14 +1405,19 @@ impl<R: Runtime, F: Activation> DecodePlan<R, F> {
         let eps = self.config.eps;
         let delta = (layer > 0).then_some(&a.down);
         match op {
-            Op::Embed => decode::embed(
-                c,
-                &self.embed,
-                &self.ids,
-                b,
-                self.config.hidden,
-                &a.residual,
-            )?,
+            Op::Embed => match &self.embed {
+                Matrix::Dense(table) => decode::embed(
+                    c,
+                    table.weight(),
+                    &self.ids,
+                    b,
+                    self.config.hidden,
+                    &a.residual,
+                )?,
+                Matrix::Nf4(table) => {
+                    dequant::dequantize_rows(c, table, &self.ids, b, &a.residual)?
+                }
+            },
             Op::InputNorm => {
                 decode::add_rms_norm(c, &a.residual, delta, &l.input_norm, b, eps, &a.normed)?
             }
@@ -1433,33 +1464,16 @@ impl<R: Runtime, F: Activation> DecodePlan<R, F> {
         Ok(())
     }
 
-    /// Times each operation of a step for the admitted sequences, two ways: `reps` launches back to back between
-    /// two device syncs (a kernel shorter than the host's launch cost shows the launch cost), and the same
-    /// launches queued behind two copies of a 512 MiB buffer that outlast their enqueueing, minus the copies' time
-    /// (the GPU's own time per launch). Returns, per operation, its name, both times, launches per step, and the
+    /// Times each operation of a step for the admitted sequences, two ways ([`CopyProbe::time`]): `reps`
+    /// launches back to back between two device syncs (a kernel shorter than the host's launch cost shows the
+    /// launch cost), and the GPU's own time per launch (launches queued behind two 512 MiB copies, minus the
+    /// copies' time; median of 5). Returns, per operation, its name, both times, launches per step, and the
     /// weight bytes it reads (0 for operations without weights). Leaves the sequences' state as it was; holds
     /// 1 GiB of scratch while it runs.
     pub fn profile(&mut self, reps: usize) -> Result<Vec<OpTime>> {
         let b = self.active()?;
         let longest = self.longest(b);
-        let sync = |client: &ComputeClient<R>| {
-            cubecl::future::block_on(client.sync())
-                .map_err(|e| EngineError::Plan(format!("device sync: {e:?}")))
-        };
-        let words = 128 << 20;
-        let (src, dst) = (
-            Buffer::<u32>::empty(&self.client, words),
-            Buffer::<u32>::empty(&self.client, words),
-        );
-        let copy = || medvl_kernels::probe::copy(&self.client, &src, &dst);
-        copy()?;
-        sync(&self.client)?;
-        let start = std::time::Instant::now();
-        for _ in 0..4 {
-            copy()?;
-        }
-        sync(&self.client)?;
-        let copy_s = start.elapsed().as_secs_f64() / 4.0;
+        let probe = CopyProbe::measure(&self.client, 0.5)?;
         let mut times = Vec::new();
         let layers = self.layers.len();
         // Layer 1 where there is one, so that the norm adds a residual as most layers do.
@@ -1468,30 +1482,15 @@ impl<R: Runtime, F: Activation> DecodePlan<R, F> {
             .chain(Op::LAYER.iter().map(|&op| (op, layers)))
             .chain(Op::HEAD.iter().map(|&op| (op, 1)));
         for (op, per_step) in ops {
-            self.launch_op(op, layer, b, longest)?;
-            sync(&self.client)?;
-            let start = std::time::Instant::now();
-            for _ in 0..reps {
-                self.launch_op(op, layer, b, longest)?;
-            }
-            sync(&self.client)?;
-            let us = start.elapsed().as_secs_f64() * 1e6 / reps as f64;
-            let start = std::time::Instant::now();
-            copy()?;
-            copy()?;
-            for _ in 0..reps {
-                self.launch_op(op, layer, b, longest)?;
-            }
-            sync(&self.client)?;
-            let gpu_us =
-                ((start.elapsed().as_secs_f64() - 2.0 * copy_s) * 1e6 / reps as f64).max(0.0);
+            let (gpu_s, launch_s) =
+                probe.time(&self.client, reps, || self.launch_op(op, layer, b, longest))?;
             let weight_bytes = self.gemv(op, layer).map_or(0, |p| {
                 p.matrix.weight_bytes() + p.adapter.map_or(0, Adapter::weight_bytes)
             });
             times.push(OpTime {
                 op: op.name(),
-                us,
-                gpu_us,
+                us: launch_s * 1e6,
+                gpu_us: gpu_s * 1e6,
                 per_step,
                 weight_bytes,
             });

@@ -306,13 +306,17 @@ impl<R: CubeRuntime, F: Activation + FloatElement> DecodePlan<R, F> {
                 client, &config, &small, &lora, matrices, index,
             )?);
         }
-        let embed = float_buffer(text.embed_tokens.val(), "embedding")?;
+        // The embedding as a linear layer of its own (a single part is read in place, not copied).
+        let mut table = Linear {
+            weight: text.embed_tokens.clone(),
+            bias: None,
+            lora: None,
+        };
+        let embed = share(client, &mut [&mut table], "embedding")?;
+        text.embed_tokens = table.weight;
         let lm_head = match &mut text.lm_head {
             Some(head) => share(client, &mut [head], "lm_head")?,
-            None => Matrix::Dense(
-                DenseMatrix::from_buffer(embed.clone(), config.vocab, config.hidden)
-                    .map_err(kernel_err("tied lm_head"))?,
-            ),
+            None => embed.clone(),
         };
         let norm = host_values(text.norm.weight.val())?;
         Self::assemble(client, config, embed, &norm, lm_head, layers)

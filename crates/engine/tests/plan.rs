@@ -15,7 +15,8 @@ use burn::prelude::*;
 use cubecl::prelude::{ComputeClient, Runtime};
 use medvl_engine::{DecodePlan, Prefilled};
 use medvl_kernels::nf4::Activation;
-use medvl_model::{QwenVl, load_dir};
+use medvl_model::layers::LinearWeight;
+use medvl_model::{QuantizeOptions, QwenVl, load_dir};
 
 use common::{Case, cases, fixtures};
 
@@ -139,12 +140,16 @@ fn run<B: Backend, R: Runtime, F: Activation>(
         .collect()
 }
 
-/// The tiny model quantized to NF4 while loading (`--quant nf4`).
-fn load_nf4<B: Backend>(device: &B::Device) -> QwenVl<B> {
+/// The tiny model quantized to NF4 while loading with `options` (`--quant nf4` or `nf4-all`).
+fn load_nf4<B: Backend>(device: &B::Device, options: QuantizeOptions) -> QwenVl<B> {
+    let embedding = options.embedding;
     let model =
-        medvl_model::load_dir_with::<B>(&fixtures().join("hub"), device, Some(Default::default()))
-            .unwrap();
+        medvl_model::load_dir_with::<B>(&fixtures().join("hub"), device, Some(options)).unwrap();
     assert!(model.text.layers[0].mlp.up_proj.is_quantized());
+    assert_eq!(
+        matches!(model.text.embed_tokens, LinearWeight::Nf4(_)),
+        embedding
+    );
     model
 }
 
@@ -166,11 +171,15 @@ fn plan_on_wgpu_decodes_three_prompts_as_transformers() {
 fn plan_on_wgpu_runs_nf4_weights_as_burn() {
     use cubecl::wgpu::{WgpuDevice, WgpuRuntime};
     let device = Default::default();
-    let model = load_nf4::<medvl_model::backend::Cpu>(&device);
     let client = WgpuRuntime::client(&WgpuDevice::default());
-    // The step's logits are asserted against burn's NF4 decode; NF4 tokens need not be transformers' f32 ones.
-    let counts = run::<_, _, f32>(&model, &device, &client, 3, 1e-4);
-    assert_eq!(counts.len(), 3);
+    // With the lm_head and the embedding NF4 too (`nf4-all`), the plan looks its input rows up in the NF4 table.
+    for options in [QuantizeOptions::default(), QuantizeOptions::everything()] {
+        let model = load_nf4::<medvl_model::backend::Cpu>(&device, options);
+        // The step's logits are asserted against burn's NF4 decode; NF4 tokens need not be transformers' f32
+        // ones.
+        let counts = run::<_, _, f32>(&model, &device, &client, 3, 1e-4);
+        assert_eq!(counts.len(), 3);
+    }
 }
 
 /// The tiny reference model with the PEFT adapter of `fixtures/lora.py` (rank 4 with a rank/alpha pattern entry, on
@@ -197,7 +206,10 @@ fn plan_on_wgpu_runs_lora_adapters_as_burn() {
         run::<_, _, f32>(&model, &device, &client, 10, 1e-4).len(),
         10
     );
-    let model = with_adapter(load_nf4::<medvl_model::backend::Cpu>(&device), &device);
+    let model = with_adapter(
+        load_nf4::<medvl_model::backend::Cpu>(&device, QuantizeOptions::default()),
+        &device,
+    );
     assert_eq!(run::<_, _, f32>(&model, &device, &client, 3, 1e-4).len(), 3);
 }
 
@@ -272,7 +284,7 @@ mod cuda {
     #[ignore = "needs an NVIDIA GPU"]
     fn plan_on_cuda_bf16_nf4_runs_ten_sequences_on_tensor_cores() {
         let device = Default::default();
-        let model = load_nf4::<CudaBf16>(&device);
+        let model = load_nf4::<CudaBf16>(&device, QuantizeOptions::default());
         let client = CudaRuntime::client(&CudaDevice::default());
         // 10 sequences: past the GEMV's 8 rows, every NF4 projection runs as one tensor-core GEMM.
         assert!(medvl_kernels::gemm::supported::<CudaRuntime, half::bf16>(
@@ -305,11 +317,14 @@ mod cuda {
     #[test]
     #[ignore = "needs an NVIDIA GPU"]
     fn plan_on_cuda_bf16_shares_the_model_weights() {
-        use medvl_model::layers::LinearWeight;
         let device = Default::default();
         let client = CudaRuntime::client(&CudaDevice::default());
         let case = &cases()[0];
-        for quantize in [None, Some(Default::default())] {
+        for quantize in [
+            None,
+            Some(QuantizeOptions::default()),
+            Some(QuantizeOptions::everything()),
+        ] {
             let mut model = medvl_model::load_dir_with::<CudaBf16>(
                 &fixtures().join("hub"),
                 &device,
@@ -359,7 +374,10 @@ mod cuda {
         let device = Default::default();
         let client = CudaRuntime::client(&CudaDevice::default());
         // NF4 base + adapter, 1 sequence (GEMVs) and 10 (tensor-core GEMMs, the adapters' A products too).
-        let model = with_adapter(load_nf4::<CudaBf16>(&device), &device);
+        let model = with_adapter(
+            load_nf4::<CudaBf16>(&device, QuantizeOptions::default()),
+            &device,
+        );
         assert_eq!(
             run::<_, _, half::bf16>(&model, &device, &client, 1, 5e-2).len(),
             1

@@ -185,6 +185,28 @@ impl<B: Backend> Nf4Scales<B> {
     }
 }
 
+impl<B: Backend> Nf4Scales<B> {
+    /// The f32 scales of the blocks `blocks` (indices, any order): [`Self::resolve`] at those blocks only.
+    pub fn resolve_at(&self, blocks: Tensor<B, 1, Int>) -> Tensor<B, 1> {
+        match self {
+            Self::Plain(scales) => scales.clone().select(0, blocks),
+            Self::Double(d) => {
+                // Code of block b: byte b % 4 of word b / 4.
+                let shifts = blocks.clone().remainder_scalar(4).mul_scalar(8);
+                let codes = d
+                    .codes
+                    .clone()
+                    .select(0, blocks.clone().div_scalar(4))
+                    .bitwise_right_shift(shifts)
+                    .bitwise_and_scalar(0xFF.elem());
+                let nested = blocks.div_scalar(medvl_nf4::NESTED_BLOCKSIZE as i32);
+                d.map.clone().select(0, codes) * d.nested.clone().select(0, nested.clone())
+                    + d.offsets.clone().select(0, nested)
+            }
+        }
+    }
+}
+
 impl<B: Backend> Nf4Weight<B> {
     /// Uploads a host NF4 tensor of shape `[out, in]`, keeping double-quantized scales double-quantized.
     pub fn from_host(tensor: &medvl_nf4::Nf4Tensor, device: &B::Device) -> Self {
@@ -246,6 +268,37 @@ impl<B: Backend> Nf4Weight<B> {
     #[cfg(feature = "cuda")]
     pub fn dense_by_kernel(&self, dtype: DType) -> Option<Result<Tensor<B, 2>, String>> {
         crate::fused::dequantize(self, dtype)
+    }
+
+    /// Rows `ids` of the weight, `[ids, in]` in f32, as the same rows of [`Self::dequantize`]: an embedding
+    /// lookup that dequantizes only the rows it reads (tensor ops, any backend).
+    pub fn rows(&self, ids: Tensor<B, 1, Int>) -> Tensor<B, 2> {
+        let [out, inp] = self.shape;
+        let n = ids.dims()[0];
+        let device = ids.device();
+        // Index of every value read: ids * in + column, [n * in].
+        let columns = Tensor::<B, 1, Int>::arange(0..inp as i64, &device).reshape([1, inp]);
+        let values = (ids
+            .clamp(0, out as i64 - 1)
+            .mul_scalar(inp as i64)
+            .reshape([n, 1])
+            + columns)
+            .reshape([n * inp]);
+        // Value v is code v % 8 of word v / 8, at the shift that `dequantize` gives code v % 8.
+        let shifts = Tensor::<B, 1, Int>::from_data(
+            TensorData::new(vec![4i32, 0, 12, 8, 20, 16, 28, 24], [8]),
+            &device,
+        );
+        let codes = self
+            .packed
+            .clone()
+            .select(0, values.clone().div_scalar(8))
+            .bitwise_right_shift(shifts.select(0, values.clone().remainder_scalar(8)))
+            .bitwise_and_scalar(0xF.elem());
+        let scales = self
+            .scales
+            .resolve_at(values.div_scalar(self.blocksize as i64));
+        (self.code.clone().select(0, codes) * scales).reshape([n, inp])
     }
 
     /// The dense `[out, in]` weight in f32 through tensor ops (the reference path, any backend):

@@ -134,6 +134,9 @@ pub struct QuantizeOptions {
     pub double_quant: bool,
     /// Linear layers whose name contains one of these stay dense (transformers' `llm_int8_skip_modules`).
     pub skip: Vec<String>,
+    /// Quantize the token embedding too (transformers keeps it dense): the lookup then dequantizes the rows it
+    /// reads. Saves three quarters of the table's memory (1,090 MB in bf16 for the 7B) at NF4's precision.
+    pub embedding: bool,
 }
 
 impl Default for QuantizeOptions {
@@ -143,6 +146,7 @@ impl Default for QuantizeOptions {
             blocksize: 64,
             double_quant: true,
             skip: vec!["lm_head".into()],
+            embedding: false,
         }
     }
 }
@@ -152,6 +156,17 @@ impl QuantizeOptions {
     pub fn with_lm_head(mut self) -> Self {
         self.skip.retain(|s| s != "lm_head");
         self
+    }
+
+    /// Also quantize the token embedding (see [`Self::embedding`]).
+    pub fn with_embedding(mut self) -> Self {
+        self.embedding = true;
+        self
+    }
+
+    /// Every 2-D weight in NF4: the linear layers, `lm_head` and the token embedding (the smallest model).
+    pub fn everything() -> Self {
+        Self::default().with_lm_head().with_embedding()
     }
 
     pub(crate) fn skips(&self, name: &str) -> bool {
@@ -168,6 +183,13 @@ pub trait TensorSource<B: Backend> {
     fn linear_weight(&mut self, name: &str, out: usize, inp: usize) -> Result<LinearWeight<B>> {
         Ok(LinearWeight::Dense(burn::module::Param::from_tensor(
             self.tensor(&format!("{name}.weight"), [out, inp])?,
+        )))
+    }
+
+    /// The token embedding `name` (`[vocab, hidden]`): dense by default.
+    fn embedding(&mut self, name: &str, vocab: usize, hidden: usize) -> Result<LinearWeight<B>> {
+        Ok(LinearWeight::Dense(burn::module::Param::from_tensor(
+            self.tensor(&format!("{name}.weight"), [vocab, hidden])?,
         )))
     }
 }
@@ -281,7 +303,7 @@ pub fn build<B: Backend, S: TensorSource<B>>(
 
     let t = &config.text;
     let (h, hd, eps) = (t.hidden_size, t.head_dim(), t.rms_norm_eps);
-    let embed_tokens = source.tensor("model.embed_tokens.weight", [t.vocab_size, h])?;
+    let embed_tokens = source.embedding("model.embed_tokens", t.vocab_size, h)?;
     let mut layers = Vec::with_capacity(t.num_hidden_layers);
     for i in 0..t.num_hidden_layers {
         let p = format!("model.layers.{i}");
@@ -312,7 +334,7 @@ pub fn build<B: Backend, S: TensorSource<B>>(
         Some(linear(source, "lm_head", t.vocab_size, h, false)?)
     };
     let text = TextModel {
-        embed_tokens: burn::module::Param::from_tensor(embed_tokens),
+        embed_tokens,
         layers,
         norm: norm_final,
         lm_head,
@@ -368,6 +390,17 @@ impl<B: Backend> TensorSource<B> for RandomSource<'_, B> {
         match self.quantize.clone() {
             Some(q) if !q.skips(name) => Ok(upload_nf4(
                 &quantize_host(name, dense.into_data(), [out, inp], &q)?,
+                self.device,
+            )),
+            _ => Ok(LinearWeight::Dense(burn::module::Param::from_tensor(dense))),
+        }
+    }
+
+    fn embedding(&mut self, name: &str, vocab: usize, hidden: usize) -> Result<LinearWeight<B>> {
+        let dense: Tensor<B, 2> = self.tensor(&format!("{name}.weight"), [vocab, hidden])?;
+        match self.quantize.clone() {
+            Some(q) if q.embedding => Ok(upload_nf4(
+                &quantize_host(name, dense.into_data(), [vocab, hidden], &q)?,
                 self.device,
             )),
             _ => Ok(LinearWeight::Dense(burn::module::Param::from_tensor(dense))),
@@ -732,13 +765,32 @@ impl<B: Backend> TensorSource<B> for CheckpointSource<'_, B> {
     }
 
     fn linear_weight(&mut self, name: &str, out: usize, inp: usize) -> Result<LinearWeight<B>> {
+        let quantize = self.quantize.as_ref().is_some_and(|q| !q.skips(name));
+        self.weight(name, [out, inp], quantize)
+    }
+
+    fn embedding(&mut self, name: &str, vocab: usize, hidden: usize) -> Result<LinearWeight<B>> {
+        let quantize = self.quantize.as_ref().is_some_and(|q| q.embedding);
+        self.weight(name, [vocab, hidden], quantize)
+    }
+}
+
+impl<B: Backend> CheckpointSource<'_, B> {
+    /// The 2-D weight of module `name`: NF4 as stored when the checkpoint holds it in bitsandbytes' layout,
+    /// else quantized as it is read when `quantize`, else dense.
+    fn weight(
+        &mut self,
+        name: &str,
+        [out, inp]: [usize; 2],
+        quantize: bool,
+    ) -> Result<LinearWeight<B>> {
         let weight = format!("{name}.weight");
         if let Some(tensor) = self.checkpoint.read_bnb_nf4(&weight, [out, inp])? {
             return Ok(upload_nf4(&tensor, self.device));
         }
         let data = self.checkpoint.read(&weight, &[out, inp])?;
         match &self.quantize {
-            Some(q) if !q.skips(name) => Ok(upload_nf4(
+            Some(q) if quantize => Ok(upload_nf4(
                 &quantize_host(&weight, data, [out, inp], q)?,
                 self.device,
             )),

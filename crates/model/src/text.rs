@@ -3,13 +3,12 @@
 //!
 //! Reference: transformers v5.17 `Qwen2_5_VLTextModel`, `Qwen2_5_VLDecoderLayer`, `Qwen2_5_VLAttention`.
 
-use burn::module::Param;
 use burn::prelude::*;
 use burn::tensor::Int;
 
 use crate::attention::causal_attention;
 use crate::config::TextConfig;
-use crate::layers::{Linear, Mlp, RmsNorm};
+use crate::layers::{Linear, LinearWeight, Mlp, RmsNorm};
 use crate::rope::apply_rope;
 
 /// Keys and values of every layer for the tokens seen so far, in buffers of a fixed capacity (a multiple of
@@ -192,8 +191,8 @@ impl<B: Backend> DecoderLayer<B> {
 /// The decoder stack with its embedding and head.
 #[derive(Module, Debug)]
 pub struct TextModel<B: Backend> {
-    /// `[vocab, hidden]`.
-    pub embed_tokens: Param<Tensor<B, 2>>,
+    /// `[vocab, hidden]`: dense as transformers keeps it, or NF4 ([`crate::QuantizeOptions::with_embedding`]).
+    pub embed_tokens: LinearWeight<B>,
     /// The decoder layers.
     pub layers: Vec<DecoderLayer<B>>,
     /// Final RMSNorm.
@@ -211,7 +210,17 @@ impl<B: Backend> TextModel<B> {
     /// # Shapes
     /// - `ids`: `[batch, seq]` -> `[batch, seq, hidden]`
     pub fn embed(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
-        burn::tensor::module::embedding(self.embed_tokens.val(), ids)
+        match &self.embed_tokens {
+            LinearWeight::Dense(table) => burn::tensor::module::embedding(table.val(), ids),
+            LinearWeight::Nf4(table) => {
+                let [b, s] = ids.dims();
+                let h = table.shape[1];
+                table
+                    .rows(ids.reshape([b * s]))
+                    .cast(self.norm.weight.val().dtype())
+                    .reshape([b, s, h])
+            }
+        }
     }
 
     /// Runs the decoder over new tokens' embeddings, appending to `cache`; returns final-normed hidden states.
@@ -243,7 +252,13 @@ impl<B: Backend> TextModel<B> {
     pub fn logits<const D: usize>(&self, hidden: Tensor<B, D>) -> Tensor<B, D> {
         match &self.lm_head {
             Some(head) => head.forward(hidden),
-            None => burn::tensor::module::linear(hidden, self.embed_tokens.val().transpose(), None),
+            None => {
+                let table = match &self.embed_tokens {
+                    LinearWeight::Dense(table) => table.val(),
+                    LinearWeight::Nf4(table) => table.dense(hidden.dtype()),
+                };
+                burn::tensor::module::linear(hidden, table.transpose(), None)
+            }
         }
     }
 }

@@ -108,6 +108,78 @@ fn skip_list_keeps_modules_dense() {
     );
 }
 
+/// With `QuantizeOptions::everything()` the token embedding and lm_head are NF4 too: the lookup returns exactly
+/// bitsandbytes' dequantized rows of the checkpoint's table (quantized on the host here by `medvl_nf4`, bit-exact
+/// with `quantize_4bit` in `crates/nf4/tests`), and a tied head multiplies by the same dequantized table.
+#[test]
+fn quantized_embedding_looks_up_bitsandbytes_rows() {
+    use burn::tensor::{Int, Tensor, TensorData};
+    let device = Default::default();
+    let dir = fixtures().join("tiny/v5");
+    let dense = load_dir::<Cpu>(&dir, &device).unwrap();
+    let mut model =
+        load_dir_with::<Cpu>(&dir, &device, Some(QuantizeOptions::everything())).unwrap();
+    assert_eq!(quantized_linears(&model), (43, 43));
+    assert!(
+        model
+            .text
+            .lm_head
+            .as_ref()
+            .is_some_and(|h| h.is_quantized())
+    );
+    let LinearWeight::Dense(table) = &dense.text.embed_tokens else {
+        panic!("the default options keep the embedding dense")
+    };
+    let LinearWeight::Nf4(nf4) = &model.text.embed_tokens else {
+        panic!("everything() quantizes the embedding")
+    };
+    let [vocab, hidden] = table.val().dims();
+    let values = table.val().into_data().to_vec::<f32>().unwrap();
+    let host = medvl_nf4::quantize(&values, &[vocab, hidden], 64, true)
+        .unwrap()
+        .dequantize();
+    let ids = [[5i64, 0, 1023, 5], [17, 400, 2, 999]];
+    let got = model
+        .text
+        .embed(Tensor::<Cpu, 2, Int>::from_data(
+            TensorData::new(ids.concat(), [2, 4]),
+            &device,
+        ))
+        .into_data()
+        .to_vec::<f32>()
+        .unwrap();
+    let want: Vec<f32> = ids
+        .concat()
+        .iter()
+        .flat_map(|&r| host[r as usize * hidden..(r as usize + 1) * hidden].to_vec())
+        .collect();
+    assert_eq!(got, want);
+    // The NF4 table is not the dense one (so the check above would catch a dense lookup).
+    assert_ne!(got[..hidden], values[5 * hidden..6 * hidden]);
+    // Tied head: logits = hidden . dequantized table^T.
+    let x = Tensor::<Cpu, 2>::from_data(
+        TensorData::new(
+            (0..2 * hidden).map(|i| (i as f32 * 0.1).sin()).collect(),
+            [2, hidden],
+        ),
+        &device,
+    );
+    let reference = x.clone().matmul(nf4.dequantize().transpose());
+    model.text.lm_head = None;
+    let logits = model.text.logits(x);
+    let (a, b) = (
+        logits.into_data().to_vec::<f32>().unwrap(),
+        reference.into_data().to_vec::<f32>().unwrap(),
+    );
+    assert_eq!(a.len(), 2 * vocab);
+    for (i, (a, b)) in a.iter().zip(&b).enumerate() {
+        assert!(
+            (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
+            "logit {i}: {a} against {b}"
+        );
+    }
+}
+
 /// A model's NF4 weight dequantizes to exactly bitsandbytes' values (`Nf4Tensor::dequantize`, bit-exact with
 /// `dequantize_4bit` in `crates/nf4/tests`), with double-quantized scales kept as stored (one byte per block) and
 /// plain ones as given: odd shapes with a partial last block, a partial last nested block, block sizes 64 and 128.
@@ -148,6 +220,24 @@ fn nf4_weight_dequantizes_as_bitsandbytes() {
                 "{shape:?} double quant {double_quant}"
             );
             assert_eq!(weight.packed_bytes().unwrap(), tensor.packed);
+            // The row lookup (an NF4 embedding) gives the same rows, repeated and in any order.
+            let ids = [shape[0] - 1, 0, shape[0] / 2, 0];
+            let rows = weight
+                .rows(burn::tensor::Tensor::from_data(
+                    burn::tensor::TensorData::new(ids.map(|i| i as i64).to_vec(), [ids.len()]),
+                    &device,
+                ))
+                .into_data()
+                .to_vec::<f32>()
+                .unwrap();
+            let want: Vec<f32> = ids
+                .iter()
+                .flat_map(|&r| tensor.dequantize()[r * shape[1]..(r + 1) * shape[1]].to_vec())
+                .collect();
+            assert_eq!(
+                rows, want,
+                "{shape:?} double quant {double_quant} rows {ids:?}"
+            );
         }
     }
 }
