@@ -110,6 +110,98 @@ pub(crate) fn dequantize<B: Backend>(
     w: &Nf4Weight<B>,
     dtype: DType,
 ) -> Option<Result<Tensor<B, 2>, String>> {
+    let (matrix, client, device) = match matrix(w)? {
+        Ok(parts) => parts,
+        Err(e) => return Some(Err(e)),
+    };
+    let [rows, cols] = w.shape;
+    let handle = match dtype {
+        DType::BF16 => run::<half::bf16>(&client, &matrix),
+        DType::F16 => run::<half::f16>(&client, &matrix),
+        DType::F32 => run::<f32>(&client, &matrix),
+        other => Err(format!("no NF4 dequantization to {other:?}")),
+    };
+    Some(handle.and_then(|handle| {
+        float_tensor_of::<B>(CubeTensor::new_contiguous(
+            client,
+            device,
+            [rows, cols].into(),
+            handle,
+            dtype,
+        ))
+    }))
+}
+
+/// Rows `ids` of `w` as `[ids, in]` in `dtype`, by the CUDA row-lookup kernel ([`medvl_kernels::dequant::
+/// dequantize_rows`]): `None` when the weight or the ids are not on burn's CUDA backend; an error when the
+/// kernel cannot run it.
+pub(crate) fn rows<B: Backend>(
+    w: &Nf4Weight<B>,
+    ids: &Tensor<B, 1, Int>,
+    dtype: DType,
+) -> Option<Result<Tensor<B, 2>, String>> {
+    let ids = int_tensor(ids)?;
+    let (matrix, client, device) = match matrix(w)? {
+        Ok(parts) => parts,
+        Err(e) => return Some(Err(e)),
+    };
+    let n = ids.meta.shape().num_elements();
+    let cols = w.shape[1];
+    // The ids are burn's i32: the same bits as the kernel's u32 for every id in the table.
+    let ids = match buffer::<u32>(ids, "token ids") {
+        Ok(ids) => ids,
+        Err(e) => return Some(Err(e)),
+    };
+    fn lookup<F: Activation>(
+        client: &cubecl::prelude::ComputeClient<Cuda>,
+        matrix: &Nf4Matrix,
+        ids: &Buffer<u32>,
+        n: usize,
+    ) -> Result<cubecl::server::Handle, String> {
+        let out = Buffer::<F>::empty(client, n * matrix.cols());
+        medvl_kernels::dequant::dequantize_rows(client, matrix, ids, n, &out)
+            .map_err(|e| e.to_string())?;
+        Ok(out.handle().clone())
+    }
+    let handle = match dtype {
+        DType::BF16 => lookup::<half::bf16>(&client, &matrix, &ids, n),
+        DType::F16 => lookup::<half::f16>(&client, &matrix, &ids, n),
+        DType::F32 => lookup::<f32>(&client, &matrix, &ids, n),
+        other => Err(format!("no NF4 rows in {other:?}")),
+    };
+    Some(handle.and_then(|handle| {
+        float_tensor_of::<B>(CubeTensor::new_contiguous(
+            client,
+            device,
+            [n, cols].into(),
+            handle,
+            dtype,
+        ))
+    }))
+}
+
+/// A CUDA tensor as a float tensor of `B`.
+fn float_tensor_of<B: Backend>(tensor: CubeTensor<Cuda>) -> Result<Tensor<B, 2>, String> {
+    float_primitive::<B::FloatTensorPrimitive>(tensor)
+        .map(|t| Tensor::from_primitive(TensorPrimitive::Float(t)))
+        .ok_or_else(|| "the backend's float tensors are not CubeCL's".to_string())
+}
+
+/// The kernels' view of `w`'s device buffers (no copy), with its client and device: `None` when `w` is not on
+/// burn's CUDA backend.
+#[allow(clippy::type_complexity)]
+fn matrix<B: Backend>(
+    w: &Nf4Weight<B>,
+) -> Option<
+    Result<
+        (
+            Nf4Matrix,
+            cubecl::prelude::ComputeClient<Cuda>,
+            <Cuda as cubecl::Runtime>::Device,
+        ),
+        String,
+    >,
+> {
     let packed = int_tensor(&w.packed)?;
     let scales = match &w.scales {
         Nf4Scales::Plain(s) => Err(float_tensor(s)?),
@@ -120,59 +212,29 @@ pub(crate) fn dequantize<B: Backend>(
             float_tensor(&d.map)?,
         )),
     };
-    Some(launch(w, packed, scales, dtype).and_then(|out| {
-        float_primitive::<B::FloatTensorPrimitive>(out)
-            .map(|t| Tensor::from_primitive(TensorPrimitive::Float(t)))
-            .ok_or_else(|| "the backend's float tensors are not CubeCL's".to_string())
-    }))
-}
-
-type DoubleParts = (
-    CubeTensor<Cuda>,
-    CubeTensor<Cuda>,
-    CubeTensor<Cuda>,
-    CubeTensor<Cuda>,
-);
-
-fn launch<B: Backend>(
-    w: &Nf4Weight<B>,
-    packed: CubeTensor<Cuda>,
-    scales: Result<DoubleParts, CubeTensor<Cuda>>,
-    dtype: DType,
-) -> Result<CubeTensor<Cuda>, String> {
     let [rows, cols] = w.shape;
     let (client, device) = (packed.client.clone(), packed.device.clone());
-    let scales = match scales {
-        Err(plain) => Scales::Plain(buffer(plain, "NF4 scales")?),
-        Ok((codes, nested, offsets, map)) => Scales::Double {
-            codes: buffer(codes, "NF4 scale codes")?,
-            nested: buffer(nested, "NF4 nested scales")?,
-            offsets: buffer(offsets, "NF4 scale offsets")?,
-            map: buffer(map, "NF4 scale map")?,
-        },
+    let build = || -> Result<Nf4Matrix, String> {
+        let scales = match scales {
+            Err(plain) => Scales::Plain(buffer(plain, "NF4 scales")?),
+            Ok((codes, nested, offsets, map)) => Scales::Double {
+                codes: buffer(codes, "NF4 scale codes")?,
+                nested: buffer(nested, "NF4 nested scales")?,
+                offsets: buffer(offsets, "NF4 scale offsets")?,
+                map: buffer(map, "NF4 scale map")?,
+            },
+        };
+        Nf4Matrix::from_device(
+            &client,
+            buffer(packed, "NF4 codes")?,
+            scales,
+            rows,
+            cols,
+            w.blocksize,
+        )
+        .map_err(|e| e.to_string())
     };
-    let matrix = Nf4Matrix::from_device(
-        &client,
-        buffer(packed, "NF4 codes")?,
-        scales,
-        rows,
-        cols,
-        w.blocksize,
-    )
-    .map_err(|e| e.to_string())?;
-    let handle = match dtype {
-        DType::BF16 => run::<half::bf16>(&client, &matrix)?,
-        DType::F16 => run::<half::f16>(&client, &matrix)?,
-        DType::F32 => run::<f32>(&client, &matrix)?,
-        other => return Err(format!("no NF4 dequantization to {other:?}")),
-    };
-    Ok(CubeTensor::new_contiguous(
-        client,
-        device,
-        [rows, cols].into(),
-        handle,
-        dtype,
-    ))
+    Some(build().map(|m| (m, client.clone(), device)))
 }
 
 fn run<F: Activation>(

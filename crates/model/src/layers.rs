@@ -191,15 +191,18 @@ impl<B: Backend> Nf4Scales<B> {
         match self {
             Self::Plain(scales) => scales.clone().select(0, blocks),
             Self::Double(d) => {
-                // Code of block b: byte b % 4 of word b / 4.
-                let shifts = blocks.clone().remainder_scalar(4).mul_scalar(8);
+                // Code of block b: byte b % 4 of word b / 4. Indices are non-negative, so `/` and `%` by powers
+                // of two are shifts and masks: exact where CubeCL's CUDA integer remainder (computed through
+                // f32) is not, past 2^24.
+                let shifts = blocks.clone().bitwise_and_scalar(3.elem()).mul_scalar(8);
                 let codes = d
                     .codes
                     .clone()
-                    .select(0, blocks.clone().div_scalar(4))
+                    .select(0, blocks.clone().bitwise_right_shift_scalar(2.elem()))
                     .bitwise_right_shift(shifts)
                     .bitwise_and_scalar(0xFF.elem());
-                let nested = blocks.div_scalar(medvl_nf4::NESTED_BLOCKSIZE as i32);
+                let nested_shift = medvl_nf4::NESTED_BLOCKSIZE.trailing_zeros() as i32;
+                let nested = blocks.bitwise_right_shift_scalar(nested_shift.elem());
                 d.map.clone().select(0, codes) * d.nested.clone().select(0, nested.clone())
                     + d.offsets.clone().select(0, nested)
             }
@@ -270,9 +273,27 @@ impl<B: Backend> Nf4Weight<B> {
         crate::fused::dequantize(self, dtype)
     }
 
-    /// Rows `ids` of the weight, `[ids, in]` in f32, as the same rows of [`Self::dequantize`]: an embedding
-    /// lookup that dequantizes only the rows it reads (tensor ops, any backend).
-    pub fn rows(&self, ids: Tensor<B, 1, Int>) -> Tensor<B, 2> {
+    /// Rows `ids` of the weight, `[ids, in]` in `dtype`: an embedding lookup that dequantizes only the rows it
+    /// reads. On burn's CUDA backend one CubeCL kernel (`medvl_kernels::dequant::dequantize_rows`), elsewhere
+    /// (or with [`set_fused_dequantize`] off) [`Self::dequantize_rows`] and a cast; both round `code * scale`
+    /// (f32) once, as [`Self::dense`].
+    pub fn rows(&self, ids: Tensor<B, 1, Int>, dtype: DType) -> Tensor<B, 2> {
+        #[cfg(feature = "cuda")]
+        if FUSED_DEQUANTIZE.load(std::sync::atomic::Ordering::Relaxed) {
+            match crate::fused::rows(self, &ids, dtype) {
+                Some(Ok(rows)) => return rows,
+                Some(Err(e)) => {
+                    tracing::warn!("the NF4 row-lookup kernel failed ({e}); using tensor ops")
+                }
+                None => {}
+            }
+        }
+        self.dequantize_rows(ids).cast(dtype)
+    }
+
+    /// Rows `ids` of the weight, `[ids, in]` in f32, as the same rows of [`Self::dequantize`], through tensor ops
+    /// (the reference path, any backend).
+    pub fn dequantize_rows(&self, ids: Tensor<B, 1, Int>) -> Tensor<B, 2> {
         let [out, inp] = self.shape;
         let n = ids.dims()[0];
         let device = ids.device();
@@ -284,7 +305,8 @@ impl<B: Backend> Nf4Weight<B> {
             .reshape([n, 1])
             + columns)
             .reshape([n * inp]);
-        // Value v is code v % 8 of word v / 8, at the shift that `dequantize` gives code v % 8.
+        // Value v is code v % 8 of word v / 8, at the shift that `dequantize` gives code v % 8 (shifts and masks,
+        // as in `Nf4Scales::resolve_at`: the block size is a power of two).
         let shifts = Tensor::<B, 1, Int>::from_data(
             TensorData::new(vec![4i32, 0, 12, 8, 20, 16, 28, 24], [8]),
             &device,
@@ -292,12 +314,13 @@ impl<B: Backend> Nf4Weight<B> {
         let codes = self
             .packed
             .clone()
-            .select(0, values.clone().div_scalar(8))
-            .bitwise_right_shift(shifts.select(0, values.clone().remainder_scalar(8)))
+            .select(0, values.clone().bitwise_right_shift_scalar(3.elem()))
+            .bitwise_right_shift(shifts.select(0, values.clone().bitwise_and_scalar(7.elem())))
             .bitwise_and_scalar(0xF.elem());
+        let block_shift = self.blocksize.trailing_zeros() as i32;
         let scales = self
             .scales
-            .resolve_at(values.div_scalar(self.blocksize as i64));
+            .resolve_at(values.bitwise_right_shift_scalar(block_shift.elem()));
         (self.code.clone().select(0, codes) * scales).reshape([n, inp])
     }
 

@@ -216,8 +216,7 @@ impl<B: Backend> TextModel<B> {
                 let [b, s] = ids.dims();
                 let h = table.shape[1];
                 table
-                    .rows(ids.reshape([b * s]))
-                    .cast(self.norm.weight.val().dtype())
+                    .rows(ids.reshape([b * s]), self.norm.weight.val().dtype())
                     .reshape([b, s, h])
             }
         }

@@ -223,7 +223,7 @@ fn nf4_weight_dequantizes_as_bitsandbytes() {
             // The row lookup (an NF4 embedding) gives the same rows, repeated and in any order.
             let ids = [shape[0] - 1, 0, shape[0] / 2, 0];
             let rows = weight
-                .rows(burn::tensor::Tensor::from_data(
+                .dequantize_rows(burn::tensor::Tensor::from_data(
                     burn::tensor::TensorData::new(ids.map(|i| i as i64).to_vec(), [ids.len()]),
                     &device,
                 ))
@@ -251,6 +251,79 @@ fn nf4_weight_dequantizes_as_bitsandbytes() {
 mod cuda {
     use super::*;
     use medvl_model::backend::CudaBf16;
+
+    /// The NF4 embedding lookup at the 7B's table size (152064 x 3584, double-quantized scales, codes drawn at
+    /// random), 1,300 ids (a page's prompt) with the first and last rows: the CUDA kernel gives bitsandbytes'
+    /// `code * scale` of those rows (host `Nf4Tensor` arithmetic) rounded once to bf16, within one unit in the
+    /// last place for the fused multiply-add of the block scale; and the tensor-op path on the device gives the
+    /// same rows.
+    #[test]
+    #[ignore = "needs an NVIDIA GPU: run with `just test-cuda`"]
+    fn cuda_row_lookup_at_the_7b_embedding_size() {
+        use burn::tensor::{DType, Int, Tensor, TensorData};
+        use medvl_model::layers::Nf4Weight;
+        use medvl_nf4::{Absmax, DYNAMIC_MAP, NF4_CODE, Nf4Tensor};
+        let (vocab, hidden) = (152_064usize, 3584usize);
+        let n = vocab * hidden;
+        let blocks = n / 64;
+        // A fixed pseudo-random byte stream (xorshift), so the test needs no generator crate.
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        let mut byte = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 24) as u8
+        };
+        let tensor = Nf4Tensor {
+            packed: (0..n / 2).map(|_| byte()).collect(),
+            absmax: Absmax::Double {
+                codes: (0..blocks).map(|_| byte()).collect(),
+                nested_absmax: (0..blocks.div_ceil(256))
+                    .map(|i| 0.01 + (i % 97) as f32 * 1e-4)
+                    .collect(),
+                nested_code: DYNAMIC_MAP.to_vec(),
+                offset: 0.02,
+            },
+            blocksize: 64,
+            shape: vec![vocab, hidden],
+        };
+        let scales = tensor.absmax.to_f32();
+        let device = Default::default();
+        let weight = Nf4Weight::<CudaBf16>::from_host(&tensor, &device);
+        let ids: Vec<i64> = (0..1300i64)
+            .map(|i| match i {
+                0 => vocab as i64 - 1,
+                1 => 0,
+                _ => (i * 7919 + 151_655) % vocab as i64,
+            })
+            .collect();
+        let ids_tensor = || {
+            Tensor::<CudaBf16, 1, Int>::from_data(
+                TensorData::new(ids.clone(), [ids.len()]),
+                &device,
+            )
+        };
+        let read = |t: Tensor<CudaBf16, 2>| t.into_data().convert::<f32>().to_vec::<f32>().unwrap();
+        // The kernel's rows are read before the tensor ops run, so that a fault of the latter cannot hide them.
+        let by_kernel = read(weight.rows(ids_tensor(), DType::BF16));
+        let by_ops = read(weight.dequantize_rows(ids_tensor()).cast(DType::BF16));
+        let ulp = |a: f32, b: f32| (a.to_bits() as i64 - b.to_bits() as i64).abs() >> 16;
+        let mut worst = [0i64; 2];
+        for (r, &id) in ids.iter().enumerate() {
+            for c in 0..hidden {
+                let i = id as usize * hidden + c;
+                let host = half::bf16::from_f32(NF4_CODE[tensor.code(i) as usize] * scales[i / 64]);
+                let host = host.to_f32();
+                worst[0] = worst[0].max(ulp(by_kernel[r * hidden + c], host));
+                worst[1] = worst[1].max(ulp(by_ops[r * hidden + c], host));
+            }
+        }
+        eprintln!(
+            "row lookup, bf16 units in the last place from the host: kernel {}, tensor ops {}",
+            worst[0], worst[1]
+        );
+        assert!(worst[0] <= 1 && worst[1] <= 1, "{worst:?}");
+    }
 
     /// On CUDA every NF4 weight of the model is dequantized by the CubeCL kernel (not the tensor-op fallback),
     /// as the tensor ops do it to within one unit in the last place (bf16 and f32).
