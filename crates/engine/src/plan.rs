@@ -1124,12 +1124,10 @@ impl<R: Runtime, F: Activation> DecodePlan<R, F> {
                 [config.vocab, h]
             )));
         }
-        if let Matrix::Nf4(m) = &embed
-            && !h.is_multiple_of(8)
-        {
+        if matches!(embed, Matrix::Nf4(_)) && !h.is_multiple_of(8) {
             return Err(EngineError::Plan(format!(
-                "an NF4 embedding needs a hidden size that is a multiple of 8, not {h} ({} blocks)",
-                m.rows()
+                "an NF4 embedding is looked up by whole code words: the hidden size must be a multiple of 8, \
+                 not {h}"
             )));
         }
         let inv_freq = medvl_model::rope::inverse_frequencies(config.rope_theta, config.head_dim);

@@ -320,10 +320,10 @@ mod cuda {
         let device = Default::default();
         let client = CudaRuntime::client(&CudaDevice::default());
         let case = &cases()[0];
-        for quantize in [
-            None,
-            Some(QuantizeOptions::default()),
-            Some(QuantizeOptions::everything()),
+        for (label, quantize) in [
+            ("bf16", None),
+            ("nf4", Some(QuantizeOptions::default())),
+            ("nf4-all", Some(QuantizeOptions::everything())),
         ] {
             let mut model = medvl_model::load_dir_with::<CudaBf16>(
                 &fixtures().join("hub"),
@@ -344,25 +344,24 @@ mod cuda {
             assert_eq!(
                 matches!(q, LinearWeight::Nf4(_)),
                 quantize.is_some(),
-                "the format stays"
+                "{label}: the format stays"
+            );
+            assert_eq!(
+                matches!(model.text.embed_tokens, LinearWeight::Nf4(_)),
+                label == "nf4-all",
+                "{label}: the embedding's format stays"
             );
             let (after, _) = burn_step_logits(&model, case, &device);
             let scale = reference.iter().fold(0f32, |m, v| m.max(v.abs()));
             let moved = max_diff(&after, &reference);
-            eprintln!(
-                "nf4 {}: burn after sharing moved {moved:.3e}",
-                quantize.is_some()
-            );
+            eprintln!("{label}: burn after sharing moved {moved:.3e}");
             assert!(moved <= 1e-3 * scale, "{moved} (max |logit| {scale})");
             // The plan gives burn's logits.
             plan.admit(0, &prefilled).unwrap();
             let next = plan.step().unwrap();
             let ours = plan.logits().unwrap();
             let worst = max_diff(&ours, &reference);
-            eprintln!(
-                "nf4 {}: plan vs burn {worst:.3e} (max |logit| {scale:.3})",
-                quantize.is_some()
-            );
+            eprintln!("{label}: plan vs burn {worst:.3e} (max |logit| {scale:.3})");
             assert!(worst <= 5e-2 * scale, "{worst} > 5e-2 x {scale}");
             assert_eq!(next[0], argmax(&reference));
         }
