@@ -386,21 +386,23 @@ impl<B: Backend> TensorSource<B> for RandomSource<'_, B> {
     }
 
     fn linear_weight(&mut self, name: &str, out: usize, inp: usize) -> Result<LinearWeight<B>> {
-        let dense: Tensor<B, 2> = self.tensor(&format!("{name}.weight"), [out, inp])?;
-        match self.quantize.clone() {
-            Some(q) if !q.skips(name) => Ok(upload_nf4(
-                &quantize_host(name, dense.into_data(), [out, inp], &q)?,
-                self.device,
-            )),
-            _ => Ok(LinearWeight::Dense(burn::module::Param::from_tensor(dense))),
-        }
+        let quantize = self.quantize.as_ref().is_some_and(|q| !q.skips(name));
+        self.weight(name, [out, inp], quantize)
     }
 
     fn embedding(&mut self, name: &str, vocab: usize, hidden: usize) -> Result<LinearWeight<B>> {
-        let dense: Tensor<B, 2> = self.tensor(&format!("{name}.weight"), [vocab, hidden])?;
-        match self.quantize.clone() {
-            Some(q) if q.embedding => Ok(upload_nf4(
-                &quantize_host(name, dense.into_data(), [vocab, hidden], &q)?,
+        let quantize = self.quantize.as_ref().is_some_and(|q| q.embedding);
+        self.weight(name, [vocab, hidden], quantize)
+    }
+}
+
+impl<B: Backend> RandomSource<'_, B> {
+    /// The random 2-D weight of module `name`, quantized on the host when `quantize`.
+    fn weight(&mut self, name: &str, shape: [usize; 2], quantize: bool) -> Result<LinearWeight<B>> {
+        let dense: Tensor<B, 2> = self.tensor(&format!("{name}.weight"), shape)?;
+        match &self.quantize {
+            Some(q) if quantize => Ok(upload_nf4(
+                &quantize_host(name, dense.into_data(), shape, q)?,
                 self.device,
             )),
             _ => Ok(LinearWeight::Dense(burn::module::Param::from_tensor(dense))),
