@@ -29,16 +29,27 @@ const PLANES_PER_CUBE: u32 = 4;
 /// to whole groups of 32 chunks): with the rest of the kernel's, within the 16 KiB every runtime offers.
 const X_SHARED_BYTES: usize = 12 * 1024;
 
-/// Groups of 32 chunks of 32 activations per batch row that the aligned GEMV keeps in shared memory, 0 when
-/// they do not fit in [`X_SHARED_BYTES`] (the activations are then read from global memory).
-fn x_groups<F>(batch: usize, cols: usize) -> usize {
+/// The same on CUDA (48 KiB of static shared memory per cube), where the copy may hold f32: 16 KiB for one row
+/// of 3584 activations, so that cubes of 4 planes at 64 registers (8 per SM on an H100) still fit.
+const X_SHARED_BYTES_CUDA: usize = 16 * 1024;
+
+/// Groups of 32 chunks of 32 activations per batch row that the aligned GEMV keeps in shared memory (0 when
+/// they do not fit: the activations are then read from global memory), and whether it keeps them as f32 (on
+/// CUDA, for 2-byte activations, when they fit so).
+fn x_layout<R: Runtime, F>(client: &ComputeClient<R>, batch: usize, cols: usize) -> (usize, bool) {
     let groups = cols.div_ceil(32).div_ceil(32);
-    if !PREVIOUS_GEMV.load(Ordering::Relaxed)
-        && batch * groups * 32 * 32 * size_of::<F>() <= X_SHARED_BYTES
-    {
-        groups
+    let values = batch * groups * 32 * 32;
+    if PREVIOUS_GEMV.load(Ordering::Relaxed) {
+        let fits = values * size_of::<F>() <= X_SHARED_BYTES;
+        return (if fits { groups } else { 0 }, false);
+    }
+    let cuda = R::name(client) == "cuda";
+    if cuda && size_of::<F>() == 2 && values * 4 <= X_SHARED_BYTES_CUDA {
+        (groups, true)
+    } else if values * size_of::<F>() <= X_SHARED_BYTES {
+        (groups, false)
     } else {
-        0
+        (0, false)
     }
 }
 
@@ -359,20 +370,47 @@ impl Activation for half::f16 {
 /// How the aligned GEMV kernel splits its work.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GemvTiling {
-    /// Output rows one plane (warp) computes, sharing each activation load between them.
+    /// Output rows of one set, sharing each activation load between them.
     pub rows_per_plane: usize,
     /// Chunks of 32 codes per row each lane loads before using them.
     pub unroll: usize,
     /// Planes sharing the same rows, each over part of the width (split-K inside a cube); 1 for none.
     pub split: usize,
+    /// Sets of `rows_per_plane` rows one plane (or, with split-K, one cube) computes, their chunks taken by the
+    /// lanes as one stream: with 2 sets a width of 112 chunks (3584 values) fills 32 lanes in 7 steps instead of
+    /// leaving half of them idle in every row's fourth. 1 to 8.
+    pub sets: usize,
 }
 
 impl GemvTiling {
-    /// The tiling [`gemv`] uses for `rows` output rows and `batch` activation rows: the best of the sweep
+    /// The tiling [`gemv`] uses for a `rows x cols` matrix and `batch` activation rows: the best of the sweep
     /// `medvl-bench kernels --sweep` measured on an H100 (docs/KERNELS.md). Matrices with few rows need split-K to
-    /// fill the GPU; larger batches gain most from sharing each activation load between 4 rows; batch 1 on large
-    /// matrices from having 8 loads in flight per lane.
-    pub fn for_shape(rows: usize, batch: usize) -> Self {
+    /// fill the GPU; larger batches gain most from sharing each activation load between 4 rows; large matrices at
+    /// batch 1-3 take two sets of 4 rows per plane when that keeps every lane busy.
+    pub fn for_shape(rows: usize, cols: usize, batch: usize) -> Self {
+        let (rows_per_plane, unroll, split) = match (rows, batch) {
+            (..1024, _) => (2, 1, 4),
+            (_, 4..) => (4, 1, 1),
+            (16384.., _) => (4, 1, 1),
+            _ => (4, 1, 4),
+        };
+        let chunks = cols / 32;
+        let sets = if rows >= 16384 && batch < 4 && chunks % 32 != 0 && (2 * chunks) % 32 == 0 {
+            2
+        } else {
+            1
+        };
+        Self {
+            rows_per_plane,
+            unroll,
+            split,
+            sets,
+        }
+    }
+
+    /// The tiling [`gemv`] used before row sets and f32 activations in shared memory (2026-11-27 morning), which
+    /// it uses again after [`set_previous_gemv`]: for comparisons on the same card.
+    pub fn previous_for_shape(rows: usize, batch: usize) -> Self {
         let (rows_per_plane, unroll, split) = match (rows, batch) {
             (..1024, _) => (2, 1, 4),
             (_, 4..) => (4, 1, 1),
@@ -383,6 +421,7 @@ impl GemvTiling {
             rows_per_plane,
             unroll,
             split,
+            sets: 1,
         }
     }
 }
@@ -396,14 +435,12 @@ pub fn gemv<R: Runtime, F: Activation>(
     weight: &Nf4Matrix,
     y: &Buffer<F>,
 ) -> Result<(), KernelError> {
-    gemv_tiled(
-        client,
-        x,
-        batch,
-        weight,
-        y,
-        GemvTiling::for_shape(weight.rows, batch),
-    )
+    let tiling = if PREVIOUS_GEMV.load(Ordering::Relaxed) {
+        GemvTiling::previous_for_shape(weight.rows, batch)
+    } else {
+        GemvTiling::for_shape(weight.rows, weight.cols, batch)
+    };
+    gemv_tiled(client, x, batch, weight, y, tiling)
 }
 
 /// [`gemv`] with an explicit tiling (for benchmarks; the general kernel for widths not a multiple of 32 ignores it).
@@ -420,7 +457,7 @@ pub fn gemv_tiled<R: Runtime, F: Activation>(
             "batch {batch}: the NF4 GEMV takes 1 to {MAX_BATCH} rows per launch"
         )));
     }
-    if ![tiling.rows_per_plane, tiling.unroll, tiling.split]
+    if ![tiling.rows_per_plane, tiling.unroll, tiling.split, tiling.sets]
         .iter()
         .all(|v| (1..=8).contains(v))
     {
@@ -433,10 +470,11 @@ pub fn gemv_tiled<R: Runtime, F: Activation>(
     let plane = crate::plane_size(client);
     let aligned = weight.cols.is_multiple_of(32);
     let split = aligned && tiling.split > 1;
+    let set_rows = (tiling.rows_per_plane * tiling.sets) as u32;
     let rows_per_cube = match (aligned, split) {
         (false, _) => PLANES_PER_CUBE,
-        (true, false) => PLANES_PER_CUBE * tiling.rows_per_plane as u32,
-        (true, true) => tiling.rows_per_plane as u32,
+        (true, false) => PLANES_PER_CUBE * set_rows,
+        (true, true) => set_rows,
     };
     let planes = if split {
         tiling.split as u32
@@ -446,6 +484,13 @@ pub fn gemv_tiled<R: Runtime, F: Activation>(
     let cube_count = CubeCount::Static((weight.rows as u32).div_ceil(rows_per_cube), 1, 1);
     let cube_dim = CubeDim::new_2d(plane, planes);
     let (codes, scales, offsets, map, double_quant) = weight.scale_args();
+    // Split-K cubes cover only a few rows each: copying the activations to shared memory would read about as many
+    // bytes as the cube's weights (measured slower at 3584 rows).
+    let (x_groups, x_f32) = if split {
+        (0, false)
+    } else {
+        x_layout::<R, F>(client, batch, weight.cols)
+    };
     // SAFETY: every array is passed with the element count of its own buffer, and the kernels index only inside
     // the shapes checked above (`rows`, `cols`, `batch`) plus the scale arrays sized by `Nf4Tensor::validate`.
     #[allow(unsafe_code)]
@@ -472,14 +517,10 @@ pub fn gemv_tiled<R: Runtime, F: Activation>(
                 tiling.rows_per_plane,
                 tiling.unroll,
                 if split { tiling.split } else { 1 },
+                tiling.sets,
                 shuffle_lookup(client),
-                // Split-K cubes cover only `rows_per_plane` rows each: copying the activations to shared memory
-                // would read about as many bytes as the cube's weights (measured slower at 3584 rows).
-                if split {
-                    0
-                } else {
-                    x_groups::<F>(batch, weight.cols)
-                },
+                x_groups,
+                x_f32,
             );
         } else {
             gemv_any::launch_unchecked::<F, R>(
@@ -509,16 +550,14 @@ pub fn gemv_tiled<R: Runtime, F: Activation>(
 /// where a shuffle reads only the low 5 bits of its source lane. Elsewhere (e.g. Vulkan, whose subgroup shuffle
 /// leaves other lane numbers undefined, or planes of fewer than 16 lanes) the shared-memory table.
 pub(crate) fn shuffle_lookup<R: Runtime>(client: &ComputeClient<R>) -> bool {
-    !PREVIOUS_GEMV.load(Ordering::Relaxed)
-        && R::name(client) == "cuda"
-        && crate::plane_size(client) == 32
+    R::name(client) == "cuda" && crate::plane_size(client) == 32
 }
 
 static PREVIOUS_GEMV: AtomicBool = AtomicBool::new(false);
 
-/// Process-wide: run the aligned GEMV as it was before the shuffle lookup and the shared-memory activations
-/// (shared-memory table, activations from global memory), so that benchmarks can compare both in one process.
-/// Off by default; both compute the same sums.
+/// Process-wide: run the aligned GEMV as it was before row sets and f32 activations in shared memory
+/// ([`GemvTiling::previous_for_shape`], activations in shared memory in their own type within 12 KiB), so that
+/// benchmarks can compare both in one process. Off by default; both compute the same sums.
 pub fn set_previous_gemv(previous: bool) {
     PREVIOUS_GEMV.store(previous, Ordering::Relaxed);
 }
@@ -612,29 +651,55 @@ fn gemv_aligned<F: Float, NX: Size>(
     #[comptime] rows_per_plane: usize,
     #[comptime] unroll: usize,
     #[comptime] split: usize,
+    #[comptime] sets: usize,
     #[comptime] shuffle: bool,
     #[comptime] x_groups: usize,
+    #[comptime] x_f32: bool,
 ) {
     // With `x_groups > 0` the activations are copied to shared memory once per cube (one coalesced pass), laid
     // out so that the lanes of a plane, which take consecutive chunks of 32 values, read consecutive 16-byte
     // vectors: vector `k` of chunk `c` goes to `(c / 32) * 32 * vpc + k * 32 + c % 32` of its batch row (`vpc`
-    // vectors per chunk). From global memory those reads are 64 bytes apart and most of the L1 traffic.
+    // vectors per chunk). From global memory those reads are 64 bytes apart and most of the L1 traffic. With
+    // `x_f32` they are stored converted to f32 (`Vector<f32, 4>`, 8 per chunk), so that the product loop does not
+    // convert each activation again.
     let nxc = NX::value();
-    let vpc = comptime!(32 / nxc);
+    let vpc = comptime!(if x_f32 { 8 } else { 32 / nxc });
     let group_len = comptime!(x_groups * 32 * vpc);
-    let mut xs = SharedMemory::<Vector<F, NX>>::new(comptime!((batch * group_len).max(1)));
+    let mut xs = SharedMemory::<Vector<F, NX>>::new(comptime!(if x_f32 {
+        1
+    } else {
+        (batch * group_len).max(1)
+    }));
+    let mut xf = SharedMemory::<Vector<f32, Const<4>>>::new(comptime!(if x_f32 {
+        batch * group_len
+    } else {
+        1
+    }));
     if comptime!(x_groups > 0) {
         let row_vectors = cols / comptime!(nxc as u32);
+        let per_chunk = comptime!(32 / nxc as u32);
         for i in range_stepped(UNIT_POS, comptime!(batch as u32) * row_vectors, CUBE_DIM) {
             let b = i / row_vectors;
             let j = i % row_vectors;
-            let c = j / comptime!(vpc as u32);
-            let k = j % comptime!(vpc as u32);
-            let at = b * comptime!(group_len as u32)
-                + (c / 32) * comptime!(32 * vpc as u32)
-                + k * 32
-                + c % 32;
-            xs[at as usize] = x[i as usize];
+            let c = j / per_chunk;
+            let k = j % per_chunk;
+            let base = b * comptime!(group_len as u32) + (c / 32) * comptime!(32 * vpc as u32) + c % 32;
+            let xv = x[i as usize];
+            if comptime!(x_f32) {
+                // Vector `k` of `nxc` values becomes f32 vectors `k * nxc / 4 ..`.
+                #[unroll]
+                for h in 0..comptime!(nxc / 4) {
+                    let mut v = Vector::<f32, Const<4>>::empty();
+                    #[unroll]
+                    for e in 0..4usize {
+                        v[e] = f32::cast_from(xv[h * 4 + e]);
+                    }
+                    let at = base + (k * comptime!(nxc as u32 / 4) + comptime!(h as u32)) * 32;
+                    xf[at as usize] = v;
+                }
+            } else {
+                xs[(base + k * 32) as usize] = xv;
+            }
         }
     }
     // The double-quantization map in shared memory: its lookups are gathers of random entries.
@@ -649,17 +714,22 @@ fn gemv_aligned<F: Float, NX: Size>(
     let table = load_codebook(codebook);
     // With `shuffle`, lane `l` holds code value `l % 16` and a code is looked up with a plane shuffle.
     let lane_value = codebook[(UNIT_POS_X % 16) as usize];
-    // Without split-K each plane of the cube has rows of its own; with it, the cube's planes share the same rows
-    // and each takes every `split`-th group of chunks.
+    // A plane (without split-K) or a cube (with it) computes `sets` sets of `rows_per_plane` consecutive rows. The
+    // chunks of its sets, one set after the other, form one stream of `sets * chunks` that its lanes take in
+    // turn, so that a width whose chunk count is not a multiple of the lanes does not leave lanes idle in every
+    // row's last step (3584 values: 112 chunks, 3.5 per lane; two sets: 7). Each lane's activation load serves
+    // the `rows_per_plane` rows of the set its chunk belongs to. Without split-K each plane has rows of its own;
+    // with it, the cube's planes share the same rows and each takes every `split`-th group of chunks.
+    let rows_per_set = comptime!(rows_per_plane as u32);
     let (first_row, lane, width) = if comptime!(split == 1) {
         (
-            (CUBE_POS_X * CUBE_DIM_Y + UNIT_POS_Y) * comptime!(rows_per_plane as u32),
+            (CUBE_POS_X * CUBE_DIM_Y + UNIT_POS_Y) * comptime!((sets * rows_per_plane) as u32),
             UNIT_POS_X,
             CUBE_DIM_X,
         )
     } else {
         (
-            CUBE_POS_X * comptime!(rows_per_plane as u32),
+            CUBE_POS_X * comptime!((sets * rows_per_plane) as u32),
             UNIT_POS_Y * CUBE_DIM_X + UNIT_POS_X,
             CUBE_DIM_X * CUBE_DIM_Y,
         )
@@ -668,28 +738,41 @@ fn gemv_aligned<F: Float, NX: Size>(
         let nx = NX::value();
         let per_word = comptime!(8 / nx);
         let chunks = cols / 32;
+        let stream = chunks * comptime!(sets as u32);
         let slots = comptime!(rows_per_plane * unroll);
-        let mut acc = Array::<f32>::new(batch * rows_per_plane);
+        let outputs = comptime!(batch * rows_per_plane);
+        let mut acc = Array::<f32>::new(sets * outputs);
         #[unroll]
-        for i in 0..batch * rows_per_plane {
+        for i in 0..sets * outputs {
             acc[i] = 0.0;
         }
         let mut words = Array::<Vector<u32, Const<4>>>::new(slots);
         let mut block_scales = Array::<f32>::new(slots);
         let mut values = Array::<f32>::new(8 * rows_per_plane);
-        let mut dots = Array::<f32>::new(batch * rows_per_plane);
-        // Each step, lane `i` takes chunks `first + u * plane + i` (`u < unroll`) of each of the plane's rows, and
-        // issues every load of the step before using any. Rows past the end re-read the last row; their sums are
-        // not written. Lanes past the last chunk re-read it and add nothing, so that every lane of the plane takes
-        // part in the shuffles.
-        for first in range_stepped(0, chunks, width * comptime!(unroll as u32)) {
+        let mut dots = Array::<f32>::new(outputs);
+        let mut set_of = Array::<u32>::new(unroll);
+        let mut chunk_of = Array::<u32>::new(unroll);
+        // Each step, lane `i` takes stream positions `first + u * width + i` (`u < unroll`) and issues every load
+        // of the step before using any. Rows past the end re-read the last row; their sums are not written.
+        // Lanes past the end of the stream re-read its last chunk and add nothing, so that every lane of the
+        // plane takes part in the shuffles.
+        for first in range_stepped(0, stream, width * comptime!(unroll as u32)) {
             #[unroll]
             for u in 0..unroll {
                 let wanted = first + width * comptime!(u as u32) + lane;
-                let chunk = if wanted < chunks { wanted } else { chunks - 1 };
+                let position = if wanted < stream { wanted } else { stream - 1 };
+                // The set of `position` without a division: `sets` is small and known when compiling.
+                let mut set = 0u32;
+                #[unroll]
+                for s in 1..sets {
+                    set += select(position >= chunks * comptime!(s as u32), 1u32, 0u32);
+                }
+                let chunk = position - set * chunks;
+                set_of[u] = set;
+                chunk_of[u] = chunk;
                 #[unroll]
                 for r in 0..rows_per_plane {
-                    let candidate = first_row + comptime!(r as u32);
+                    let candidate = first_row + set * rows_per_set + comptime!(r as u32);
                     let row = if candidate < rows {
                         candidate
                     } else {
@@ -708,15 +791,14 @@ fn gemv_aligned<F: Float, NX: Size>(
             }
             #[unroll]
             for u in 0..unroll {
-                let wanted = first + width * comptime!(u as u32) + lane;
-                let valid = wanted < chunks;
-                let chunk = if valid { wanted } else { chunks - 1 };
+                let valid = first + width * comptime!(u as u32) + lane < stream;
+                let chunk = chunk_of[u];
                 #[unroll]
-                for i in 0..batch * rows_per_plane {
+                for i in 0..outputs {
                     dots[i] = 0.0;
                 }
                 // Word `w` of the chunk holds codes `8w..8w + 8`: decode it for every row, then multiply by
-                // the matching 8 activations of each batch row (loaded once for all the plane's rows).
+                // the matching 8 activations of each batch row (loaded once for all the set's rows).
                 #[unroll]
                 for w in 0..4usize {
                     #[unroll]
@@ -730,78 +812,96 @@ fn gemv_aligned<F: Float, NX: Size>(
                     }
                     #[unroll]
                     for b in 0..batch {
-                        let base = (b * cols as usize + chunk as usize * 32 + w * 8) / nx;
-                        #[unroll]
-                        for v in 0..per_word {
-                            let xv = if comptime!(x_groups > 0) {
-                                let c = chunk as usize;
-                                xs[b * group_len
-                                    + (c / 32) * comptime!(32 * vpc)
-                                    + comptime!((w * per_word + v) * 32)
-                                    + c % 32]
-                            } else {
-                                x[base + v]
-                            };
+                        if comptime!(x_f32) {
+                            let c = chunk as usize;
                             #[unroll]
-                            for e in 0..nx {
-                                let xe = f32::cast_from(xv[e]);
+                            for v in 0..2usize {
+                                let xv = xf[b * group_len
+                                    + (c / 32) * comptime!(32 * vpc)
+                                    + comptime!((w * 2 + v) * 32)
+                                    + c % 32];
                                 #[unroll]
-                                for r in 0..rows_per_plane {
-                                    dots[b * rows_per_plane + r] += xe * values[r * 8 + v * nx + e];
+                                for e in 0..4usize {
+                                    #[unroll]
+                                    for r in 0..rows_per_plane {
+                                        dots[b * rows_per_plane + r] +=
+                                            xv[e] * values[r * 8 + v * 4 + e];
+                                    }
+                                }
+                            }
+                        } else {
+                            let base = (b * cols as usize + chunk as usize * 32 + w * 8) / nx;
+                            #[unroll]
+                            for v in 0..per_word {
+                                let xv = if comptime!(x_groups > 0) {
+                                    let c = chunk as usize;
+                                    xs[b * group_len
+                                        + (c / 32) * comptime!(32 * vpc)
+                                        + comptime!((w * per_word + v) * 32)
+                                        + c % 32]
+                                } else {
+                                    x[base + v]
+                                };
+                                #[unroll]
+                                for e in 0..nx {
+                                    let xe = f32::cast_from(xv[e]);
+                                    #[unroll]
+                                    for r in 0..rows_per_plane {
+                                        dots[b * rows_per_plane + r] += xe * values[r * 8 + v * nx + e];
+                                    }
                                 }
                             }
                         }
                     }
                 }
                 #[unroll]
-                for b in 0..batch {
+                for s in 0..sets {
+                    let mine = valid && set_of[u] == comptime!(s as u32);
                     #[unroll]
-                    for r in 0..rows_per_plane {
-                        let sum =
-                            dots[b * rows_per_plane + r] * block_scales[u * rows_per_plane + r];
-                        acc[b * rows_per_plane + r] += select(valid, sum, 0.0);
+                    for i in 0..outputs {
+                        let sum = dots[i] * block_scales[u * rows_per_plane + i % rows_per_plane];
+                        acc[s * outputs + i] += select(mine, sum, 0.0);
                     }
                 }
             }
         }
+        // `acc[(s * batch + b) * rows_per_plane + r]`: set `s`, batch row `b`, row `r` of the set.
         if comptime!(split == 1) {
             #[unroll]
-            for b in 0..batch {
-                #[unroll]
-                for r in 0..rows_per_plane {
-                    let total = plane_sum(acc[b * rows_per_plane + r]);
-                    let row = first_row + comptime!(r as u32);
-                    if UNIT_POS_X == 0 && row < rows {
-                        y[b * rows as usize + row as usize] = F::cast_from(total);
-                    }
+            for i in 0..sets * outputs {
+                let total = plane_sum(acc[i]);
+                let s = comptime!(i / outputs);
+                let b = comptime!((i % outputs) / rows_per_plane);
+                let row = first_row + comptime!((s * rows_per_plane + i % rows_per_plane) as u32);
+                if UNIT_POS_X == 0 && row < rows {
+                    y[b * rows as usize + row as usize] = F::cast_from(total);
                 }
             }
         } else {
             // Each plane's sums through shared memory; the first unit adds the planes' and writes.
-            let outputs = comptime!(batch * rows_per_plane);
-            let mut partial = SharedMemory::<f32>::new(comptime!(split * batch * rows_per_plane));
+            let all = comptime!(sets * outputs);
+            let mut partial = SharedMemory::<f32>::new(comptime!(split * sets * outputs));
             #[unroll]
-            for i in 0..outputs {
+            for i in 0..all {
                 let total = plane_sum(acc[i]);
                 if UNIT_POS_X == 0 {
-                    partial[UNIT_POS_Y as usize * outputs + i] = total;
+                    partial[UNIT_POS_Y as usize * all + i] = total;
                 }
             }
             sync_cube();
             if UNIT_POS == 0 {
                 #[unroll]
-                for b in 0..batch {
+                for i in 0..all {
+                    let mut total = 0.0f32;
                     #[unroll]
-                    for r in 0..rows_per_plane {
-                        let mut total = 0.0f32;
-                        #[unroll]
-                        for p in 0..split {
-                            total += partial[p * outputs + b * rows_per_plane + r];
-                        }
-                        let row = first_row + comptime!(r as u32);
-                        if row < rows {
-                            y[b * rows as usize + row as usize] = F::cast_from(total);
-                        }
+                    for p in 0..split {
+                        total += partial[p * all + i];
+                    }
+                    let s = comptime!(i / outputs);
+                    let b = comptime!((i % outputs) / rows_per_plane);
+                    let row = first_row + comptime!((s * rows_per_plane + i % rows_per_plane) as u32);
+                    if row < rows {
+                        y[b * rows as usize + row as usize] = F::cast_from(total);
                     }
                 }
             }

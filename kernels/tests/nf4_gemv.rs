@@ -219,20 +219,25 @@ fn shapes_and_batches<R: Runtime, F: Host>(client: &ComputeClient<R>) {
     }
 }
 
-/// Every tiling of the aligned kernel, on row counts that are and are not multiples of the rows per cube.
+/// Every tiling of the aligned kernel, on row counts that are and are not multiples of the rows per cube, with
+/// row sets whose stream does and does not fill the lanes (10, 32 and 3 chunks per row).
 fn every_tiling<R: Runtime, F: Host>(client: &ComputeClient<R>) {
     for (rows, cols) in [(37, 320), (64, 1024), (5, 96)] {
         let weight = random_weight(rows, cols, 64, true, rows as u64);
         for rows_per_plane in [1, 3, 4] {
             for unroll in [1, 4] {
                 for split in [1, 4] {
-                    for batch in [1, 3, 8] {
-                        let tiling = GemvTiling {
-                            rows_per_plane,
-                            unroll,
-                            split,
-                        };
-                        check_with::<R, F>(client, &weight, batch, 9, Some(tiling));
+                    for sets in [1, 2, 5] {
+                        let batches: &[usize] = if sets == 1 { &[1, 3, 8] } else { &[1, 3] };
+                        for &batch in batches {
+                            let tiling = GemvTiling {
+                                rows_per_plane,
+                                unroll,
+                                split,
+                                sets,
+                            };
+                            check_with::<R, F>(client, &weight, batch, 9, Some(tiling));
+                        }
                     }
                 }
             }

@@ -26,7 +26,7 @@ use crate::{ActivationKind, RunInfo, RuntimeKind, measure_copy};
 pub struct DecodeArgs {
     #[command(flatten)]
     run: RunInfo,
-    /// Run the plain NF4 GEMV as it was before the shuffle lookup and the shared-memory activations
+    /// Run the plain NF4 GEMV as it was before row sets and f32 activations in shared memory
     /// (`nf4::set_previous_gemv`): for a comparison on the same card.
     #[arg(long)]
     previous_gemv: bool,

@@ -112,8 +112,8 @@ struct KernelArgs {
     /// the fused NF4 GEMM, at page-sized row counts (CUDA, bf16).
     #[arg(long)]
     prefill: bool,
-    /// Time the plain GEMV twice per case: as it is, and as it was before the shuffle lookup and the
-    /// shared-memory activations (`nf4::set_previous_gemv`), in the same run.
+    /// Time the plain GEMV twice per case: as it is, and as it was before row sets and f32 activations in shared
+    /// memory (`nf4::set_previous_gemv`, the previous default tiling for default cases), in the same run.
     #[arg(long)]
     compare_gemv: bool,
     /// Launches timed per prefill case.
@@ -196,24 +196,31 @@ fn main() -> Result<()> {
 }
 
 /// The tilings measured per case: the default one first, then the others.
-fn tilings(rows: usize, batch: usize) -> Vec<GemvTiling> {
-    let default = GemvTiling::for_shape(rows, batch);
+fn tilings(rows: usize, cols: usize, batch: usize) -> Vec<GemvTiling> {
+    let default = GemvTiling::for_shape(rows, cols, batch);
     let mut all = vec![default];
-    for (rows_per_plane, unroll, split) in [
-        (1, 4, 1),
-        (2, 2, 1),
-        (4, 1, 1),
-        (4, 2, 1),
-        (1, 2, 4),
-        (2, 1, 4),
-        (2, 2, 4),
-        (4, 1, 4),
-        (4, 2, 2),
+    for (rows_per_plane, unroll, split, sets) in [
+        (1, 4, 1, 1),
+        (2, 2, 1, 1),
+        (4, 1, 1, 1),
+        (4, 2, 1, 1),
+        (4, 1, 1, 2),
+        (2, 1, 1, 2),
+        (4, 2, 1, 2),
+        (1, 2, 4, 1),
+        (2, 1, 4, 1),
+        (2, 2, 4, 1),
+        (4, 1, 4, 1),
+        (4, 2, 2, 1),
+        (2, 1, 4, 4),
+        (1, 1, 4, 8),
+        (1, 1, 2, 4),
     ] {
         let t = GemvTiling {
             rows_per_plane,
             unroll,
             split,
+            sets,
         };
         if !all.contains(&t) {
             all.push(t);
@@ -292,7 +299,7 @@ fn kernels_in<R: Runtime, F: nf4::Activation>(
         let mut runs: Vec<(usize, Kernel)> = [1usize, 4, 8]
             .into_iter()
             .flat_map(|b| {
-                let mut t = tilings(rows, b);
+                let mut t = tilings(rows, cols, b);
                 t.truncate(if args.sweep { t.len() } else { 1 });
                 t.into_iter().map(move |t| (b, Kernel::Gemv(t)))
             })
@@ -337,9 +344,19 @@ fn kernels_in<R: Runtime, F: nf4::Activation>(
                 Ok(())
             };
             let previous_s = match kernel {
-                Kernel::Gemv(_) if args.compare_gemv => {
+                Kernel::Gemv(t) if args.compare_gemv => {
+                    // The default tiling against the previous default (`nf4::gemv` picks it), another tiling
+                    // against itself with the previous kernel's options.
+                    let default = t == GemvTiling::for_shape(rows, cols, batch);
                     nf4::set_previous_gemv(true);
-                    let timed = probe.time(&client, args.launches, launch);
+                    let timed = probe.time(&client, args.launches, || -> Result<()> {
+                        if default {
+                            nf4::gemv(&client, &x, batch, &matrix, &y)?;
+                        } else {
+                            nf4::gemv_tiled(&client, &x, batch, &matrix, &y, t)?;
+                        }
+                        Ok(())
+                    });
                     nf4::set_previous_gemv(false);
                     Some(timed?.0)
                 }
@@ -350,8 +367,18 @@ fn kernels_in<R: Runtime, F: nf4::Activation>(
             let gb_per_s = bytes as f64 / kernel_s / 1e9;
             let (tiling, default_tiling) = match kernel {
                 Kernel::Gemv(t) => (
-                    format!("gemv {}x{}/{}", t.rows_per_plane, t.unroll, t.split),
-                    t == GemvTiling::for_shape(rows, batch),
+                    format!(
+                        "gemv {}x{}/{}{}",
+                        t.rows_per_plane,
+                        t.unroll,
+                        t.split,
+                        if t.sets > 1 {
+                            format!(" s{}", t.sets)
+                        } else {
+                            String::new()
+                        }
+                    ),
+                    t == GemvTiling::for_shape(rows, cols, batch),
                 ),
                 Kernel::Gemm(t) => (
                     format!("gemm {}x{}/{}", t.m_frags, t.n_planes, t.k_chunks),
