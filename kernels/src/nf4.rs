@@ -491,6 +491,13 @@ pub fn gemv_tiled<R: Runtime, F: Activation>(
     } else {
         x_layout::<R, F>(client, batch, weight.cols)
     };
+    // Lane pairs share their scales when their two chunks always lie in one block: blocks of 64 values or more,
+    // widths a multiple of 64 (an even chunk count, so that a pair never straddles two rows or sets) and an even
+    // number of rows per set.
+    let paired = !PREVIOUS_GEMV.load(Ordering::Relaxed)
+        && weight.blocksize >= 64
+        && weight.cols.is_multiple_of(64)
+        && tiling.rows_per_plane.is_multiple_of(2);
     // SAFETY: every array is passed with the element count of its own buffer, and the kernels index only inside
     // the shapes checked above (`rows`, `cols`, `batch`) plus the scale arrays sized by `Nf4Tensor::validate`.
     #[allow(unsafe_code)]
@@ -521,6 +528,7 @@ pub fn gemv_tiled<R: Runtime, F: Activation>(
                 shuffle_lookup(client),
                 x_groups,
                 x_f32,
+                paired,
             );
         } else {
             gemv_any::launch_unchecked::<F, R>(
@@ -655,6 +663,7 @@ fn gemv_aligned<F: Float, NX: Size>(
     #[comptime] shuffle: bool,
     #[comptime] x_groups: usize,
     #[comptime] x_f32: bool,
+    #[comptime] paired: bool,
 ) {
     // With `x_groups > 0` the activations are copied to shared memory once per cube (one coalesced pass), laid
     // out so that the lanes of a plane, which take consecutive chunks of 32 values, read consecutive 16-byte
@@ -770,23 +779,43 @@ fn gemv_aligned<F: Float, NX: Size>(
                 let chunk = position - set * chunks;
                 set_of[u] = set;
                 chunk_of[u] = chunk;
+                let set_row = first_row + set * rows_per_set;
                 #[unroll]
                 for r in 0..rows_per_plane {
-                    let candidate = first_row + set * rows_per_set + comptime!(r as u32);
-                    let row = if candidate < rows {
-                        candidate
-                    } else {
-                        rows - 1
-                    };
+                    let candidate = set_row + comptime!(r as u32);
+                    let row = select(candidate < rows, candidate, rows - 1);
                     words[u * rows_per_plane + r] = packed[(row * chunks + chunk) as usize];
-                    block_scales[u * rows_per_plane + r] = block_scale::<SharedMemory<f32>>(
-                        (row * cols + chunk * 32) / blocksize,
-                        codes,
-                        scales,
-                        offsets,
-                        &map_s,
-                        double_quant,
-                    );
+                    if comptime!(!paired) {
+                        block_scales[u * rows_per_plane + r] = block_scale::<SharedMemory<f32>>(
+                            (row * cols + chunk * 32) / blocksize,
+                            codes,
+                            scales,
+                            offsets,
+                            &map_s,
+                            double_quant,
+                        );
+                    }
+                }
+                if comptime!(paired) {
+                    // Lanes `2k` and `2k + 1` read chunks of the same block: each decodes the scales of every
+                    // other row and takes its partner's for the rest.
+                    let odd = lane & 1;
+                    #[unroll]
+                    for j in 0..comptime!(rows_per_plane / 2) {
+                        let candidate = set_row + comptime!(2 * j as u32) + odd;
+                        let row = select(candidate < rows, candidate, rows - 1);
+                        let mine = block_scale::<SharedMemory<f32>>(
+                            (row * cols + chunk * 32) / blocksize,
+                            codes,
+                            scales,
+                            offsets,
+                            &map_s,
+                            double_quant,
+                        );
+                        let other = plane_shuffle_xor(mine, 1);
+                        block_scales[u * rows_per_plane + 2 * j] = select(odd == 0, mine, other);
+                        block_scales[u * rows_per_plane + 2 * j + 1] = select(odd == 0, other, mine);
+                    }
                 }
             }
             #[unroll]

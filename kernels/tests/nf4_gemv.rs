@@ -220,15 +220,20 @@ fn shapes_and_batches<R: Runtime, F: Host>(client: &ComputeClient<R>) {
 }
 
 /// Every tiling of the aligned kernel, on row counts that are and are not multiples of the rows per cube, with
-/// row sets whose stream does and does not fill the lanes (10, 32 and 3 chunks per row).
+/// row sets whose stream does and does not fill the lanes (10, 32 and 3 chunks per row), and lane pairs sharing
+/// scales (an even number of rows per set, widths 320 and 1024) or not.
 fn every_tiling<R: Runtime, F: Host>(client: &ComputeClient<R>) {
     for (rows, cols) in [(37, 320), (64, 1024), (5, 96)] {
         let weight = random_weight(rows, cols, 64, true, rows as u64);
-        for rows_per_plane in [1, 3, 4] {
-            for unroll in [1, 4] {
-                for split in [1, 4] {
-                    for sets in [1, 2, 5] {
-                        let batches: &[usize] = if sets == 1 { &[1, 3, 8] } else { &[1, 3] };
+        for sets in [1, 2, 5] {
+            let (per_set, batches): (&[usize], &[usize]) = if sets == 1 {
+                (&[1, 2, 3, 4], &[1, 3, 8])
+            } else {
+                (&[2, 3], &[3])
+            };
+            for &rows_per_plane in per_set {
+                for unroll in [1, 4] {
+                    for split in [1, 4] {
                         for &batch in batches {
                             let tiling = GemvTiling {
                                 rows_per_plane,
