@@ -34,17 +34,18 @@ const X_SHARED_BYTES: usize = 12 * 1024;
 const X_SHARED_BYTES_CUDA: usize = 16 * 1024;
 
 /// Groups of 32 chunks of 32 activations per batch row that the aligned GEMV keeps in shared memory (0 when
-/// they do not fit: the activations are then read from global memory), and whether it keeps them as f32 (on
-/// CUDA, for 2-byte activations, when they fit so).
-fn x_layout<R: Runtime, F>(client: &ComputeClient<R>, batch: usize, cols: usize) -> (usize, bool) {
+/// they do not fit: the activations are then read from global memory), and whether it keeps them as f32 (when
+/// wanted, on CUDA, for 2-byte activations, when they fit so).
+fn x_layout<R: Runtime, F>(
+    client: &ComputeClient<R>,
+    batch: usize,
+    cols: usize,
+    f32_wanted: bool,
+) -> (usize, bool) {
     let groups = cols.div_ceil(32).div_ceil(32);
     let values = batch * groups * 32 * 32;
-    if PREVIOUS_GEMV.load(Ordering::Relaxed) {
-        let fits = values * size_of::<F>() <= X_SHARED_BYTES;
-        return (if fits { groups } else { 0 }, false);
-    }
     let cuda = R::name(client) == "cuda";
-    if cuda && size_of::<F>() == 2 && values * 4 <= X_SHARED_BYTES_CUDA {
+    if f32_wanted && cuda && size_of::<F>() == 2 && values * 4 <= X_SHARED_BYTES_CUDA {
         (groups, true)
     } else if values * size_of::<F>() <= X_SHARED_BYTES {
         (groups, false)
@@ -380,6 +381,10 @@ pub struct GemvTiling {
     /// lanes as one stream: with 2 sets a width of 112 chunks (3584 values) fills 32 lanes in 7 steps instead of
     /// leaving half of them idle in every row's fourth. 1 to 8.
     pub sets: usize,
+    /// Keep the activations in shared memory as f32 where they fit (CUDA, 2-byte activations, no split-K).
+    pub x_f32: bool,
+    /// Let lane pairs reading one block share its scale where they can (see [`gemv_tiled`]).
+    pub paired: bool,
 }
 
 impl GemvTiling {
@@ -405,6 +410,8 @@ impl GemvTiling {
             unroll,
             split,
             sets,
+            x_f32: true,
+            paired: true,
         }
     }
 
@@ -422,6 +429,8 @@ impl GemvTiling {
             unroll,
             split,
             sets: 1,
+            x_f32: false,
+            paired: false,
         }
     }
 }
@@ -489,12 +498,12 @@ pub fn gemv_tiled<R: Runtime, F: Activation>(
     let (x_groups, x_f32) = if split {
         (0, false)
     } else {
-        x_layout::<R, F>(client, batch, weight.cols)
+        x_layout::<R, F>(client, batch, weight.cols, tiling.x_f32)
     };
     // Lane pairs share their scales when their two chunks always lie in one block: blocks of 64 values or more,
     // widths a multiple of 64 (an even chunk count, so that a pair never straddles two rows or sets) and an even
     // number of rows per set.
-    let paired = !PREVIOUS_GEMV.load(Ordering::Relaxed)
+    let paired = tiling.paired
         && weight.blocksize >= 64
         && weight.cols.is_multiple_of(64)
         && tiling.rows_per_plane.is_multiple_of(2);
@@ -563,9 +572,9 @@ pub(crate) fn shuffle_lookup<R: Runtime>(client: &ComputeClient<R>) -> bool {
 
 static PREVIOUS_GEMV: AtomicBool = AtomicBool::new(false);
 
-/// Process-wide: run the aligned GEMV as it was before row sets and f32 activations in shared memory
-/// ([`GemvTiling::previous_for_shape`], activations in shared memory in their own type within 12 KiB), so that
-/// benchmarks can compare both in one process. Off by default; both compute the same sums.
+/// Process-wide: [`gemv`] takes the tiling it took before row sets, f32 activations in shared memory and lane
+/// pairs sharing scales ([`GemvTiling::previous_for_shape`]), so that benchmarks can compare both in one process.
+/// Off by default; both compute the same sums.
 pub fn set_previous_gemv(previous: bool) {
     PREVIOUS_GEMV.store(previous, Ordering::Relaxed);
 }

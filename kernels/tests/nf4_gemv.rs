@@ -240,6 +240,8 @@ fn every_tiling<R: Runtime, F: Host>(client: &ComputeClient<R>) {
                                 unroll,
                                 split,
                                 sets,
+                                x_f32: true,
+                                paired: true,
                             };
                             check_with::<R, F>(client, &weight, batch, 9, Some(tiling));
                         }

@@ -98,6 +98,9 @@ struct KernelArgs {
     /// Measure every candidate tiling of the aligned kernel, not just the one `gemv` picks.
     #[arg(long)]
     sweep: bool,
+    /// Activation rows the plain GEMV is timed at.
+    #[arg(long, value_delimiter = ',', default_value = "1,4,8")]
+    gemv_batches: Vec<usize>,
     /// Measure every candidate tiling of the tensor-core GEMV at 1 and 32 rows, not just the one `gemv_mma`
     /// picks.
     #[arg(long)]
@@ -112,8 +115,8 @@ struct KernelArgs {
     /// the fused NF4 GEMM, at page-sized row counts (CUDA, bf16).
     #[arg(long)]
     prefill: bool,
-    /// Time the plain GEMV twice per case: as it is, and as it was before row sets and f32 activations in shared
-    /// memory (`nf4::set_previous_gemv`, the previous default tiling for default cases), in the same run.
+    /// Time the plain GEMV's default tiling twice per case: as it is, and the tiling `gemv` took before row sets,
+    /// f32 activations in shared memory and lane pairs sharing scales (`nf4::set_previous_gemv`), in the same run.
     #[arg(long)]
     compare_gemv: bool,
     /// Launches timed per prefill case.
@@ -199,28 +202,27 @@ fn main() -> Result<()> {
 fn tilings(rows: usize, cols: usize, batch: usize) -> Vec<GemvTiling> {
     let default = GemvTiling::for_shape(rows, cols, batch);
     let mut all = vec![default];
-    for (rows_per_plane, unroll, split, sets) in [
-        (1, 4, 1, 1),
-        (2, 2, 1, 1),
-        (4, 1, 1, 1),
-        (4, 2, 1, 1),
-        (4, 1, 1, 2),
-        (2, 1, 1, 2),
-        (4, 2, 1, 2),
-        (1, 2, 4, 1),
-        (2, 1, 4, 1),
-        (2, 2, 4, 1),
-        (4, 1, 4, 1),
-        (4, 2, 2, 1),
-        (2, 1, 4, 4),
-        (1, 1, 4, 8),
-        (1, 1, 2, 4),
+    for (rows_per_plane, unroll, split, sets, x_f32, paired) in [
+        (4, 1, 1, 2, false, false),
+        (4, 1, 1, 2, true, false),
+        (4, 1, 1, 2, false, true),
+        (4, 2, 1, 2, false, false),
+        (4, 2, 1, 2, true, true),
+        (4, 1, 1, 1, true, true),
+        (4, 2, 1, 1, false, false),
+        (4, 1, 4, 1, false, false),
+        (4, 1, 4, 1, false, true),
+        (2, 1, 4, 1, false, true),
+        (4, 2, 2, 1, false, true),
+        (4, 2, 2, 1, false, false),
     ] {
         let t = GemvTiling {
             rows_per_plane,
             unroll,
             split,
             sets,
+            x_f32,
+            paired,
         };
         if !all.contains(&t) {
             all.push(t);
@@ -296,8 +298,10 @@ fn kernels_in<R: Runtime, F: nf4::Activation>(
         let matrix = Nf4Matrix::upload(&client, &random_nf4(&mut rng, rows, cols))
             .with_context(|| format!("upload {rows}x{cols}"))?;
         // The GEMV at 1, 4 and 8 rows (every tiling with --sweep), then the tensor-core GEMM at 16 and 32.
-        let mut runs: Vec<(usize, Kernel)> = [1usize, 4, 8]
-            .into_iter()
+        let mut runs: Vec<(usize, Kernel)> = args
+            .gemv_batches
+            .iter()
+            .copied()
             .flat_map(|b| {
                 let mut t = tilings(rows, cols, b);
                 t.truncate(if args.sweep { t.len() } else { 1 });
@@ -344,17 +348,13 @@ fn kernels_in<R: Runtime, F: nf4::Activation>(
                 Ok(())
             };
             let previous_s = match kernel {
-                Kernel::Gemv(t) if args.compare_gemv => {
-                    // The default tiling against the previous default (`nf4::gemv` picks it), another tiling
-                    // against itself with the previous kernel's options.
-                    let default = t == GemvTiling::for_shape(rows, cols, batch);
+                // The default tiling against the previous default (`nf4::gemv` picks it).
+                Kernel::Gemv(t)
+                    if args.compare_gemv && t == GemvTiling::for_shape(rows, cols, batch) =>
+                {
                     nf4::set_previous_gemv(true);
                     let timed = probe.time(&client, args.launches, || -> Result<()> {
-                        if default {
-                            nf4::gemv(&client, &x, batch, &matrix, &y)?;
-                        } else {
-                            nf4::gemv_tiled(&client, &x, batch, &matrix, &y, t)?;
-                        }
+                        nf4::gemv(&client, &x, batch, &matrix, &y)?;
                         Ok(())
                     });
                     nf4::set_previous_gemv(false);
@@ -368,7 +368,7 @@ fn kernels_in<R: Runtime, F: nf4::Activation>(
             let (tiling, default_tiling) = match kernel {
                 Kernel::Gemv(t) => (
                     format!(
-                        "gemv {}x{}/{}{}",
+                        "gemv {}x{}/{}{}{}{}",
                         t.rows_per_plane,
                         t.unroll,
                         t.split,
@@ -376,7 +376,9 @@ fn kernels_in<R: Runtime, F: nf4::Activation>(
                             format!(" s{}", t.sets)
                         } else {
                             String::new()
-                        }
+                        },
+                        if t.x_f32 { " xf" } else { "" },
+                        if t.paired { " p" } else { "" },
                     ),
                     t == GemvTiling::for_shape(rows, cols, batch),
                 ),
