@@ -29,28 +29,14 @@ const PLANES_PER_CUBE: u32 = 4;
 /// to whole groups of 32 chunks): with the rest of the kernel's, within the 16 KiB every runtime offers.
 const X_SHARED_BYTES: usize = 12 * 1024;
 
-/// The same on CUDA (48 KiB of static shared memory per cube), where the copy may hold f32: 16 KiB for one row
-/// of 3584 activations, so that cubes of 4 planes at 64 registers (8 per SM on an H100) still fit.
-const X_SHARED_BYTES_CUDA: usize = 16 * 1024;
-
-/// Groups of 32 chunks of 32 activations per batch row that the aligned GEMV keeps in shared memory (0 when
-/// they do not fit: the activations are then read from global memory), and whether it keeps them as f32 (when
-/// wanted, on CUDA, for 2-byte activations, when they fit so).
-fn x_layout<R: Runtime, F>(
-    client: &ComputeClient<R>,
-    batch: usize,
-    cols: usize,
-    f32_wanted: bool,
-) -> (usize, bool) {
+/// Groups of 32 chunks of 32 activations per batch row that the aligned GEMV keeps in shared memory, 0 when
+/// they do not fit in [`X_SHARED_BYTES`] (the activations are then read from global memory).
+fn x_groups<F>(batch: usize, cols: usize) -> usize {
     let groups = cols.div_ceil(32).div_ceil(32);
-    let values = batch * groups * 32 * 32;
-    let cuda = R::name(client) == "cuda";
-    if f32_wanted && cuda && size_of::<F>() == 2 && values * 4 <= X_SHARED_BYTES_CUDA {
-        (groups, true)
-    } else if values * size_of::<F>() <= X_SHARED_BYTES {
-        (groups, false)
+    if batch * groups * 32 * 32 * size_of::<F>() <= X_SHARED_BYTES {
+        groups
     } else {
-        (0, false)
+        0
     }
 }
 
@@ -381,8 +367,6 @@ pub struct GemvTiling {
     /// lanes as one stream: with 2 sets a width of 112 chunks (3584 values) fills 32 lanes in 7 steps instead of
     /// leaving half of them idle in every row's fourth. 1 to 8.
     pub sets: usize,
-    /// Keep the activations in shared memory as f32 where they fit (CUDA, 2-byte activations, no split-K).
-    pub x_f32: bool,
     /// Let lane pairs reading one block share its scale where they can (see [`gemv_tiled`]).
     pub paired: bool,
 }
@@ -410,13 +394,12 @@ impl GemvTiling {
             unroll,
             split,
             sets,
-            x_f32: true,
             paired: true,
         }
     }
 
-    /// The tiling [`gemv`] used before row sets and f32 activations in shared memory (2026-11-27 morning), which
-    /// it uses again after [`set_previous_gemv`]: for comparisons on the same card.
+    /// The tiling [`gemv`] used before row sets and lane pairs sharing scales (2026-11-27), which it uses again
+    /// after [`set_previous_gemv`]: for comparisons on the same card.
     pub fn previous_for_shape(rows: usize, batch: usize) -> Self {
         let (rows_per_plane, unroll, split) = match (rows, batch) {
             (..1024, _) => (2, 1, 4),
@@ -429,7 +412,6 @@ impl GemvTiling {
             unroll,
             split,
             sets: 1,
-            x_f32: false,
             paired: false,
         }
     }
@@ -495,10 +477,10 @@ pub fn gemv_tiled<R: Runtime, F: Activation>(
     let (codes, scales, offsets, map, double_quant) = weight.scale_args();
     // Split-K cubes cover only a few rows each: copying the activations to shared memory would read about as many
     // bytes as the cube's weights (measured slower at 3584 rows).
-    let (x_groups, x_f32) = if split {
-        (0, false)
+    let x_groups = if split {
+        0
     } else {
-        x_layout::<R, F>(client, batch, weight.cols, tiling.x_f32)
+        x_groups::<F>(batch, weight.cols)
     };
     // Lane pairs share their scales when their two chunks always lie in one block: blocks of 64 values or more,
     // widths a multiple of 64 (an even chunk count, so that a pair never straddles two rows or sets) and an even
@@ -536,7 +518,6 @@ pub fn gemv_tiled<R: Runtime, F: Activation>(
                 tiling.sets,
                 shuffle_lookup(client),
                 x_groups,
-                x_f32,
                 paired,
             );
         } else {
@@ -572,8 +553,7 @@ pub(crate) fn shuffle_lookup<R: Runtime>(client: &ComputeClient<R>) -> bool {
 
 static PREVIOUS_GEMV: AtomicBool = AtomicBool::new(false);
 
-/// Process-wide: [`gemv`] takes the tiling it took before row sets, f32 activations in shared memory and lane
-/// pairs sharing scales ([`GemvTiling::previous_for_shape`]), so that benchmarks can compare both in one process.
+/// Process-wide: [`gemv`] takes the tiling it took before row sets and lane pairs sharing scales ([`GemvTiling::previous_for_shape`]), so that benchmarks can compare both in one process.
 /// Off by default; both compute the same sums.
 pub fn set_previous_gemv(previous: bool) {
     PREVIOUS_GEMV.store(previous, Ordering::Relaxed);
@@ -671,53 +651,28 @@ fn gemv_aligned<F: Float, NX: Size>(
     #[comptime] sets: usize,
     #[comptime] shuffle: bool,
     #[comptime] x_groups: usize,
-    #[comptime] x_f32: bool,
     #[comptime] paired: bool,
 ) {
     // With `x_groups > 0` the activations are copied to shared memory once per cube (one coalesced pass), laid
     // out so that the lanes of a plane, which take consecutive chunks of 32 values, read consecutive 16-byte
     // vectors: vector `k` of chunk `c` goes to `(c / 32) * 32 * vpc + k * 32 + c % 32` of its batch row (`vpc`
-    // vectors per chunk). From global memory those reads are 64 bytes apart and most of the L1 traffic. With
-    // `x_f32` they are stored converted to f32 (`Vector<f32, 4>`, 8 per chunk), so that the product loop does not
-    // convert each activation again.
+    // vectors per chunk). From global memory those reads are 64 bytes apart and most of the L1 traffic.
     let nxc = NX::value();
-    let vpc = comptime!(if x_f32 { 8 } else { 32 / nxc });
+    let vpc = comptime!(32 / nxc);
     let group_len = comptime!(x_groups * 32 * vpc);
-    let mut xs = SharedMemory::<Vector<F, NX>>::new(comptime!(if x_f32 {
-        1
-    } else {
-        (batch * group_len).max(1)
-    }));
-    let mut xf = SharedMemory::<Vector<f32, Const<4>>>::new(comptime!(if x_f32 {
-        batch * group_len
-    } else {
-        1
-    }));
+    let mut xs = SharedMemory::<Vector<F, NX>>::new(comptime!((batch * group_len).max(1)));
     if comptime!(x_groups > 0) {
         let row_vectors = cols / comptime!(nxc as u32);
-        let per_chunk = comptime!(32 / nxc as u32);
         for i in range_stepped(UNIT_POS, comptime!(batch as u32) * row_vectors, CUBE_DIM) {
             let b = i / row_vectors;
             let j = i % row_vectors;
-            let c = j / per_chunk;
-            let k = j % per_chunk;
-            let base = b * comptime!(group_len as u32) + (c / 32) * comptime!(32 * vpc as u32) + c % 32;
-            let xv = x[i as usize];
-            if comptime!(x_f32) {
-                // Vector `k` of `nxc` values becomes f32 vectors `k * nxc / 4 ..`.
-                #[unroll]
-                for h in 0..comptime!(nxc / 4) {
-                    let mut v = Vector::<f32, Const<4>>::empty();
-                    #[unroll]
-                    for e in 0..4usize {
-                        v[e] = f32::cast_from(xv[h * 4 + e]);
-                    }
-                    let at = base + (k * comptime!(nxc as u32 / 4) + comptime!(h as u32)) * 32;
-                    xf[at as usize] = v;
-                }
-            } else {
-                xs[(base + k * 32) as usize] = xv;
-            }
+            let c = j / comptime!(vpc as u32);
+            let k = j % comptime!(vpc as u32);
+            let at = b * comptime!(group_len as u32)
+                + (c / 32) * comptime!(32 * vpc as u32)
+                + k * 32
+                + c % 32;
+            xs[at as usize] = x[i as usize];
         }
     }
     // The double-quantization map in shared memory: its lookups are gathers of random entries.
@@ -850,43 +805,24 @@ fn gemv_aligned<F: Float, NX: Size>(
                     }
                     #[unroll]
                     for b in 0..batch {
-                        if comptime!(x_f32) {
-                            let c = chunk as usize;
-                            #[unroll]
-                            for v in 0..2usize {
-                                let xv = xf[b * group_len
+                        let base = (b * cols as usize + chunk as usize * 32 + w * 8) / nx;
+                        #[unroll]
+                        for v in 0..per_word {
+                            let xv = if comptime!(x_groups > 0) {
+                                let c = chunk as usize;
+                                xs[b * group_len
                                     + (c / 32) * comptime!(32 * vpc)
-                                    + comptime!((w * 2 + v) * 32)
-                                    + c % 32];
-                                #[unroll]
-                                for e in 0..4usize {
-                                    #[unroll]
-                                    for r in 0..rows_per_plane {
-                                        dots[b * rows_per_plane + r] +=
-                                            xv[e] * values[r * 8 + v * 4 + e];
-                                    }
-                                }
-                            }
-                        } else {
-                            let base = (b * cols as usize + chunk as usize * 32 + w * 8) / nx;
+                                    + comptime!((w * per_word + v) * 32)
+                                    + c % 32]
+                            } else {
+                                x[base + v]
+                            };
                             #[unroll]
-                            for v in 0..per_word {
-                                let xv = if comptime!(x_groups > 0) {
-                                    let c = chunk as usize;
-                                    xs[b * group_len
-                                        + (c / 32) * comptime!(32 * vpc)
-                                        + comptime!((w * per_word + v) * 32)
-                                        + c % 32]
-                                } else {
-                                    x[base + v]
-                                };
+                            for e in 0..nx {
+                                let xe = f32::cast_from(xv[e]);
                                 #[unroll]
-                                for e in 0..nx {
-                                    let xe = f32::cast_from(xv[e]);
-                                    #[unroll]
-                                    for r in 0..rows_per_plane {
-                                        dots[b * rows_per_plane + r] += xe * values[r * 8 + v * nx + e];
-                                    }
+                                for r in 0..rows_per_plane {
+                                    dots[b * rows_per_plane + r] += xe * values[r * 8 + v * nx + e];
                                 }
                             }
                         }

@@ -202,26 +202,24 @@ fn main() -> Result<()> {
 fn tilings(rows: usize, cols: usize, batch: usize) -> Vec<GemvTiling> {
     let default = GemvTiling::for_shape(rows, cols, batch);
     let mut all = vec![default];
-    for (rows_per_plane, unroll, split, sets, x_f32, paired) in [
-        (4, 1, 1, 2, false, false),
-        (4, 1, 1, 2, true, false),
-        (4, 1, 1, 2, false, true),
-        (4, 2, 1, 2, false, false),
-        (4, 2, 1, 2, true, true),
-        (4, 1, 1, 1, true, true),
-        (4, 2, 1, 1, false, false),
-        (4, 1, 4, 1, false, false),
-        (4, 1, 4, 1, false, true),
-        (2, 1, 4, 1, false, true),
-        (4, 2, 2, 1, false, true),
-        (4, 2, 2, 1, false, false),
+    for (rows_per_plane, unroll, split, sets, paired) in [
+        (4, 1, 1, 2, false),
+        (4, 2, 1, 2, true),
+        (2, 1, 1, 2, true),
+        (4, 1, 1, 1, true),
+        (4, 2, 1, 1, false),
+        (1, 4, 1, 1, false),
+        (4, 1, 4, 1, false),
+        (4, 1, 4, 1, true),
+        (2, 1, 4, 1, true),
+        (4, 2, 2, 1, true),
+        (4, 2, 2, 1, false),
     ] {
         let t = GemvTiling {
             rows_per_plane,
             unroll,
             split,
             sets,
-            x_f32,
             paired,
         };
         if !all.contains(&t) {
@@ -368,7 +366,7 @@ fn kernels_in<R: Runtime, F: nf4::Activation>(
             let (tiling, default_tiling) = match kernel {
                 Kernel::Gemv(t) => (
                     format!(
-                        "gemv {}x{}/{}{}{}{}",
+                        "gemv {}x{}/{}{}{}",
                         t.rows_per_plane,
                         t.unroll,
                         t.split,
@@ -377,7 +375,6 @@ fn kernels_in<R: Runtime, F: nf4::Activation>(
                         } else {
                             String::new()
                         },
-                        if t.x_f32 { " xf" } else { "" },
                         if t.paired { " p" } else { "" },
                     ),
                     t == GemvTiling::for_shape(rows, cols, batch),
