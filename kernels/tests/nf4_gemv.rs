@@ -767,7 +767,8 @@ mod cuda {
     #[test]
     #[ignore = "needs an NVIDIA GPU"]
     fn cuda_every_tiling() {
-        every_tiling::<CudaRuntime, f32>(&client());
+        // bf16 only: the f32 kernels are the same code with 4-value vectors, which CI runs on lavapipe; each
+        // tiling is its own kernel to compile, and both types took over 4 minutes on a fresh machine.
         every_tiling::<CudaRuntime, bf16>(&client());
     }
 
