@@ -384,7 +384,11 @@ impl GemvTiling {
             _ => (4, 1, 4),
         };
         let chunks = cols / 32;
-        let sets = if rows >= 16384 && batch < 4 && chunks % 32 != 0 && (2 * chunks) % 32 == 0 {
+        let sets = if rows >= 16384
+            && batch < 4
+            && !chunks.is_multiple_of(32)
+            && (2 * chunks).is_multiple_of(32)
+        {
             2
         } else {
             1
@@ -448,9 +452,14 @@ pub fn gemv_tiled<R: Runtime, F: Activation>(
             "batch {batch}: the NF4 GEMV takes 1 to {MAX_BATCH} rows per launch"
         )));
     }
-    if ![tiling.rows_per_plane, tiling.unroll, tiling.split, tiling.sets]
-        .iter()
-        .all(|v| (1..=8).contains(v))
+    if ![
+        tiling.rows_per_plane,
+        tiling.unroll,
+        tiling.split,
+        tiling.sets,
+    ]
+    .iter()
+    .all(|v| (1..=8).contains(v))
     {
         return Err(KernelError::Unsupported(format!(
             "tiling {tiling:?}: 1 to 8 each"
@@ -778,7 +787,8 @@ fn gemv_aligned<F: Float, NX: Size>(
                         );
                         let other = plane_shuffle_xor(mine, 1);
                         block_scales[u * rows_per_plane + 2 * j] = select(odd == 0, mine, other);
-                        block_scales[u * rows_per_plane + 2 * j + 1] = select(odd == 0, other, mine);
+                        block_scales[u * rows_per_plane + 2 * j + 1] =
+                            select(odd == 0, other, mine);
                     }
                 }
             }
@@ -873,7 +883,8 @@ fn gemv_aligned<F: Float, NX: Size>(
                     }
                     let s = comptime!(i / outputs);
                     let b = comptime!((i % outputs) / rows_per_plane);
-                    let row = first_row + comptime!((s * rows_per_plane + i % rows_per_plane) as u32);
+                    let row =
+                        first_row + comptime!((s * rows_per_plane + i % rows_per_plane) as u32);
                     if row < rows {
                         y[b * rows as usize + row as usize] = F::cast_from(total);
                     }
