@@ -6,10 +6,11 @@
 //! dynamic map times a per-256-block f32 scale plus an offset), so a pre-quantized checkpoint is uploaded byte for
 //! byte. Two kernels:
 //! - `gemv_aligned` when `cols % 32 == 0` (every decode-path matrix of Qwen2.5-VL): one plane (warp) per 1-4
-//!   output rows ([`GemvTiling`]); each lane issues several 16-byte loads (32 codes each, always inside one
-//!   block) before using them, looks the codes up in a 16-entry table in shared memory, multiplies them by the
-//!   activations (16-byte loads, each used for all the plane's rows) and applies the block scale once per 32
-//!   products; the plane then sums its lanes.
+//!   output rows, or per several such sets of rows taken as one stream of chunks ([`GemvTiling`]); each lane
+//!   issues several 16-byte loads (32 codes each, always inside one block) before using them, looks the codes up
+//!   (a plane shuffle on CUDA, a 16-entry table in shared memory elsewhere), multiplies them by the activations
+//!   (16-byte loads, each used for all the set's rows) and applies the block scale once per 32 products (lane
+//!   pairs reading one block share its decoding); the plane then sums its lanes.
 //! - `gemv_any` for other widths (blocks then straddle rows): one code per lane per step, exact but slower.
 
 use std::sync::atomic::{AtomicBool, Ordering};

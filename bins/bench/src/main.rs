@@ -229,6 +229,21 @@ fn tilings(rows: usize, cols: usize, batch: usize) -> Vec<GemvTiling> {
     all
 }
 
+/// A GEMV tiling as the tables print it: `gemv {rows per plane}x{unroll}/{split}`, then ` s{sets}` for row sets and
+/// ` p` for paired scales.
+fn gemv_label(t: GemvTiling) -> String {
+    let sets = if t.sets > 1 {
+        format!(" s{}", t.sets)
+    } else {
+        String::new()
+    };
+    let paired = if t.paired { " p" } else { "" };
+    format!(
+        "gemv {}x{}/{}{sets}{paired}",
+        t.rows_per_plane, t.unroll, t.split
+    )
+}
+
 /// The copy probe of `gib` GiB each way, its bandwidth printed.
 pub(crate) fn measure_copy<R: Runtime>(client: &ComputeClient<R>, gib: f64) -> Result<CopyProbe> {
     let probe = CopyProbe::measure(client, gib)?;
@@ -364,21 +379,7 @@ fn kernels_in<R: Runtime, F: nf4::Activation>(
             let bytes = matrix.weight_bytes() + batch * (rows + cols) * size_of::<F>();
             let gb_per_s = bytes as f64 / kernel_s / 1e9;
             let (tiling, default_tiling) = match kernel {
-                Kernel::Gemv(t) => (
-                    format!(
-                        "gemv {}x{}/{}{}{}",
-                        t.rows_per_plane,
-                        t.unroll,
-                        t.split,
-                        if t.sets > 1 {
-                            format!(" s{}", t.sets)
-                        } else {
-                            String::new()
-                        },
-                        if t.paired { " p" } else { "" },
-                    ),
-                    t == GemvTiling::for_shape(rows, cols, batch),
-                ),
+                Kernel::Gemv(t) => (gemv_label(t), t == GemvTiling::for_shape(rows, cols, batch)),
                 Kernel::Gemm(t) => (
                     format!("gemm {}x{}/{}", t.m_frags, t.n_planes, t.k_chunks),
                     t == GemmTiling::for_shape(rows, batch),
@@ -404,8 +405,8 @@ fn kernels_in<R: Runtime, F: nf4::Activation>(
             };
             if let Some(previous) = case.previous_kernel_us {
                 println!(
-                    "| {name} | {rows}x{cols} | {batch} | {} previous GEMV | {:.1} | {previous:.1} | {:.0} | {:.0}% | - |",
-                    case.tiling,
+                    "| {name} | {rows}x{cols} | {batch} | {} (previous default) | {:.1} | {previous:.1} | {:.0} | {:.0}% | - |",
+                    gemv_label(GemvTiling::previous_for_shape(rows, batch)),
                     case.weight_mb,
                     bytes as f64 / previous / 1e3,
                     100.0 * bytes as f64 / previous / 1e3 / copy_gb_per_s,
