@@ -754,42 +754,37 @@ fn gemv_aligned<F: Float, NX: Size>(
                 set_of[u] = set;
                 chunk_of[u] = chunk;
                 let set_row = first_row + set * rows_per_set;
+                // With `paired`, lanes `2k` and `2k + 1` read chunks of the same block: each decodes the scales
+                // of every other row and takes its partner's for the rest.
+                let odd = lane & 1;
                 #[unroll]
                 for r in 0..rows_per_plane {
                     let candidate = set_row + comptime!(r as u32);
                     let row = select(candidate < rows, candidate, rows - 1);
                     words[u * rows_per_plane + r] = packed[(row * chunks + chunk) as usize];
-                    if comptime!(!paired) {
-                        block_scales[u * rows_per_plane + r] = block_scale::<SharedMemory<f32>>(
-                            (row * cols + chunk * 32) / blocksize,
-                            codes,
-                            scales,
-                            offsets,
-                            &map_s,
-                            double_quant,
-                        );
-                    }
-                }
-                if comptime!(paired) {
-                    // Lanes `2k` and `2k + 1` read chunks of the same block: each decodes the scales of every
-                    // other row and takes its partner's for the rest.
-                    let odd = lane & 1;
-                    #[unroll]
-                    for j in 0..comptime!(rows_per_plane / 2) {
-                        let candidate = set_row + comptime!(2 * j as u32) + odd;
-                        let row = select(candidate < rows, candidate, rows - 1);
+                    if comptime!(!paired || r % 2 == 0) {
+                        let scale_row = if comptime!(paired) {
+                            let candidate = set_row + comptime!(r as u32) + odd;
+                            select(candidate < rows, candidate, rows - 1)
+                        } else {
+                            row
+                        };
                         let mine = block_scale::<SharedMemory<f32>>(
-                            (row * cols + chunk * 32) / blocksize,
+                            (scale_row * cols + chunk * 32) / blocksize,
                             codes,
                             scales,
                             offsets,
                             &map_s,
                             double_quant,
                         );
-                        let other = plane_shuffle_xor(mine, 1);
-                        block_scales[u * rows_per_plane + 2 * j] = select(odd == 0, mine, other);
-                        block_scales[u * rows_per_plane + 2 * j + 1] =
-                            select(odd == 0, other, mine);
+                        if comptime!(paired) {
+                            let other = plane_shuffle_xor(mine, 1);
+                            block_scales[u * rows_per_plane + r] = select(odd == 0, mine, other);
+                            block_scales[u * rows_per_plane + r + 1] =
+                                select(odd == 0, other, mine);
+                        } else {
+                            block_scales[u * rows_per_plane + r] = mine;
+                        }
                     }
                 }
             }
