@@ -378,12 +378,6 @@ impl GemvTiling {
     /// fill the GPU; larger batches gain most from sharing each activation load between 4 rows; large matrices at
     /// batch 1-3 take two sets of 4 rows per plane when that keeps every lane busy.
     pub fn for_shape(rows: usize, cols: usize, batch: usize) -> Self {
-        let (rows_per_plane, unroll, split) = match (rows, batch) {
-            (..1024, _) => (2, 1, 4),
-            (_, 4..) => (4, 1, 1),
-            (16384.., _) => (4, 1, 1),
-            _ => (4, 1, 4),
-        };
         let chunks = cols / 32;
         let sets = if rows >= 16384
             && batch < 4
@@ -394,12 +388,13 @@ impl GemvTiling {
         } else {
             1
         };
+        // The previous split, with one chunk per lane and row in flight everywhere (the large matrices at batch
+        // 1-3 took two).
         Self {
-            rows_per_plane,
-            unroll,
-            split,
+            unroll: 1,
             sets,
             paired: true,
+            ..Self::previous_for_shape(rows, batch)
         }
     }
 
@@ -563,8 +558,9 @@ pub(crate) fn shuffle_lookup<R: Runtime>(client: &ComputeClient<R>) -> bool {
 
 static PREVIOUS_GEMV: AtomicBool = AtomicBool::new(false);
 
-/// Process-wide: [`gemv`] takes the tiling it took before row sets and lane pairs sharing scales ([`GemvTiling::previous_for_shape`]), so that benchmarks can compare both in one process.
-/// Off by default; both compute the same sums.
+/// Process-wide: [`gemv`] takes the tiling it took before row sets and lane pairs sharing scales
+/// ([`GemvTiling::previous_for_shape`]), so that benchmarks can compare both in one process. Off by default; both
+/// compute the same sums.
 pub fn set_previous_gemv(previous: bool) {
     PREVIOUS_GEMV.store(previous, Ordering::Relaxed);
 }

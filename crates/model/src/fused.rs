@@ -121,15 +121,7 @@ pub(crate) fn dequantize<B: Backend>(
         DType::F32 => run::<f32>(&client, &matrix),
         other => Err(format!("no NF4 dequantization to {other:?}")),
     };
-    Some(handle.and_then(|handle| {
-        float_tensor_of::<B>(CubeTensor::new_contiguous(
-            client,
-            device,
-            [rows, cols].into(),
-            handle,
-            dtype,
-        ))
-    }))
+    Some(handle.and_then(|handle| matrix_of::<B>(client, device, [rows, cols], handle, dtype)))
 }
 
 /// Rows `ids` of `w` as `[ids, in]` in `dtype`, by the CUDA row-lookup kernel ([`medvl_kernels::dequant::
@@ -169,15 +161,24 @@ pub(crate) fn rows<B: Backend>(
         DType::F32 => lookup::<f32>(&client, &matrix, &ids, n),
         other => Err(format!("no NF4 rows in {other:?}")),
     };
-    Some(handle.and_then(|handle| {
-        float_tensor_of::<B>(CubeTensor::new_contiguous(
-            client,
-            device,
-            [n, cols].into(),
-            handle,
-            dtype,
-        ))
-    }))
+    Some(handle.and_then(|handle| matrix_of::<B>(client, device, [n, cols], handle, dtype)))
+}
+
+/// A contiguous `shape` matrix of `dtype` in `handle` on CUDA, as a float tensor of `B`.
+fn matrix_of<B: Backend>(
+    client: cubecl::prelude::ComputeClient<Cuda>,
+    device: <Cuda as cubecl::Runtime>::Device,
+    shape: [usize; 2],
+    handle: cubecl::server::Handle,
+    dtype: DType,
+) -> Result<Tensor<B, 2>, String> {
+    float_tensor_of::<B>(CubeTensor::new_contiguous(
+        client,
+        device,
+        shape.into(),
+        handle,
+        dtype,
+    ))
 }
 
 /// A CUDA tensor as a float tensor of `B`.
