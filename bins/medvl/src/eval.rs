@@ -23,11 +23,9 @@ use medvl_eval::report::{DocumentScore, Evaluation, Expected};
 use medvl_model::chat::Message;
 use serde::{Deserialize, Serialize};
 
-/// The extraction instruction of an evaluation: JSON in the schema the field-level scorer reads.
-pub const EVAL_PROMPT: &str = "Extract the medical information in this document as one JSON object with the keys \
-\"diagnoses\" (a list of {\"name\"}), \"medications\" (a list of {\"name\", \"dose\", \"route\", \"frequency\"}), \
-\"labs\" (a list of {\"name\", \"value\", \"unit\", \"reference_range\", \"flag\"}) and \"vitals\" (a list of \
-{\"name\", \"value\", \"unit\"}). Copy values exactly as written; include only what the document says.";
+/// The extraction instruction of an evaluation: JSON in the schema the field-level scorer reads, the prompt of
+/// training on synthetic forms.
+pub const EVAL_PROMPT: &str = medvl_data::chat::EXTRACTION_PROMPT;
 
 /// What to evaluate on and where to write it (the model comes from the run arguments).
 #[derive(Args, Debug, Clone)]

@@ -14,9 +14,7 @@ mod doctor;
 mod eval;
 
 /// The default extraction instruction, with the intent of the reference service's prompt.
-const EXTRACT_PROMPT: &str = "Extract all medical information from this document: diagnoses, medications with dose, \
-route and frequency, lab values with units and reference ranges, vital signs, and procedures. Answer in structured \
-form and only with what the document says.";
+const EXTRACT_PROMPT: &str = medvl_data::chat::REFERENCE_PROMPT;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -125,6 +123,27 @@ enum EvalCommand {
     },
 }
 
+/// Which parquet shards of a folder or hub dataset to read.
+#[derive(Args, Debug, Clone)]
+struct ShardArgs {
+    /// The split whose shards are read (`data/<split>-*.parquet`).
+    #[arg(long, default_value = "train")]
+    split: String,
+    /// A glob of the shards relative to the folder or repository root, instead of the split's.
+    #[arg(long)]
+    pattern: Option<String>,
+}
+
+impl ShardArgs {
+    fn paths(&self, source: &str) -> anyhow::Result<Vec<PathBuf>> {
+        let pattern = self
+            .pattern
+            .clone()
+            .unwrap_or_else(|| medvl_data::hub::split_pattern(&self.split));
+        Ok(medvl_data::hub::shards(source, &pattern)?)
+    }
+}
+
 #[derive(Subcommand, Debug)]
 enum DataCommand {
     /// Write synthetic clinical forms with exact ground truth: per form its page PNGs and `<id>.json`, then
@@ -147,17 +166,24 @@ enum DataCommand {
         #[arg(long)]
         clean: bool,
     },
-    /// Documents, pages and records of a dataset directory (`medvl data synth` or `medvl data mtsamples`).
+    /// Documents, pages, samples and records of a dataset directory (`medvl data synth`, `mtsamples` or
+    /// `pathvqa`).
     Stats {
         /// The dataset directory (with its manifest.jsonl).
         dir: PathBuf,
     },
-    /// Draw MTSamples transcriptions (`mtsamples.csv`) as letter pages: `<id>.page<N>.png` per page, then
-    /// `manifest.jsonl` (id, specialty, pages, the transcription), every file written atomically.
+    /// Draw MTSamples transcriptions (`mtsamples.csv`, or the hub parquet) as letter pages: `<id>.page<N>.png` per
+    /// page, then `manifest.jsonl` (id, specialty, pages, the transcription), every file written atomically.
     Mtsamples {
         /// The CSV (`description, medical_specialty, sample_name, transcription, keywords`).
+        #[arg(long, conflicts_with = "parquet", required_unless_present = "parquet")]
+        csv: Option<PathBuf>,
+        /// Parquet shards (`text`, `label`): a file, a folder, or a hub dataset `owner/name[@revision]` (the
+        /// transcriptions of `rungalileo/medical_transcription_40`).
         #[arg(long)]
-        csv: PathBuf,
+        parquet: Option<String>,
+        #[command(flatten)]
+        shards: ShardArgs,
         /// Output directory.
         #[arg(long, short)]
         out: PathBuf,
@@ -173,6 +199,44 @@ enum DataCommand {
         /// Clean digital pages: no blur, speckle or JPEG round trip.
         #[arg(long)]
         clean: bool,
+    },
+    /// Read PathVQA parquet shards into a dataset directory: each image once under `images/`, then
+    /// `manifest.jsonl` (one sample per question), streamed and written atomically.
+    Pathvqa {
+        /// A parquet file, a folder of shards, or a hub dataset `owner/name[@revision]`.
+        #[arg(long, default_value = medvl_data::pathvqa::REPO)]
+        source: String,
+        #[command(flatten)]
+        shards: ShardArgs,
+        /// Output directory.
+        #[arg(long, short)]
+        out: PathBuf,
+        /// At most this many samples (the first ones).
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Skip unusable rows (null or undecodable image, empty question or answer; each reported) instead of
+        /// stopping at the first.
+        #[arg(long)]
+        skip_bad: bool,
+    },
+    /// Write a dataset directory as training conversations (JSON lines: id, document, images, messages) for one
+    /// split of the document-level 80/10/10 split.
+    Chat {
+        /// The dataset directory (`medvl data synth`, `mtsamples` or `pathvqa`).
+        dir: PathBuf,
+        /// Prompts: `task` (ask for what the target is: extraction JSON, transcription, short answer) or
+        /// `reference` (the reference pipeline's: its extraction instruction for every document).
+        #[arg(long, default_value = "task")]
+        style: medvl_data::chat::PromptStyle,
+        /// train, validation, test, or all.
+        #[arg(long, default_value = "train")]
+        split: String,
+        /// Seed of the split.
+        #[arg(long, default_value_t = 0)]
+        split_seed: u64,
+        /// The JSON-lines file to write.
+        #[arg(long, short)]
+        out: PathBuf,
     },
 }
 
@@ -346,13 +410,30 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Data(DataCommand::Mtsamples {
             csv,
+            parquet,
+            shards,
             out,
             seed,
             limit,
             skip_bad,
             clean,
         }) => {
-            let (mut samples, skipped) = medvl_data::mtsamples::read_csv(&csv, skip_bad)?;
+            let (mut samples, skipped) = match (csv, parquet) {
+                (Some(csv), _) => medvl_data::mtsamples::read_csv(&csv, skip_bad)?,
+                (None, Some(source)) => {
+                    let mut rows = medvl_data::table::Shards::new(
+                        shards.paths(&source)?,
+                        medvl_data::mtsamples::read_parquet,
+                        skip_bad,
+                    );
+                    let samples = rows
+                        .by_ref()
+                        .take(limit.unwrap_or(usize::MAX))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    (samples, rows.skipped())
+                }
+                (None, None) => bail!("--csv FILE or --parquet SOURCE is required"),
+            };
             for (row, reason) in &skipped.rows {
                 eprintln!("skipped row {row}: {reason}");
             }
@@ -369,6 +450,66 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 out.display(),
                 skipped.rows.len()
             );
+            return Ok(ExitCode::SUCCESS);
+        }
+        Command::Data(DataCommand::Pathvqa {
+            source,
+            shards,
+            out,
+            limit,
+            skip_bad,
+        }) => {
+            let mut rows = medvl_data::table::Shards::new(
+                shards.paths(&source)?,
+                medvl_data::pathvqa::read,
+                skip_bad,
+            );
+            let written =
+                medvl_data::write_samples(rows.by_ref().take(limit.unwrap_or(usize::MAX)), &out)
+                    .with_context(|| format!("writing PathVQA to {}", out.display()))?;
+            let skipped = rows.skipped();
+            for (row, reason) in &skipped.rows {
+                eprintln!("skipped row {row}: {reason}");
+            }
+            eprintln!(
+                "wrote {} samples ({} images) to {}; {} rows skipped",
+                written.samples,
+                written.images,
+                out.display(),
+                skipped.rows.len()
+            );
+            return Ok(ExitCode::SUCCESS);
+        }
+        Command::Data(DataCommand::Chat {
+            dir,
+            style,
+            split,
+            split_seed,
+            out,
+        }) => {
+            use medvl_data::split::Split;
+            let wanted = match split.as_str() {
+                "train" => Some(Split::Train),
+                "validation" => Some(Split::Validation),
+                "test" => Some(Split::Test),
+                "all" => None,
+                other => bail!("unknown split `{other}` (train, validation, test, all)"),
+            };
+            let samples = medvl_data::dataset::Manifest::read(&dir)?.samples(&dir)?;
+            let documents: Vec<&str> = samples.iter().map(|s| s.document.as_str()).collect();
+            let splits = medvl_data::split::assign(&documents, split_seed);
+            let mut lines = String::new();
+            let mut count = 0;
+            for (sample, s) in samples.iter().zip(splits) {
+                if wanted.is_none_or(|w| w == s) {
+                    let conversation = medvl_data::chat::conversation(sample, style);
+                    lines += &serde_json::to_string(&conversation)?;
+                    lines.push('\n');
+                    count += 1;
+                }
+            }
+            medvl_data::write_atomic(&out, lines.as_bytes())?;
+            eprintln!("wrote {count} conversations ({split}) to {}", out.display());
             return Ok(ExitCode::SUCCESS);
         }
         Command::Quantize {

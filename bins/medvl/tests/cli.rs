@@ -435,8 +435,124 @@ fn mtsamples_pages_and_stats() {
         "{table}"
     );
     assert!(
-        table.contains("| Cardiology | 1 | 1 |") && table.contains("| Surgery | 1 | 1 |"),
+        table.contains("| Cardiology | 1 | 1 | 1 |") && table.contains("| Surgery | 1 | 1 | 1 |"),
         "{table}"
+    );
+
+    // The pages as training conversations: the reference's pairing (its instruction, the raw transcription).
+    let chat = dir.join("chat.jsonl");
+    let o = medvl(&[
+        "data",
+        "chat",
+        out.to_str().unwrap(),
+        "--split",
+        "all",
+        "--style",
+        "reference",
+        "--out",
+        chat.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&chat)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    let first = &lines[0];
+    assert!(
+        first["messages"][0]["content"]
+            .as_str()
+            .unwrap()
+            .starts_with("Extract all medical information")
+    );
+    assert_eq!(
+        first["messages"][1]["content"],
+        "PREOPERATIVE DIAGNOSIS:\nAppendicitis.\nPROCEDURE:\nAppendectomy."
+    );
+    let image = first["images"][0]["file"].as_str().unwrap();
+    assert!(std::path::Path::new(image).is_file(), "{image}");
+    let o = medvl(&[
+        "data",
+        "chat",
+        out.to_str().unwrap(),
+        "--split",
+        "dev",
+        "--out",
+        chat.to_str().unwrap(),
+    ]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("unknown split `dev`"));
+    let o = medvl(&[
+        "data",
+        "pathvqa",
+        "--source",
+        "./no/such/dir",
+        "--out",
+        dir.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("neither a file, a folder nor a hub dataset"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Synthetic forms become extraction conversations whose target is the ground truth in the scorer's schema.
+#[test]
+fn synthetic_forms_as_extraction_conversations() {
+    let dir = std::env::temp_dir().join(format!("medvl-cli-chat-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let forms = dir.join("forms");
+    let o = medvl(&[
+        "data",
+        "synth",
+        "--kind",
+        "prescription",
+        "--count",
+        "10",
+        "--clean",
+        "--out",
+        forms.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let count = |split: &str| {
+        let file = dir.join(format!("{split}.jsonl"));
+        let o = medvl(&[
+            "data",
+            "chat",
+            forms.to_str().unwrap(),
+            "--split",
+            split,
+            "--out",
+            file.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        std::fs::read_to_string(&file).unwrap().lines().count()
+    };
+    // 10 documents: 8 / 1 / 1.
+    assert_eq!(
+        (count("train"), count("validation"), count("test")),
+        (8, 1, 1)
+    );
+    let line = std::fs::read_to_string(dir.join("test.jsonl")).unwrap();
+    let c: serde_json::Value = serde_json::from_str(line.trim()).unwrap();
+    let id = c["id"].as_str().unwrap();
+    let truth: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(forms.join(format!("{id}.json"))).unwrap()).unwrap();
+    let target: serde_json::Value =
+        serde_json::from_str(c["messages"][1]["content"].as_str().unwrap()).unwrap();
+    assert_eq!(target["medications"], truth["medications"]);
+    assert_eq!(
+        target["diagnoses"][0]["name"],
+        truth["diagnoses"][0]["name"]
+    );
+    assert!(
+        c["messages"][0]["content"]
+            .as_str()
+            .unwrap()
+            .contains("\"reference_range\"")
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }

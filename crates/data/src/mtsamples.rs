@@ -1,5 +1,6 @@
 //! MTSamples transcriptions from the original `mtsamples.csv` (`description, medical_specialty, sample_name,
-//! transcription, keywords`, often with an unnamed index column first; quoted multi-line fields). The
+//! transcription, keywords`, often with an unnamed index column first; quoted multi-line fields) or from the hub
+//! parquet [`HUB_REPO`] (`text`, and `label`: the specialty as a class label). The
 //! transcriptions mark sections with commas (`SUBJECTIVE:,  text ... ,PAST MEDICAL HISTORY:,  ...`); [`sections`]
 //! puts each heading on its own line, which is how the pages are rendered: [`blocks`] lays a transcription out
 //! (title, specialty, headings, wrapped paragraphs) and [`write_pages`] draws every sample of a CSV as letter pages
@@ -134,11 +135,49 @@ pub fn read_csv(path: &Path, skip_bad: bool) -> Result<(Vec<Sample>, Skipped)> {
             id,
             source: Source::MtSamples,
             category: record.get(specialty).unwrap_or("").trim().to_string(),
+            images: Vec::new(),
             target: text.clone(),
             text: format!("{}\n{}", record.get(name).unwrap_or("").trim(), text),
         });
     }
     Ok((samples, skipped))
+}
+
+/// The hub dataset of MTSamples transcriptions with their specialty (40 classes).
+pub const HUB_REPO: &str = "rungalileo/medical_transcription_40";
+
+/// Streams the transcriptions of a parquet shard of [`HUB_REPO`] (column `text`; `label`, when there, is the
+/// specialty: a string, or a class label named by the file's `datasets` features, or its number otherwise). An
+/// empty text is an unusable row (see [`crate::table::Table::samples`] for `skip_bad`). Samples are
+/// `mtsamples-<shard>-<row>`, sectioned like [`read_csv`]'s; the shard has no sample names, so pages get a generic
+/// title.
+pub fn read_parquet(path: &Path, skip_bad: bool) -> Result<crate::table::Samples> {
+    let table = crate::table::Table::open(path)?;
+    table.require(&["text"])?;
+    let has_label = table.columns().iter().any(|c| c == "label");
+    let names = table.class_names("label");
+    let stem = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    Ok(table.samples(skip_bad, move |row, record| {
+        let text = sections(record.text("text")?);
+        let category = if has_label {
+            record.label("label", names.as_deref())?.unwrap_or_default()
+        } else {
+            String::new()
+        };
+        let id = format!("mtsamples-{stem}-{row:05}");
+        Ok(Sample {
+            document: id.clone(),
+            id,
+            source: Source::MtSamples,
+            category,
+            images: Vec::new(),
+            target: text.clone(),
+            text: format!("\n{text}"),
+        })
+    }))
 }
 
 /// Whether a line of a sectioned transcription is a heading (`PAST MEDICAL HISTORY:`).
@@ -331,6 +370,7 @@ mod tests {
             document: "mtsamples-7".into(),
             source: Source::MtSamples,
             category: "Surgery".into(),
+            images: Vec::new(),
             text: "Laparoscopic Cholecystectomy\nx".into(),
             target: (0..60)
                 .map(|i| {

@@ -1,30 +1,32 @@
-//! Statistics of a dataset directory written by `medvl data synth` ([`crate::synth::write_forms`]) or
-//! `medvl data mtsamples` ([`crate::mtsamples::write_pages`]): documents and pages per category, the
-//! document-level split sizes, and for synthetic forms the ground-truth records per type.
+//! Statistics of a dataset directory written by `medvl data synth` ([`crate::synth::write_forms`]),
+//! `medvl data mtsamples` ([`crate::mtsamples::write_pages`]) or `medvl data pathvqa` ([`crate::write_samples`]):
+//! documents, pages and samples per category, the document-level split sizes, and for synthetic forms the
+//! ground-truth records per type.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::mtsamples::PageEntry;
+use crate::Result;
+use crate::dataset::{Manifest, read_truth};
 use crate::split::{Split, assign};
-use crate::synth::{Entry, Truth};
-use crate::{DataError, Result};
 
 /// Documents and pages of one category.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Count {
     /// Documents.
     pub documents: usize,
-    /// Pages.
+    /// Pages (images).
     pub pages: usize,
+    /// Samples (one per document, except where several questions share an image).
+    pub samples: usize,
 }
 
 /// What a dataset directory holds.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Stats {
-    /// `synthetic forms` or `mtsamples pages`.
+    /// `synthetic forms`, `mtsamples pages` or `samples`.
     pub dataset: String,
     /// All documents.
     pub total: Count,
@@ -41,13 +43,6 @@ pub struct Stats {
 impl Stats {
     /// Reads `dir/manifest.jsonl` (and, for synthetic forms, each ground-truth file).
     pub fn of_dir(dir: &Path) -> Result<Self> {
-        let path = dir.join("manifest.jsonl");
-        // The first line says which dataset wrote the manifest; the typed read below names any bad line.
-        let lines: Vec<serde_json::Value> = crate::read_jsonl(&path)?;
-        let synthetic = lines
-            .into_iter()
-            .next()
-            .is_some_and(|first| serde_json::from_value::<Entry>(first).is_ok());
         let mut stats = Self::default();
         let mut ids = Vec::new();
         let mut add = |stats: &mut Self, id: &str, category: &str, pages: usize| {
@@ -58,36 +53,54 @@ impl Stats {
             ] {
                 c.documents += 1;
                 c.pages += pages;
+                c.samples += 1;
             }
         };
-        if synthetic {
-            stats.dataset = "synthetic forms".into();
-            for e in crate::read_jsonl::<Entry>(&path)? {
-                add(&mut stats, &e.id, e.kind.name(), e.pages.len());
-                let truth_path = dir.join(&e.truth);
-                let bytes = std::fs::read(&truth_path).map_err(|err| DataError::Read {
-                    path: truth_path.display().to_string(),
-                    reason: err.to_string(),
-                })?;
-                let t: Truth = serde_json::from_slice(&bytes).map_err(|err| DataError::Read {
-                    path: truth_path.display().to_string(),
-                    reason: err.to_string(),
-                })?;
-                for (name, n) in [
-                    ("diagnoses", t.diagnoses.len()),
-                    ("medications", t.medications.len()),
-                    ("labs", t.labs.len()),
-                    ("vitals", t.vitals.len()),
-                    ("procedures", t.procedures.len()),
-                ] {
-                    *stats.records.entry(name.into()).or_default() += n;
+        match Manifest::read(dir)? {
+            Manifest::Forms(entries) => {
+                stats.dataset = "synthetic forms".into();
+                for e in entries {
+                    add(&mut stats, &e.id, e.kind.name(), e.pages.len());
+                    let t = read_truth(&dir.join(&e.truth))?;
+                    for (name, n) in [
+                        ("diagnoses", t.diagnoses.len()),
+                        ("medications", t.medications.len()),
+                        ("labs", t.labs.len()),
+                        ("vitals", t.vitals.len()),
+                        ("procedures", t.procedures.len()),
+                    ] {
+                        *stats.records.entry(name.into()).or_default() += n;
+                    }
                 }
             }
-        } else {
-            stats.dataset = "mtsamples pages".into();
-            for e in crate::read_jsonl::<PageEntry>(&path)? {
-                add(&mut stats, &e.id, &e.category, e.pages.len());
-                stats.characters += e.target.chars().count();
+            Manifest::Pages(entries) => {
+                stats.dataset = "mtsamples pages".into();
+                for e in entries {
+                    add(&mut stats, &e.id, &e.category, e.pages.len());
+                    stats.characters += e.target.chars().count();
+                }
+            }
+            Manifest::Samples(samples) => {
+                // Several samples may share a document (PathVQA: questions on one image): documents and images
+                // are counted once, samples each.
+                stats.dataset = "samples".into();
+                let mut seen = std::collections::BTreeSet::new();
+                for s in samples {
+                    let new = seen.insert(s.document.clone());
+                    for c in [
+                        &mut stats.total,
+                        stats.by_category.entry(s.category.clone()).or_default(),
+                    ] {
+                        c.samples += 1;
+                        if new {
+                            c.documents += 1;
+                            c.pages += s.images.len();
+                        }
+                    }
+                    if new {
+                        ids.push(s.document);
+                    }
+                }
             }
         }
         let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
@@ -105,11 +118,20 @@ impl Stats {
     pub fn markdown(&self) -> String {
         let t = &self.total;
         let mut s = format!(
-            "{}: {} documents, {} pages; split (seed 0) train {} / validation {} / test {}\n\n| category | documents | pages |\n|---|---|---|\n",
-            self.dataset, t.documents, t.pages, self.split[0], self.split[1], self.split[2]
+            "{}: {} documents, {} pages, {} samples; split (seed 0) train {} / validation {} / test {}\n\n| category | documents | pages | samples |\n|---|---|---|---|\n",
+            self.dataset,
+            t.documents,
+            t.pages,
+            t.samples,
+            self.split[0],
+            self.split[1],
+            self.split[2]
         );
         for (name, c) in &self.by_category {
-            s += &format!("| {name} | {} | {} |\n", c.documents, c.pages);
+            s += &format!(
+                "| {name} | {} | {} | {} |\n",
+                c.documents, c.pages, c.samples
+            );
         }
         if !self.records.is_empty() {
             s += "\n| ground-truth records | count |\n|---|---|\n";

@@ -164,6 +164,53 @@ pub struct Truth {
     pub procedures: Vec<String>,
 }
 
+impl Truth {
+    /// The extraction target: the ground truth as JSON in the schema of [`crate::chat::EXTRACTION_PROMPT`] (and
+    /// of the field-level scorer), keys in the prompt's order, values exactly as printed.
+    pub fn extraction(&self) -> String {
+        #[derive(Serialize)]
+        struct Name<'a> {
+            name: &'a str,
+        }
+        #[derive(Serialize)]
+        struct LabResult<'a> {
+            name: &'a str,
+            value: &'a str,
+            unit: &'a str,
+            reference_range: &'a str,
+            flag: &'a str,
+        }
+        #[derive(Serialize)]
+        struct Extraction<'a> {
+            diagnoses: Vec<Name<'a>>,
+            medications: &'a [Medication],
+            labs: Vec<LabResult<'a>>,
+            vitals: &'a [Vital],
+        }
+        let extraction = Extraction {
+            diagnoses: self
+                .diagnoses
+                .iter()
+                .map(|d| Name { name: &d.name })
+                .collect(),
+            medications: &self.medications,
+            labs: self
+                .labs
+                .iter()
+                .map(|l| LabResult {
+                    name: &l.name,
+                    value: &l.value,
+                    unit: &l.unit,
+                    reference_range: &l.range,
+                    flag: &l.flag,
+                })
+                .collect(),
+            vitals: &self.vitals,
+        };
+        serde_json::to_string(&extraction).unwrap_or_else(|_| unreachable!("strings serialise"))
+    }
+}
+
 /// A piece of page layout, in reading order.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Block {
@@ -725,8 +772,9 @@ impl Form {
             id,
             source: crate::Source::Synthetic,
             category: self.truth.kind.name().into(),
+            images: Vec::new(),
             text: self.text(),
-            target: serde_json::to_string(&self.truth).unwrap_or_default(),
+            target: self.truth.extraction(),
         }
     }
 
