@@ -694,25 +694,27 @@ pub fn argmax_advance<R: Runtime, F: Activation>(
     Ok(())
 }
 
-/// Copies one sequence's keys or values `src` (`[kv_heads, len, head_dim]`, e.g. from a prefill) into slots
-/// `0..len` of sequence `seq` of a cache `[batch, kv_heads, capacity, head_dim]`.
+/// Copies the first `len` tokens of one sequence's keys or values `src` (`[kv_heads, src_slots, head_dim]`, e.g.
+/// a prefill's cache with room after its tokens, or `src_slots == len`) into slots `0..len` of sequence `seq` of a
+/// cache `[batch, kv_heads, capacity, head_dim]`.
 pub fn write_cache<R: Runtime, F: Activation>(
     client: &ComputeClient<R>,
     shape: AttentionShape,
     src: &Buffer<F>,
+    src_slots: usize,
     seq: usize,
     len: usize,
     cache: &Buffer<F>,
 ) -> Result<(), KernelError> {
     shape.validate()?;
-    if seq >= shape.batch || len > shape.capacity {
+    if seq >= shape.batch || len > shape.capacity || len > src_slots {
         return Err(unsupported(format!(
-            "sequence {seq} of {} with {len} tokens in {} slots",
+            "sequence {seq} of {} with {len} tokens (of {src_slots} in the source) in {} slots",
             shape.batch, shape.capacity
         )));
     }
     let n = shape.kv_heads * len * shape.head_dim;
-    src.check("src", n)?;
+    src.check("src", shape.kv_heads * src_slots * shape.head_dim)?;
     cache.check("cache", shape.cache_len())?;
     if n == 0 {
         return Ok(());
@@ -729,6 +731,7 @@ pub fn write_cache<R: Runtime, F: Activation>(
             cache.array_arg(),
             seq as u32,
             shape.kv_heads as u32,
+            src_slots as u32,
             len as u32,
             shape.capacity as u32,
             shape.head_dim as u32,
@@ -1292,6 +1295,7 @@ fn write_cache_kernel<F: Float>(
     cache: &mut Array<F>,
     seq: u32,
     kv_heads: u32,
+    src_slots: u32,
     len: u32,
     capacity: u32,
     head_dim: u32,
@@ -1301,6 +1305,7 @@ fn write_cache_kernel<F: Float>(
         let d = i % head_dim;
         let t = (i / head_dim) % len;
         let kh = i / (head_dim * len);
-        cache[(((seq * kv_heads + kh) * capacity + t) * head_dim + d) as usize] = src[i as usize];
+        cache[(((seq * kv_heads + kh) * capacity + t) * head_dim + d) as usize] =
+            src[((kh * src_slots + t) * head_dim + d) as usize];
     }
 }

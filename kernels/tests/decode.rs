@@ -1,7 +1,7 @@
 //! The decode-step kernels against plain host computations, at sizes the tiny model's prompts do not reach:
 //! attention over caches longer than one split (several splits combined), sequences of different lengths in one
 //! launch, the dense GEMV with and without 16-byte loads, LoRA up-projections added to parts of a stacked
-//! output, and argmax ties.
+//! output, argmax ties, and a prefill's cache (with room after its tokens) copied into a slot of the plan's.
 //!
 //! Runs through wgpu (CI: lavapipe, f32) and, `--ignored`, on CUDA in f32 and bf16.
 #![allow(clippy::unwrap_used, missing_docs)]
@@ -225,6 +225,47 @@ fn argmax_takes_the_first_of_ties<R: Runtime, F: Activation>(client: &ComputeCli
     assert_eq!(lens.read(client).unwrap(), vec![11, 21]);
 }
 
+/// Tokens `0..len` of a source with `src_slots` slots per head land in slots `0..len` of sequence 1; the rest
+/// of the cache (other sequences, later slots) is untouched; a source shorter than `len` is refused.
+fn write_cache_from_a_roomy_source<R: Runtime, F: Activation>(client: &ComputeClient<R>) {
+    let shape = AttentionShape {
+        heads: 4,
+        kv_heads: 2,
+        head_dim: 8,
+        capacity: 12,
+        batch: 3,
+    };
+    let (src_slots, len) = (10, 7);
+    let src = stored::<F>(&random(shape.kv_heads * src_slots * shape.head_dim, 5));
+    let before = stored::<F>(&random(
+        shape.batch * shape.kv_heads * shape.capacity * shape.head_dim,
+        6,
+    ));
+    let cache = upload::<R, F>(client, &before);
+    decode::write_cache(
+        client,
+        shape,
+        &upload::<R, F>(client, &src),
+        src_slots,
+        1,
+        len,
+        &cache,
+    )
+    .unwrap();
+    let mut expected = before.clone();
+    for h in 0..shape.kv_heads {
+        for t in 0..len {
+            for d in 0..shape.head_dim {
+                expected[((shape.kv_heads + h) * shape.capacity + t) * shape.head_dim + d] =
+                    src[(h * src_slots + t) * shape.head_dim + d];
+            }
+        }
+    }
+    assert_eq!(read::<R, F>(client, &cache), expected);
+    let short = upload::<R, F>(client, &src[..shape.kv_heads * 5 * shape.head_dim]);
+    assert!(decode::write_cache(client, shape, &short, 5, 1, len, &cache).is_err());
+}
+
 #[cfg(feature = "wgpu")]
 mod wgpu {
     use super::*;
@@ -254,6 +295,11 @@ mod wgpu {
     fn argmax_takes_the_first_of_ties_f32() {
         argmax_takes_the_first_of_ties::<WgpuRuntime, f32>(&client());
     }
+
+    #[test]
+    fn write_cache_from_a_roomy_source_f32() {
+        write_cache_from_a_roomy_source::<WgpuRuntime, f32>(&client());
+    }
 }
 
 #[cfg(feature = "cuda")]
@@ -281,5 +327,7 @@ mod cuda {
         lora_adds_to_adapted_rows::<CudaRuntime, bf16>(&c, 1.0 / 128.0);
         argmax_takes_the_first_of_ties::<CudaRuntime, f32>(&c);
         argmax_takes_the_first_of_ties::<CudaRuntime, bf16>(&c);
+        write_cache_from_a_roomy_source::<CudaRuntime, f32>(&c);
+        write_cache_from_a_roomy_source::<CudaRuntime, bf16>(&c);
     }
 }

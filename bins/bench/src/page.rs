@@ -117,8 +117,11 @@ enum PageFormat {
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
 #[serde(rename_all = "kebab-case")]
 enum PageDecode {
-    /// The decode plan (CUDA only).
+    /// The decode plan (CUDA only), the prefill's keys and values handed over on the device.
     Plan,
+    /// The decode plan, the prefill's keys and values handed over through host memory (the baseline of the
+    /// on-device handover).
+    PlanHostKv,
     /// burn's decode.
     Burn,
 }
@@ -129,6 +132,8 @@ struct Run {
     preprocess_s: f64,
     prefill_s: f64,
     time_to_first_token_s: f64,
+    /// The prefill's keys and values handed to the decode plan.
+    handover_s: f64,
     decode_s: f64,
     decode_tokens_per_s: f64,
     total_s: f64,
@@ -183,6 +188,7 @@ struct Case {
     total_s: Spread,
     time_to_first_token_s: Spread,
     decode_tokens_per_s: Spread,
+    handover_s: Spread,
     runs: Vec<Run>,
 }
 
@@ -330,14 +336,15 @@ pub fn run(args: &PageArgs) -> Result<()> {
             "cuda bf16",
             cuda::memory,
             |engine, capacity| match args.decode {
-                PageDecode::Plan => cuda::plan(engine, capacity).map(Some),
+                PageDecode::Plan => cuda::plan(engine, capacity, true).map(Some),
+                PageDecode::PlanHostKv => cuda::plan(engine, capacity, false).map(Some),
                 PageDecode::Burn => Ok(None),
             },
         ),
         #[cfg(not(feature = "cuda"))]
         PageDevice::Cuda => bail!("this medvl-bench was built without the `cuda` feature"),
         PageDevice::Cpu => {
-            if args.decode == PageDecode::Plan {
+            if args.decode != PageDecode::Burn {
                 bail!("the decode plan runs on CUDA: use `--decode burn` with `--device cpu`");
             }
             run_on::<medvl_model::backend::Cpu>(
@@ -372,16 +379,24 @@ mod cuda {
         ))
     }
 
-    /// The decode plan, sharing the model's weights.
-    pub(super) fn plan(engine: &mut Engine<CudaBf16>, capacity: usize) -> Result<Box<dyn Decoder>> {
+    /// The decode plan, sharing the model's weights; the prefill's keys and values reach it on the device, or
+    /// through host memory.
+    pub(super) fn plan(
+        engine: &mut Engine<CudaBf16>,
+        capacity: usize,
+        kv_on_device: bool,
+    ) -> Result<Box<dyn Decoder>> {
         let client = CudaRuntime::client(&CudaDevice::default());
-        let plan = DecodePlan::<CudaRuntime, half::bf16>::sharing_model(
+        let mut plan = DecodePlan::<CudaRuntime, half::bf16>::sharing_model(
             &client,
             engine.model_mut(),
             1,
             capacity,
         )
         .context("building the decode plan")?;
+        if !kv_on_device {
+            plan.hand_over_through_host();
+        }
         Ok(Box::new(plan))
     }
 }
@@ -407,7 +422,7 @@ fn run_on<B: Backend>(
     // Room for the template's text around the page, the prompt and the new tokens.
     let capacity = longest + 128 + args.new_tokens;
     println!(
-        "{model_name} on {device_name}, {} new tokens, {} runs after a warm-up\n\n| weights | image tokens | load s | model MB | plan MB | vision s | LLM prefill s | TTFT s | decode tok/s | page + {} tokens s (min-max) |\n|---|---|---|---|---|---|---|---|---|---|",
+        "{model_name} on {device_name}, {} new tokens, {} runs after a warm-up\n\n| weights | image tokens | load s | model MB | plan MB | vision s | LLM prefill s | TTFT s | KV handover s | decode tok/s | page + {} tokens s (min-max) |\n|---|---|---|---|---|---|---|---|---|---|---|",
         args.new_tokens, args.runs, args.new_tokens
     );
     let mut cases = Vec::new();
@@ -517,7 +532,7 @@ fn run_on<B: Backend>(
             let case = Case {
                 format,
                 decode: if engine.has_plan() {
-                    PageDecode::Plan
+                    args.decode
                 } else {
                     PageDecode::Burn
                 },
@@ -537,11 +552,12 @@ fn run_on<B: Backend>(
                 total_s: Spread::of(runs.iter().map(|r| r.total_s)),
                 time_to_first_token_s: Spread::of(runs.iter().map(|r| r.time_to_first_token_s)),
                 decode_tokens_per_s: Spread::of(runs.iter().map(|r| r.decode_tokens_per_s)),
+                handover_s: Spread::of(runs.iter().map(|r| r.handover_s)),
                 runs,
             };
             let mb = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.0}"));
             println!(
-                "| {} | {image_tokens} | {:.1} | {} | {} | {:.3} | {:.3} | {:.3} | {:.1} | {:.3} ({:.3}-{:.3}) |",
+                "| {} | {image_tokens} | {:.1} | {} | {} | {:.3} | {:.3} | {:.3} | {:.3} | {:.1} | {:.3} ({:.3}-{:.3}) |",
                 format
                     .to_possible_value()
                     .map(|v| v.get_name().to_string())
@@ -552,6 +568,7 @@ fn run_on<B: Backend>(
                 case.vision_s,
                 case.llm_prefill_s,
                 case.time_to_first_token_s.avg,
+                case.handover_s.avg,
                 case.decode_tokens_per_s.avg,
                 case.total_s.avg,
                 case.total_s.min,
@@ -576,6 +593,7 @@ fn run_of(g: &Generation, total_s: f64) -> Run {
         preprocess_s: t.preprocess_s,
         prefill_s: t.prefill_s,
         time_to_first_token_s: t.preprocess_s + t.prefill_s,
+        handover_s: t.handover_s,
         decode_s: t.decode_s,
         decode_tokens_per_s: t.decode_tokens_per_s,
         total_s,

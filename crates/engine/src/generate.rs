@@ -83,6 +83,9 @@ pub struct Timings {
     pub preprocess_s: f64,
     /// Vision tower + decoder over the prompt, until the first token is known.
     pub prefill_s: f64,
+    /// Handing the prefill's keys and values to the decode plan (0 without one).
+    #[serde(default)]
+    pub handover_s: f64,
     /// Every later token.
     pub decode_s: f64,
     /// Tokens after the first, per second of `decode_s`.
@@ -298,6 +301,7 @@ impl<B: Backend> Engine<B> {
         let prefill_s = prefill_start.elapsed().as_secs_f64();
 
         // The rest of the sequence decodes through the plan when there is one and it applies.
+        let handover_start = Instant::now();
         let mut plan = match &self.plan {
             Some(slot)
                 if sampler.params().is_plain_greedy()
@@ -315,7 +319,12 @@ impl<B: Backend> Engine<B> {
             }
             _ => None,
         };
-        tracing::debug!(plan = plan.is_some(), "decoding");
+        let handover_s = if plan.is_some() {
+            handover_start.elapsed().as_secs_f64()
+        } else {
+            0.0
+        };
+        tracing::debug!(plan = plan.is_some(), handover_s, "decoding");
         let decode_start = Instant::now();
         let eos = &self.model.config.tokens.eos;
         let mut stream = self.tokenizer.stream(true);
@@ -386,6 +395,7 @@ impl<B: Backend> Engine<B> {
             timings: Timings {
                 preprocess_s: 0.0,
                 prefill_s,
+                handover_s,
                 decode_s,
                 decode_tokens_per_s: if decode_s > 0.0 {
                     later as f64 / decode_s

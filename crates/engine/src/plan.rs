@@ -871,11 +871,29 @@ struct Activations<F> {
     lora_z: Buffer<F>,
 }
 
+/// Per layer, keys and values `[kv_heads, len, head_dim]` on the host.
+pub type HostKv = Vec<(Vec<f32>, Vec<f32>)>;
+
+/// Reads a prefill's keys and values to the host (for a plan that cannot take them on the device).
+type ReadKv = Box<dyn Fn() -> Result<HostKv> + Send>;
+
+/// A prefill's keys and values: on the host, or the prefill's own cache buffers.
+enum PrefilledKv {
+    /// Per layer `[kv_heads, len, head_dim]`.
+    Host(HostKv),
+    /// The cache's buffers as burn tensors (`Vec<(Tensor<B, 4>, Tensor<B, 4>)>` of the model's backend, type
+    /// erased), `[1, kv_heads, slots, head_dim]` each: a plan on the same device copies them there
+    /// ([`DecodePlan::hand_over_on_device`]); any other plan reads them through `host`.
+    Device {
+        layers: Box<dyn std::any::Any + Send>,
+        slots: usize,
+        host: ReadKv,
+    },
+}
+
 /// A sequence after its prefill, ready to be admitted into a plan.
-#[derive(Debug, Clone)]
 pub struct Prefilled {
-    /// Per layer, keys and values `[kv_heads, len, head_dim]`.
-    pub kv: Vec<(Vec<f32>, Vec<f32>)>,
+    kv: PrefilledKv,
     /// Tokens in the cache.
     pub len: usize,
     /// M-RoPE offset of the sequence (position of token `i` is `i + rope_delta`).
@@ -884,17 +902,46 @@ pub struct Prefilled {
     pub next_token: u32,
 }
 
+impl std::fmt::Debug for Prefilled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Prefilled")
+            .field(
+                "kv",
+                &match self.kv {
+                    PrefilledKv::Host(_) => "host",
+                    PrefilledKv::Device { .. } => "device",
+                },
+            )
+            .field("len", &self.len)
+            .field("rope_delta", &self.rope_delta)
+            .field("next_token", &self.next_token)
+            .finish()
+    }
+}
+
 impl Prefilled {
-    /// Takes the keys and values of a single-sequence cache filled by [`QwenVl::prefill`].
+    /// A sequence whose keys and values are on the host: per layer `[kv_heads, len, head_dim]`.
+    pub fn from_host(kv: HostKv, len: usize, rope_delta: i64, next_token: u32) -> Self {
+        Self {
+            kv: PrefilledKv::Host(kv),
+            len,
+            rope_delta,
+            next_token,
+        }
+    }
+
+    /// Takes the keys and values of a single-sequence cache filled by [`QwenVl::prefill`]: its buffers as they
+    /// are (handles, no copy), so that a plan on the same device copies them there; read to the host only when
+    /// the plan is elsewhere.
     pub fn from_cache<B: Backend>(
         cache: &KvCache<B>,
         rope_delta: i64,
         next_token: u32,
     ) -> Result<Self> {
         let len = cache.len();
-        let kv = (0..cache.num_layers())
+        let layers = (0..cache.num_layers())
             .map(|i| {
-                let (k, v) = cache.layer(i).ok_or_else(|| {
+                let (k, v) = cache.buffers(i).ok_or_else(|| {
                     EngineError::Plan(format!("layer {i} of the cache was never written"))
                 })?;
                 if k.dims()[0] != 1 {
@@ -903,17 +950,48 @@ impl Prefilled {
                         k.dims()[0]
                     )));
                 }
-                Ok((host_values(k)?, host_values(v)?))
+                Ok((k, v))
             })
-            .collect::<Result<_>>()?;
+            .collect::<Result<Vec<(Tensor<B, 4>, Tensor<B, 4>)>>>()?;
+        let slots = layers.first().map_or(len, |(k, _)| k.dims()[2]);
+        let on_host = layers.clone();
+        let host: ReadKv = Box::new(move || {
+            on_host
+                .iter()
+                .map(|(k, v)| {
+                    Ok((
+                        host_values(k.clone().narrow(2, 0, len))?,
+                        host_values(v.clone().narrow(2, 0, len))?,
+                    ))
+                })
+                .collect()
+        });
         Ok(Self {
-            kv,
+            kv: PrefilledKv::Device {
+                layers: Box::new(layers),
+                slots,
+                host,
+            },
             len,
             rope_delta,
             next_token,
         })
     }
+
+    /// The keys and values on the host, per layer `[kv_heads, len, head_dim]` (read from the device when they
+    /// are there).
+    pub fn host_kv(&self) -> Result<HostKv> {
+        match &self.kv {
+            PrefilledKv::Host(kv) => Ok(kv.clone()),
+            PrefilledKv::Device { host, .. } => host(),
+        }
+    }
 }
+
+/// The device buffers of a prefill's cache (`layers` of [`PrefilledKv::Device`]) when they are on the plan's
+/// device in its activation type; None otherwise.
+pub(crate) type DeviceKv<F> =
+    fn(&(dyn std::any::Any + Send)) -> Option<Result<Vec<(Buffer<F>, Buffer<F>)>>>;
 
 /// One operation of the decode step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1019,6 +1097,8 @@ pub struct DecodePlan<R: Runtime, F: Activation> {
     ids: Buffer<u32>,
     slots: Vec<Slot>,
     kernels: Kernels,
+    /// Takes a prefill's cache buffers on the device (set by [`DecodePlan::hand_over_on_device`]).
+    device_kv: Option<DeviceKv<F>>,
 }
 
 /// Which product kernels a plan may use on its device.
@@ -1164,6 +1244,7 @@ impl<R: Runtime, F: Activation> DecodePlan<R, F> {
                 tensor_cores: gemm::supported::<R, F>(client),
                 mma_from: mma_from::<R, F>(client, Nf4Products::Auto),
             },
+            device_kv: None,
             config,
         })
     }
@@ -1260,26 +1341,40 @@ impl<R: Runtime, F: Activation> DecodePlan<R, F> {
                 sequence.len, self.config.capacity
             )));
         }
-        if sequence.kv.len() != self.layers.len() {
-            return Err(EngineError::Plan(format!(
-                "keys and values for {} layers, the model has {}",
-                sequence.kv.len(),
-                self.layers.len()
-            )));
-        }
-        let per_layer = self.config.kv_heads * sequence.len * self.config.head_dim;
-        for (i, ((k, v), layer)) in sequence.kv.iter().zip(&self.layers).enumerate() {
-            if k.len() != per_layer || v.len() != per_layer {
-                return Err(EngineError::Plan(format!(
-                    "layer {i}: {} keys and {} values, {per_layer} expected",
-                    k.len(),
-                    v.len()
-                )));
+        let device = match (&sequence.kv, self.device_kv) {
+            (PrefilledKv::Device { layers, slots, .. }, Some(take)) => take(layers.as_ref())
+                .transpose()?
+                .map(|buffers| (buffers, *slots)),
+            _ => None,
+        };
+        match device {
+            Some((buffers, slots)) => {
+                tracing::debug!(
+                    layers = buffers.len(),
+                    "keys and values handed over on the device"
+                );
+                if buffers.len() != self.layers.len() {
+                    return Err(EngineError::Plan(format!(
+                        "keys and values for {} layers, the model has {}",
+                        buffers.len(),
+                        self.layers.len()
+                    )));
+                }
+                for ((k, v), layer) in buffers.iter().zip(&self.layers) {
+                    for (src, cache) in [(k, &layer.k_cache), (v, &layer.v_cache)] {
+                        decode::write_cache(
+                            &self.client,
+                            shape,
+                            src,
+                            slots,
+                            slot,
+                            sequence.len,
+                            cache,
+                        )?;
+                    }
+                }
             }
-            for (src, cache) in [(k, &layer.k_cache), (v, &layer.v_cache)] {
-                let src = Buffer::from_slice(&self.client, &to_f::<F>(src));
-                decode::write_cache(&self.client, shape, &src, slot, sequence.len, cache)?;
-            }
+            None => self.write_host_kv(slot, &sequence.host_kv()?, sequence.len)?,
         }
         let delta = i32::try_from(sequence.rope_delta)
             .map_err(|_| EngineError::Plan(format!("rope delta {}", sequence.rope_delta)))?;
@@ -1291,6 +1386,45 @@ impl<R: Runtime, F: Activation> DecodePlan<R, F> {
         };
         self.upload_slots();
         Ok(())
+    }
+
+    /// Copies host keys and values (per layer `[kv_heads, len, head_dim]`) into slot `slot`'s cache.
+    fn write_host_kv(&self, slot: usize, kv: &HostKv, len: usize) -> Result<()> {
+        if kv.len() != self.layers.len() {
+            return Err(EngineError::Plan(format!(
+                "keys and values for {} layers, the model has {}",
+                kv.len(),
+                self.layers.len()
+            )));
+        }
+        let shape = self.config.attention();
+        let per_layer = self.config.kv_heads * len * self.config.head_dim;
+        for (i, ((k, v), layer)) in kv.iter().zip(&self.layers).enumerate() {
+            if k.len() != per_layer || v.len() != per_layer {
+                return Err(EngineError::Plan(format!(
+                    "layer {i}: {} keys and {} values, {per_layer} expected",
+                    k.len(),
+                    v.len()
+                )));
+            }
+            for (src, cache) in [(k, &layer.k_cache), (v, &layer.v_cache)] {
+                let src = Buffer::from_slice(&self.client, &to_f::<F>(src));
+                decode::write_cache(&self.client, shape, &src, len, slot, len, cache)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Admits later prefills by copying their cache buffers on the device when they are there (see
+    /// [`Prefilled::from_cache`]), through `take`; [`DecodePlan::hand_over_through_host`] undoes it.
+    pub(crate) fn set_device_kv(&mut self, take: DeviceKv<F>) {
+        self.device_kv = Some(take);
+    }
+
+    /// Admits every later prefill through host memory (the keys and values read back and uploaded), as a plan
+    /// on another device must: the baseline of the on-device handover.
+    pub fn hand_over_through_host(&mut self) {
+        self.device_kv = None;
     }
 
     /// Frees slot `slot` (its sequence is done).

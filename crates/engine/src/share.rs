@@ -319,8 +319,37 @@ impl<R: CubeRuntime, F: Activation + FloatElement> DecodePlan<R, F> {
             None => embed.clone(),
         };
         let norm = host_values(text.norm.weight.val())?;
-        Self::assemble(client, config, embed, &norm, lm_head, layers)
+        let mut plan = Self::assemble(client, config, embed, &norm, lm_head, layers)?;
+        plan.hand_over_on_device();
+        Ok(plan)
     }
+
+    /// Admits prefills of a model on this plan's device ([`crate::Prefilled::from_cache`] of a `Cube<R, F>` cache) by
+    /// copying their cache buffers on the device, one launch per layer and tensor, instead of through host memory
+    /// (plans from [`DecodePlan::sharing_model`] do from the start). Prefills from other backends still go through
+    /// the host.
+    pub fn hand_over_on_device(&mut self) {
+        self.set_device_kv(cube_kv::<R, F>);
+    }
+}
+
+/// The device buffers of a prefill's cache when it was a `Cube<R, F>` model's ([`crate::plan::DeviceKv`]).
+fn cube_kv<R: CubeRuntime, F: Activation + FloatElement>(
+    layers: &(dyn std::any::Any + Send),
+) -> Option<Result<Vec<(Buffer<F>, Buffer<F>)>>> {
+    type CacheTensors<R, F> = Vec<(Tensor<Cube<R, F>, 4>, Tensor<Cube<R, F>, 4>)>;
+    let layers = layers.downcast_ref::<CacheTensors<R, F>>()?;
+    Some(
+        layers
+            .iter()
+            .map(|(k, v)| {
+                Ok((
+                    float_buffer::<R, F, F, 4>(k.clone(), "cached keys")?,
+                    float_buffer::<R, F, F, 4>(v.clone(), "cached values")?,
+                ))
+            })
+            .collect(),
+    )
 }
 
 #[cfg(test)]

@@ -356,7 +356,7 @@ mod cuda {
             let moved = max_diff(&after, &reference);
             eprintln!("{label}: burn after sharing moved {moved:.3e}");
             assert!(moved <= 1e-3 * scale, "{moved} (max |logit| {scale})");
-            // The plan gives burn's logits.
+            // The plan gives burn's logits; the prefill's keys and values reach it on the device.
             plan.admit(0, &prefilled).unwrap();
             let next = plan.step().unwrap();
             let ours = plan.logits().unwrap();
@@ -364,6 +364,24 @@ mod cuda {
             eprintln!("{label}: plan vs burn {worst:.3e} (max |logit| {scale:.3})");
             assert!(worst <= 5e-2 * scale, "{worst} > 5e-2 x {scale}");
             assert_eq!(next[0], argmax(&reference));
+            // Handed over through host memory instead, the same prefill gives the same step, to the bit.
+            plan.release(0);
+            plan.hand_over_through_host();
+            plan.admit(0, &prefilled).unwrap();
+            assert_eq!(plan.step().unwrap(), next);
+            assert_eq!(
+                plan.logits().unwrap(),
+                ours,
+                "{label}: host and device handover differ"
+            );
+            let kv = prefilled.host_kv().unwrap();
+            assert_eq!(kv.len(), model.config.text.num_hidden_layers);
+            assert_eq!(
+                kv[0].0.len(),
+                model.config.text.num_key_value_heads
+                    * prefilled.len
+                    * model.config.text.head_dim()
+            );
         }
     }
 

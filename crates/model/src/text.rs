@@ -60,6 +60,12 @@ impl<B: Backend> KvCache<B> {
         ))
     }
 
+    /// The whole buffers of layer `i`, `[batch, kv_heads, capacity, head_dim]` each (contiguous; tokens
+    /// `0..len()` are cached, the rest is room); `None` before the layer's first write.
+    pub fn buffers(&self, i: usize) -> Option<(Tensor<B, 4>, Tensor<B, 4>)> {
+        self.layers.get(i)?.clone()
+    }
+
     /// Writes `new` tokens' keys/values of layer `i` after the cached ones, growing the buffers by whole blocks
     /// when needed; returns the buffers (`[batch, kv_heads, capacity, head_dim]`).
     fn write(
