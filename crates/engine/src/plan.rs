@@ -988,10 +988,12 @@ impl Prefilled {
     }
 }
 
+/// Per layer, the keys' and values' device buffers of a prefill's cache.
+pub(crate) type KvBuffers<F> = Vec<(Buffer<F>, Buffer<F>)>;
+
 /// The device buffers of a prefill's cache (`layers` of [`PrefilledKv::Device`]) when they are on the plan's
 /// device in its activation type; None otherwise.
-pub(crate) type DeviceKv<F> =
-    fn(&(dyn std::any::Any + Send)) -> Option<Result<Vec<(Buffer<F>, Buffer<F>)>>>;
+pub(crate) type DeviceKv<F> = fn(&(dyn std::any::Any + Send)) -> Option<Result<KvBuffers<F>>>;
 
 /// One operation of the decode step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -25,7 +25,8 @@ use medvl_nf4::NESTED_BLOCKSIZE;
 
 use crate::error::{EngineError, Result};
 use crate::plan::{
-    DecodePlan, HostMatrix, Layer, LayerLora, LayerSmall, Matrix, PlanConfig, host_values,
+    DecodePlan, HostMatrix, KvBuffers, Layer, LayerLora, LayerSmall, Matrix, PlanConfig,
+    host_values,
 };
 
 /// The backend whose buffers a plan can share: burn's CubeCL backend without fusion, float type `F`.
@@ -336,7 +337,7 @@ impl<R: CubeRuntime, F: Activation + FloatElement> DecodePlan<R, F> {
 /// The device buffers of a prefill's cache when it was a `Cube<R, F>` model's ([`crate::plan::DeviceKv`]).
 fn cube_kv<R: CubeRuntime, F: Activation + FloatElement>(
     layers: &(dyn std::any::Any + Send),
-) -> Option<Result<Vec<(Buffer<F>, Buffer<F>)>>> {
+) -> Option<Result<KvBuffers<F>>> {
     type CacheTensors<R, F> = Vec<(Tensor<Cube<R, F>, 4>, Tensor<Cube<R, F>, 4>)>;
     let layers = layers.downcast_ref::<CacheTensors<R, F>>()?;
     Some(
