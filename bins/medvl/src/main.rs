@@ -123,6 +123,13 @@ enum EvalCommand {
     },
 }
 
+/// Reports each row a `--skip-bad` read skipped, with its reason (rows, not their content).
+fn print_skipped(skipped: &medvl_data::Skipped) {
+    for (row, reason) in &skipped.rows {
+        eprintln!("skipped row {row}: {reason}");
+    }
+}
+
 /// Which parquet shards of a folder or hub dataset to read.
 #[derive(Args, Debug, Clone)]
 struct ShardArgs {
@@ -434,9 +441,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
                 (None, None) => bail!("--csv FILE or --parquet SOURCE is required"),
             };
-            for (row, reason) in &skipped.rows {
-                eprintln!("skipped row {row}: {reason}");
-            }
+            print_skipped(&skipped);
             if let Some(n) = limit {
                 samples.truncate(n);
             }
@@ -468,9 +473,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 medvl_data::write_samples(rows.by_ref().take(limit.unwrap_or(usize::MAX)), &out)
                     .with_context(|| format!("writing PathVQA to {}", out.display()))?;
             let skipped = rows.skipped();
-            for (row, reason) in &skipped.rows {
-                eprintln!("skipped row {row}: {reason}");
-            }
+            print_skipped(&skipped);
             eprintln!(
                 "wrote {} samples ({} images) to {}; {} rows skipped",
                 written.samples,

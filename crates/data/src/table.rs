@@ -142,7 +142,7 @@ impl Record {
         match self.field(name)? {
             Field::Str(s) if !s.trim().is_empty() => Ok(s.trim()),
             Field::Str(_) | Field::Null => Err(format!("empty `{name}`")),
-            other => Err(format!("`{name}` is not text: {other}")),
+            other => Err(format!("`{name}` is not text but {}", kind(other))),
         }
     }
 
@@ -157,7 +157,7 @@ impl Record {
             Field::UByte(v) => Ok(Some(i64::from(*v))),
             Field::UShort(v) => Ok(Some(i64::from(*v))),
             Field::UInt(v) => Ok(Some(i64::from(*v))),
-            other => Err(format!("`{name}` is not an integer: {other}")),
+            other => Err(format!("`{name}` is not an integer but {}", kind(other))),
         }
     }
 
@@ -203,13 +203,30 @@ impl Record {
                 }
             }
             Field::Null => Err(format!("`{name}` is null")),
-            other => Err(format!("`{name}` is not an image: {other}")),
+            other => Err(format!("`{name}` is not an image but {}", kind(other))),
         }
     }
 }
 
 /// Turns a row into a sample, or says why it cannot.
 type MapRow = Box<dyn FnMut(usize, &Record) -> Result<Sample, String> + Send>;
+
+/// What a field holds, without its value (reasons never show a row's content: documents are private).
+fn kind(field: &Field) -> &'static str {
+    match field {
+        Field::Null => "null",
+        Field::Bool(_) => "a boolean",
+        Field::Str(_) => "text",
+        Field::Bytes(_) => "bytes",
+        Field::Group(_) => "a struct",
+        Field::ListInternal(_) => "a list",
+        Field::MapInternal(_) => "a map",
+        Field::Float(_) | Field::Double(_) | Field::Float16(_) | Field::Decimal(_) => {
+            "a decimal number"
+        }
+        _ => "an integer or a date",
+    }
+}
 
 /// Samples streamed from a [`Table`] (see [`Table::samples`]).
 pub struct Samples {

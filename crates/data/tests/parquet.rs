@@ -402,5 +402,25 @@ fn mtsamples_parquet_names_its_class_labels() {
         .map(|s| s.unwrap().category)
         .collect();
     assert_eq!(categories, vec!["0", "", "7"]);
+    // A column of the wrong type is named with what it holds, never its value (documents are private).
+    write_parquet(
+        &shard,
+        "message schema { optional int64 text; }",
+        vec![Leaf::Long(vec![(1, 4242)])],
+        None,
+    );
+    let err = medvl_data::mtsamples::read_parquet(&shard, false)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        err,
+        format!(
+            "{}, row 1: `text` is not text but an integer or a date",
+            shard.display()
+        )
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
