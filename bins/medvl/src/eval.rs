@@ -40,7 +40,7 @@ pub struct EvalArgs {
     #[arg(long, default_value_t = 1_000_000)]
     pub seed: u64,
     /// Only the documents of this split (the deterministic 80/10/10 split by document id).
-    #[arg(long, value_parser = parse_split)]
+    #[arg(long)]
     pub split: Option<Split>,
     /// Seed of the split.
     #[arg(long, default_value_t = 0)]
@@ -54,15 +54,6 @@ pub struct EvalArgs {
     /// The run's name in reports (the model argument otherwise).
     #[arg(long)]
     pub label: Option<String>,
-}
-
-fn parse_split(s: &str) -> Result<Split, String> {
-    match s {
-        "train" => Ok(Split::Train),
-        "validation" => Ok(Split::Validation),
-        "test" => Ok(Split::Test),
-        other => Err(format!("{other}: expected train, validation or test")),
-    }
 }
 
 /// One document to evaluate.

@@ -490,13 +490,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             split_seed,
             out,
         }) => {
-            use medvl_data::split::Split;
             let wanted = match split.as_str() {
-                "train" => Some(Split::Train),
-                "validation" => Some(Split::Validation),
-                "test" => Some(Split::Test),
                 "all" => None,
-                other => bail!("unknown split `{other}` (train, validation, test, all)"),
+                one => Some(
+                    one.parse::<medvl_data::split::Split>()
+                        .map_err(|e| anyhow::anyhow!("{e}, or all"))?,
+                ),
             };
             let samples = medvl_data::dataset::Manifest::read(&dir)?.samples(&dir)?;
             let documents: Vec<&str> = samples.iter().map(|s| s.document.as_str()).collect();

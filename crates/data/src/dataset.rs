@@ -24,15 +24,14 @@ impl Manifest {
     /// Reads `dir/manifest.jsonl`; a line that does not parse as the kind of the first is an error naming it.
     pub fn read(dir: &Path) -> Result<Self> {
         let path = dir.join("manifest.jsonl");
-        let lines: Vec<serde_json::Value> = crate::read_jsonl(&path)?;
-        let first = lines.into_iter().next();
-        let is = |f: fn(serde_json::Value) -> bool| first.clone().is_some_and(f);
-        Ok(if is(|v| serde_json::from_value::<Entry>(v).is_ok()) {
-            Self::Forms(crate::read_jsonl(&path)?)
-        } else if is(|v| serde_json::from_value::<PageEntry>(v).is_ok()) {
-            Self::Pages(crate::read_jsonl(&path)?)
+        let text = crate::read_text(&path)?;
+        let first = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
+        Ok(if serde_json::from_str::<Entry>(first).is_ok() {
+            Self::Forms(crate::parse_jsonl(&path, &text)?)
+        } else if serde_json::from_str::<PageEntry>(first).is_ok() {
+            Self::Pages(crate::parse_jsonl(&path, &text)?)
         } else {
-            Self::Samples(crate::read_jsonl(&path)?)
+            Self::Samples(crate::parse_jsonl(&path, &text)?)
         })
     }
 

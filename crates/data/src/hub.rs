@@ -35,6 +35,18 @@ pub fn shards(source: &str, pattern: &str) -> Result<Vec<PathBuf>> {
     download(repo, revision, pattern)
 }
 
+/// A shard glob: `*` and `?` never cross a `/`.
+fn shard_glob(pattern: &str) -> Result<glob::Pattern, String> {
+    glob::Pattern::new(pattern).map_err(|e| format!("bad pattern `{pattern}`: {e}"))
+}
+
+/// How [`shard_glob`] patterns match.
+const MATCH: glob::MatchOptions = glob::MatchOptions {
+    case_sensitive: true,
+    require_literal_separator: true,
+    require_literal_leading_dot: false,
+};
+
 fn offline() -> bool {
     std::env::var("HF_HUB_OFFLINE")
         .is_ok_and(|v| matches!(v.as_str(), "1" | "true" | "TRUE" | "yes"))
@@ -42,14 +54,10 @@ fn offline() -> bool {
 
 /// Files under `dir` whose path relative to it matches `pattern`, sorted.
 fn matching(dir: &Path, pattern: &str, source: &str) -> Result<Vec<PathBuf>> {
-    let glob = glob::Pattern::new(pattern).map_err(|e| DataError::Read {
+    let glob = shard_glob(pattern).map_err(|reason| DataError::Read {
         path: source.to_string(),
-        reason: format!("bad pattern `{pattern}`: {e}"),
+        reason,
     })?;
-    let options = glob::MatchOptions {
-        require_literal_separator: true,
-        ..glob::MatchOptions::new()
-    };
     let mut all = Vec::new();
     walk(dir, &mut all).map_err(|e| DataError::Read {
         path: source.to_string(),
@@ -59,7 +67,7 @@ fn matching(dir: &Path, pattern: &str, source: &str) -> Result<Vec<PathBuf>> {
     let relative = |p: &PathBuf| p.strip_prefix(dir).unwrap_or(p).to_path_buf();
     let found: Vec<PathBuf> = all
         .iter()
-        .filter(|p| glob.matches_path_with(&relative(p), options))
+        .filter(|p| glob.matches_path_with(&relative(p), MATCH))
         .cloned()
         .collect();
     if found.is_empty() {
@@ -132,8 +140,7 @@ fn download(repo_id: &str, revision: &str, pattern: &str) -> Result<Vec<PathBuf>
             &shown,
         );
     }
-    let glob =
-        glob::Pattern::new(pattern).map_err(|e| err(format!("bad pattern `{pattern}`: {e}")))?;
+    let glob = shard_glob(pattern).map_err(err)?;
     let api = hf_hub::api::sync::ApiBuilder::from_env()
         .with_cache_dir(cache.path().clone())
         .with_progress(true)
@@ -147,15 +154,7 @@ fn download(repo_id: &str, revision: &str, pattern: &str) -> Result<Vec<PathBuf>
         .siblings
         .into_iter()
         .map(|s| s.rfilename)
-        .filter(|f| {
-            glob.matches_with(
-                f,
-                glob::MatchOptions {
-                    require_literal_separator: true,
-                    ..glob::MatchOptions::new()
-                },
-            )
-        })
+        .filter(|f| glob.matches_with(f, MATCH))
         .collect();
     files.sort();
     if files.is_empty() {

@@ -84,10 +84,22 @@ pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
 /// Reads a JSON-lines file: one `T` per non-blank line; a line that does not parse is an error naming the file
 /// and the 1-based line.
 pub fn read_jsonl<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> Result<Vec<T>> {
-    let text = std::fs::read_to_string(path).map_err(|e| DataError::Read {
+    parse_jsonl(path, &read_text(path)?)
+}
+
+/// A whole text file.
+fn read_text(path: &std::path::Path) -> Result<String> {
+    std::fs::read_to_string(path).map_err(|e| DataError::Read {
         path: path.display().to_string(),
         reason: e.to_string(),
-    })?;
+    })
+}
+
+/// [`read_jsonl`] of text already read from `path`.
+fn parse_jsonl<T: serde::de::DeserializeOwned>(
+    path: &std::path::Path,
+    text: &str,
+) -> Result<Vec<T>> {
     text.lines()
         .enumerate()
         .filter(|(_, line)| !line.trim().is_empty())

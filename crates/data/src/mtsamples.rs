@@ -156,10 +156,7 @@ pub fn read_parquet(path: &Path, skip_bad: bool) -> Result<crate::table::Samples
     table.require(&["text"])?;
     let has_label = table.columns().iter().any(|c| c == "label");
     let names = table.class_names("label");
-    let stem = path
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let stem = crate::table::shard_name(path);
     Ok(table.samples(skip_bad, move |row, record| {
         let text = sections(record.text("text")?);
         let category = if has_label {

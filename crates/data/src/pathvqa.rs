@@ -6,7 +6,7 @@
 
 use std::path::Path;
 
-use crate::table::{Samples, Table, content_id};
+use crate::table::{Samples, Table, content_id, shard_name};
 use crate::{Image, Result, Sample, Source};
 
 /// The hub dataset.
@@ -20,10 +20,7 @@ pub const COLUMNS: [&str; 3] = ["image", "question", "answer"];
 pub fn read(path: &Path, skip_bad: bool) -> Result<Samples> {
     let table = Table::open(path)?;
     table.require(&COLUMNS)?;
-    let stem = path
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let stem = shard_name(path);
     Ok(table.samples(skip_bad, move |row, record| {
         let bytes = record.image("image")?;
         image::load_from_memory(bytes).map_err(|e| format!("`image` does not decode: {e}"))?;

@@ -15,6 +15,19 @@ pub enum Split {
     Test,
 }
 
+impl std::str::FromStr for Split {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "train" => Ok(Self::Train),
+            "validation" => Ok(Self::Validation),
+            "test" => Ok(Self::Test),
+            other => Err(format!("unknown split `{other}` (train, validation, test)")),
+        }
+    }
+}
+
 fn fnv1a(seed: u64, text: &str) -> u64 {
     let mut h = 0xcbf2_9ce4_8422_2325u64 ^ seed;
     for b in text.bytes() {
@@ -87,6 +100,11 @@ mod tests {
             assign(&docs, 7),
             assign(&docs, 8),
             "another seed, another split"
+        );
+        assert_eq!("validation".parse(), Ok(Split::Validation));
+        assert_eq!(
+            "dev".parse::<Split>(),
+            Err("unknown split `dev` (train, validation, test)".to_string())
         );
     }
 }

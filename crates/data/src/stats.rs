@@ -44,16 +44,24 @@ impl Stats {
     /// Reads `dir/manifest.jsonl` (and, for synthetic forms, each ground-truth file).
     pub fn of_dir(dir: &Path) -> Result<Self> {
         let mut stats = Self::default();
+        // Several samples may share a document (PathVQA: questions on one image): documents and their pages are
+        // counted once, samples each.
         let mut ids = Vec::new();
-        let mut add = |stats: &mut Self, id: &str, category: &str, pages: usize| {
-            ids.push(id.to_string());
+        let mut seen = std::collections::BTreeSet::new();
+        let mut add = |stats: &mut Self, document: &str, category: &str, pages: usize| {
+            let new = seen.insert(document.to_string());
+            if new {
+                ids.push(document.to_string());
+            }
             for c in [
                 &mut stats.total,
                 stats.by_category.entry(category.to_string()).or_default(),
             ] {
-                c.documents += 1;
-                c.pages += pages;
                 c.samples += 1;
+                if new {
+                    c.documents += 1;
+                    c.pages += pages;
+                }
             }
         };
         match Manifest::read(dir)? {
@@ -81,25 +89,9 @@ impl Stats {
                 }
             }
             Manifest::Samples(samples) => {
-                // Several samples may share a document (PathVQA: questions on one image): documents and images
-                // are counted once, samples each.
                 stats.dataset = "samples".into();
-                let mut seen = std::collections::BTreeSet::new();
                 for s in samples {
-                    let new = seen.insert(s.document.clone());
-                    for c in [
-                        &mut stats.total,
-                        stats.by_category.entry(s.category.clone()).or_default(),
-                    ] {
-                        c.samples += 1;
-                        if new {
-                            c.documents += 1;
-                            c.pages += s.images.len();
-                        }
-                    }
-                    if new {
-                        ids.push(s.document);
-                    }
+                    add(&mut stats, &s.document, &s.category, s.images.len());
                 }
             }
         }

@@ -51,16 +51,6 @@ impl Table {
         &self.columns
     }
 
-    /// Rows in the file (from its footer; nothing is read).
-    pub fn len(&self) -> usize {
-        usize::try_from(self.reader.metadata().file_metadata().num_rows()).unwrap_or(0)
-    }
-
-    /// Whether the file has no rows.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// An error naming the first of `names` that is not a column, and the columns there are.
     pub fn require(&self, names: &[&str]) -> Result<()> {
         match names.iter().find(|n| !self.columns.iter().any(|c| c == *n)) {
@@ -97,11 +87,6 @@ impl Table {
             .iter()
             .map(|n| n.as_str().map(str::to_string))
             .collect()
-    }
-
-    /// The file's path as shown in errors.
-    pub fn path(&self) -> &str {
-        &self.path
     }
 
     /// Streams the rows through `map` into samples. `map` gets the 1-based row number and the row, and says why
@@ -352,6 +337,13 @@ impl Iterator for Shards {
         }
         None
     }
+}
+
+/// A shard's file name without its extension, the middle of its samples' ids.
+pub fn shard_name(path: &Path) -> String {
+    path.file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 /// FNV-1a of bytes as 16 hex digits: a stable content id (the same image in two rows is one document).

@@ -1343,40 +1343,34 @@ impl<R: Runtime, F: Activation> DecodePlan<R, F> {
                 sequence.len, self.config.capacity
             )));
         }
-        let device = match (&sequence.kv, self.device_kv) {
+        // The prefill's cache buffers when the plan can take them on the device, else the host values uploaded.
+        let on_device = match (&sequence.kv, self.device_kv) {
             (PrefilledKv::Device { layers, slots, .. }, Some(take)) => take(layers.as_ref())
                 .transpose()?
                 .map(|buffers| (buffers, *slots)),
             _ => None,
         };
-        match device {
-            Some((buffers, slots)) => {
-                tracing::debug!(
-                    layers = buffers.len(),
-                    "keys and values handed over on the device"
-                );
-                if buffers.len() != self.layers.len() {
-                    return Err(EngineError::Plan(format!(
-                        "keys and values for {} layers, the model has {}",
-                        buffers.len(),
-                        self.layers.len()
-                    )));
-                }
-                for ((k, v), layer) in buffers.iter().zip(&self.layers) {
-                    for (src, cache) in [(k, &layer.k_cache), (v, &layer.v_cache)] {
-                        decode::write_cache(
-                            &self.client,
-                            shape,
-                            src,
-                            slots,
-                            slot,
-                            sequence.len,
-                            cache,
-                        )?;
-                    }
-                }
+        let (buffers, slots) = match on_device {
+            Some(device) => {
+                tracing::debug!("keys and values handed over on the device");
+                device
             }
-            None => self.write_host_kv(slot, &sequence.host_kv()?, sequence.len)?,
+            None => (
+                self.upload_kv(&sequence.host_kv()?, sequence.len)?,
+                sequence.len,
+            ),
+        };
+        if buffers.len() != self.layers.len() {
+            return Err(EngineError::Plan(format!(
+                "keys and values for {} layers, the model has {}",
+                buffers.len(),
+                self.layers.len()
+            )));
+        }
+        for ((k, v), layer) in buffers.iter().zip(&self.layers) {
+            for (src, cache) in [(k, &layer.k_cache), (v, &layer.v_cache)] {
+                decode::write_cache(&self.client, shape, src, slots, slot, sequence.len, cache)?;
+            }
         }
         let delta = i32::try_from(sequence.rope_delta)
             .map_err(|_| EngineError::Plan(format!("rope delta {}", sequence.rope_delta)))?;
@@ -1390,31 +1384,23 @@ impl<R: Runtime, F: Activation> DecodePlan<R, F> {
         Ok(())
     }
 
-    /// Copies host keys and values (per layer `[kv_heads, len, head_dim]`) into slot `slot`'s cache.
-    fn write_host_kv(&self, slot: usize, kv: &HostKv, len: usize) -> Result<()> {
-        if kv.len() != self.layers.len() {
-            return Err(EngineError::Plan(format!(
-                "keys and values for {} layers, the model has {}",
-                kv.len(),
-                self.layers.len()
-            )));
-        }
-        let shape = self.config.attention();
+    /// Host keys and values (per layer `[kv_heads, len, head_dim]`) uploaded in the plan's activation type.
+    fn upload_kv(&self, kv: &HostKv, len: usize) -> Result<KvBuffers<F>> {
         let per_layer = self.config.kv_heads * len * self.config.head_dim;
-        for (i, ((k, v), layer)) in kv.iter().zip(&self.layers).enumerate() {
-            if k.len() != per_layer || v.len() != per_layer {
-                return Err(EngineError::Plan(format!(
-                    "layer {i}: {} keys and {} values, {per_layer} expected",
-                    k.len(),
-                    v.len()
-                )));
-            }
-            for (src, cache) in [(k, &layer.k_cache), (v, &layer.v_cache)] {
-                let src = Buffer::from_slice(&self.client, &to_f::<F>(src));
-                decode::write_cache(&self.client, shape, &src, len, slot, len, cache)?;
-            }
-        }
-        Ok(())
+        kv.iter()
+            .enumerate()
+            .map(|(i, (k, v))| {
+                if k.len() != per_layer || v.len() != per_layer {
+                    return Err(EngineError::Plan(format!(
+                        "layer {i}: {} keys and {} values, {per_layer} expected",
+                        k.len(),
+                        v.len()
+                    )));
+                }
+                let upload = |values: &[f32]| Buffer::from_slice(&self.client, &to_f::<F>(values));
+                Ok((upload(k), upload(v)))
+            })
+            .collect()
     }
 
     /// Admits later prefills by copying their cache buffers on the device when they are there (see
