@@ -14,6 +14,7 @@ pub mod mma;
 pub mod nf4;
 pub mod probe;
 pub mod reference;
+pub mod sample;
 
 pub use buffer::Buffer;
 pub use error::KernelError;

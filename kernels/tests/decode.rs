@@ -10,6 +10,8 @@ use cubecl::prelude::*;
 use medvl_kernels::Buffer;
 use medvl_kernels::decode::{self, AttentionScratch, AttentionShape, DenseMatrix};
 use medvl_kernels::nf4::Activation;
+use medvl_kernels::reference;
+use medvl_kernels::sample::{self, RowSampling, Sampling};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -266,6 +268,123 @@ fn write_cache_from_a_roomy_source<R: Runtime, F: Activation>(client: &ComputeCl
     assert!(decode::write_cache(client, shape, &short, 5, 1, len, &cache).is_err());
 }
 
+/// Rows with every kind of sampling (greedy with ties, temperature, top-k, top-p, both, repetition penalty,
+/// top-k past the vocabulary), `steps` launches in a row: each row's token equals the host sampler's
+/// (`reference::sample`, a sort of the whole row) given the same uniform draw, lengths move on, and a penalised
+/// row's sampled tokens count as seen at the next step.
+fn sampling_as_the_host<R: Runtime, F: Activation>(
+    client: &ComputeClient<R>,
+    vocab: usize,
+    steps: usize,
+) {
+    let row = |temperature, top_k, top_p, repetition_penalty| RowSampling {
+        temperature,
+        top_k,
+        top_p,
+        repetition_penalty,
+    };
+    let rows = [
+        RowSampling::GREEDY,
+        row(1.0, 0, 1.0, 1.0),
+        row(0.7, 5, 1.0, 1.0),
+        row(1.3, 0, 0.9, 1.0),
+        row(0.8, 50, 0.8, 1.0),
+        row(0.0, 0, 1.0, 1.5),
+        row(1.0, 0, 0.95, 1.3),
+        row(1.0, 1, 1.0, 1.0),
+        row(1.0, vocab + 7, 1.0, 1.0),
+        row(0.5, 0, 0.3, 1.0),
+        row(2.0, 3, 0.5, 0.7),
+    ];
+    let n = rows.len();
+    let capacity = steps + 9;
+    let mut rng = ChaCha8Rng::seed_from_u64(17);
+    // Every other row in steps of 1/4: many ties, also at the top.
+    let logits: Vec<f32> = (0..n * vocab)
+        .map(|i| {
+            let v: f32 = rng.random_range(-4.0..4.0);
+            if (i / vocab).is_multiple_of(2) {
+                (v * 4.0).round() / 4.0
+            } else {
+                v
+            }
+        })
+        .collect();
+    let logits = stored::<F>(&logits);
+    let draws: Vec<f32> = (0..n * capacity).map(|_| rng.random()).collect();
+    let lens: Vec<u32> = (0..n).map(|_| rng.random_range(0..8)).collect();
+    let mut histories: Vec<Vec<u32>> = (0..n)
+        .map(|_| (0..6).map(|_| rng.random_range(0..vocab as u32)).collect())
+        .collect();
+    // Row 5's history holds its most likely tokens, so that the penalty changes its greedy pick.
+    let best = reference::argmax(&logits[5 * vocab..6 * vocab]);
+    histories[5].push(best);
+    let words = Sampling::words(vocab);
+    let mut seen = vec![0u32; n * words];
+    for (r, history) in histories.iter().enumerate() {
+        for &t in history {
+            seen[r * words + t as usize / 32] |= 1 << (t % 32);
+        }
+    }
+    let sampling = Sampling::new(client, &rows, &draws, capacity, &seen, vocab).unwrap();
+    assert_eq!(sampling.rows(), n);
+    let logits_buffer = upload::<R, F>(client, &logits);
+    let ids = Buffer::from_slice(client, &vec![0u32; n]);
+    let lens_buffer = Buffer::from_slice(client, &lens);
+    let mut picked = vec![Vec::new(); n];
+    for step in 0..steps {
+        sample::sample_advance(client, &logits_buffer, n, &sampling, &ids, &lens_buffer).unwrap();
+        let got = ids.read(client).unwrap();
+        for (r, sampling) in rows.iter().enumerate() {
+            let draw = draws[r * capacity + lens[r] as usize + step];
+            let mut row_logits = logits[r * vocab..(r + 1) * vocab].to_vec();
+            let want = reference::sample(&mut row_logits, sampling, &histories[r], f64::from(draw));
+            assert_eq!(
+                got[r], want,
+                "row {r} {sampling:?}, step {step}, draw {draw}"
+            );
+            histories[r].push(want);
+            picked[r].push(want);
+        }
+    }
+    let moved: Vec<u32> = lens.iter().map(|l| l + steps as u32).collect();
+    assert_eq!(lens_buffer.read(client).unwrap(), moved);
+    // Greedy and top-1 rows repeat their token; the row over a flat top (temperature 1, all tokens) does not.
+    assert!(picked[0].iter().all(|&t| t == picked[0][0]));
+    assert!(picked[7].iter().all(|&t| t == picked[7][0]));
+    assert_ne!(
+        picked[5][0], best,
+        "the penalty moves row 5 off its best token"
+    );
+    if steps > 2 {
+        assert!(
+            picked[1].iter().any(|&t| t != picked[1][0]),
+            "{:?}",
+            picked[1]
+        );
+    }
+    eprintln!("sampled: {picked:?}");
+}
+
+/// Sampling state that does not fit its rows is refused with the sizes named.
+fn sampling_refuses_bad_state<R: Runtime>(client: &ComputeClient<R>) {
+    let rows = [RowSampling::GREEDY; 2];
+    let err = Sampling::new(client, &rows, &[0.0; 5], 3, &[0; 8], 256)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("6 draws"), "{err}");
+    let bad = RowSampling {
+        top_p: 0.0,
+        ..RowSampling::GREEDY
+    };
+    let err = Sampling::new(client, &[bad], &[0.0; 3], 3, &[0; 8], 256)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("top_p"), "{err}");
+}
+
 #[cfg(feature = "wgpu")]
 mod wgpu {
     use super::*;
@@ -300,6 +419,14 @@ mod wgpu {
     fn write_cache_from_a_roomy_source_f32() {
         write_cache_from_a_roomy_source::<WgpuRuntime, f32>(&client());
     }
+
+    #[test]
+    fn sampling_as_the_host_f32() {
+        sampling_as_the_host::<WgpuRuntime, f32>(&client(), 1003, 6);
+        // The 7B's vocabulary (two steps: the host reference sorts it per row and step).
+        sampling_as_the_host::<WgpuRuntime, f32>(&client(), 151_936, 2);
+        sampling_refuses_bad_state(&client());
+    }
 }
 
 #[cfg(feature = "cuda")]
@@ -329,5 +456,10 @@ mod cuda {
         argmax_takes_the_first_of_ties::<CudaRuntime, bf16>(&c);
         write_cache_from_a_roomy_source::<CudaRuntime, f32>(&c);
         write_cache_from_a_roomy_source::<CudaRuntime, bf16>(&c);
+        for vocab in [1003, 151_936] {
+            sampling_as_the_host::<CudaRuntime, f32>(&c, vocab, 4);
+            sampling_as_the_host::<CudaRuntime, bf16>(&c, vocab, 4);
+        }
+        sampling_refuses_bad_state(&c);
     }
 }

@@ -16,6 +16,7 @@ use cubecl::prelude::*;
 use medvl_engine::plan::{
     DecodePlan, Nf4Products, OpTime, PlanConfig, RandomFormat, RandomFormats,
 };
+use medvl_engine::{Sampler, SamplingParams};
 use medvl_kernels::nf4::Activation;
 use medvl_model::QwenVlConfig;
 use serde::Serialize;
@@ -62,6 +63,28 @@ pub struct DecodeArgs {
     /// Bytes the copy probe moves each way (GiB).
     #[arg(long, default_value_t = 1.0)]
     copy_gib: f64,
+    /// Sample every sequence on the device at this temperature (0: greedy argmax).
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// With `--temperature`: keep the `top_k` most likely tokens (0: all).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// With `--temperature`: keep the smallest set of tokens whose probability reaches `top_p`.
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+}
+
+impl DecodeArgs {
+    /// How the sequences pick tokens; `None`: greedy.
+    fn sampling(&self) -> Option<SamplingParams> {
+        (self.temperature > 0.0).then(|| SamplingParams {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            seed: 7,
+            ..Default::default()
+        })
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -128,6 +151,8 @@ struct Case {
     batch: usize,
     context: usize,
     steps: usize,
+    /// How tokens were picked (none: greedy argmax).
+    sampling: Option<SamplingParams>,
     weights_mb: f64,
     device_in_use_mb: f64,
     device_reserved_mb: f64,
@@ -208,8 +233,15 @@ fn run_in<R: Runtime, F: Activation>(
     let mb = |bytes: u64| bytes as f64 / 1e6;
     let mut cases = Vec::new();
     println!(
-        "{model}, {activations} activations, {} cached tokens per sequence\n\n| weights | batch | weights MB | device MB in use | step ms | tokens/s | host ms/step | pipelined step ms | pipelined tokens/s |\n|---|---|---|---|---|---|---|---|---|",
-        args.context
+        "{model}, {activations} activations, {} cached tokens per sequence, {}\n\n| weights | batch | weights MB | device MB in use | step ms | tokens/s | host ms/step | pipelined step ms | pipelined tokens/s |\n|---|---|---|---|---|---|---|---|---|",
+        args.context,
+        match args.sampling() {
+            Some(s) => format!(
+                "sampled on the device (temperature {}, top-k {}, top-p {})",
+                s.temperature, s.top_k, s.top_p
+            ),
+            None => "greedy".into(),
+        }
     );
     for &format in &args.formats {
         let (formats, lora) = format.formats();
@@ -231,6 +263,13 @@ fn run_in<R: Runtime, F: Activation>(
             }
             for slot in 0..batch {
                 plan.admit_unfilled(slot, args.context, slot as u32)?;
+                if let Some(sampling) = args.sampling() {
+                    let mut sampler = Sampler::new(SamplingParams {
+                        seed: sampling.seed + slot as u64,
+                        ..sampling
+                    })?;
+                    plan.sample_with(slot, &mut sampler, &[])?;
+                }
             }
             for _ in 0..warmup {
                 plan.step()?;
@@ -258,6 +297,7 @@ fn run_in<R: Runtime, F: Activation>(
                 batch,
                 context: args.context,
                 steps: args.steps,
+                sampling: args.sampling(),
                 weights_mb: mb(plan.weight_bytes() as u64),
                 device_in_use_mb: mb(usage.bytes_in_use),
                 device_reserved_mb: mb(usage.bytes_reserved),

@@ -2,7 +2,8 @@
 //! expanded, prefill once, then decode with the KV cache, streaming UTF-8-safe text pieces as they complete.
 //!
 //! Per decode step the host reads back one value: the token id (device-side argmax) for plain greedy decoding,
-//! or the logits row for sampling.
+//! or the logits row for sampling; with a decode plan attached, only the token id in both cases (the plan samples
+//! on the device).
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -182,9 +183,10 @@ impl<B: Backend> Engine<B> {
         }
     }
 
-    /// Decodes greedy requests through `plan` (medvl's own kernels, [`crate::plan`]) from now on; the prefill
-    /// stays on the burn model. Requests that sample, or whose prompt plus `max_new_tokens` exceeds the plan's
-    /// capacity, keep decoding through burn.
+    /// Decodes requests through `plan` (medvl's own kernels, [`crate::plan`]; greedy or sampled on the device
+    /// with the request's seed, the same tokens as burn's path up to rounding) from now on; the prefill stays on
+    /// the burn model. Requests whose prompt plus `max_new_tokens` exceeds the plan's capacity keep decoding
+    /// through burn.
     pub fn attach_plan(&mut self, plan: Box<dyn Decoder>) {
         self.plan = Some(PlanSlot {
             capacity: plan.capacity(),
@@ -206,7 +208,7 @@ impl<B: Backend> Engine<B> {
         Ok(summary)
     }
 
-    /// True when greedy requests decode through a plan.
+    /// True when requests decode through a plan.
     pub fn has_plan(&self) -> bool {
         self.plan.is_some()
     }
@@ -303,10 +305,7 @@ impl<B: Backend> Engine<B> {
         // The rest of the sequence decodes through the plan when there is one and it applies.
         let handover_start = Instant::now();
         let mut plan = match &self.plan {
-            Some(slot)
-                if sampler.params().is_plain_greedy()
-                    && l + request.max_new_tokens <= slot.capacity =>
-            {
+            Some(slot) if l + request.max_new_tokens <= slot.capacity => {
                 let mut plan = slot.decoder.lock().map_err(|_| {
                     EngineError::Plan("an earlier request panicked mid-step".into())
                 })?;
@@ -314,6 +313,17 @@ impl<B: Backend> Engine<B> {
                     0,
                     &Prefilled::from_cache(&cache, prefill.positions.rope_delta, token)?,
                 )?;
+                if !sampler.params().is_plain_greedy() {
+                    // The plan samples on the device with this sampler's draws; the penalty counts the
+                    // prompt and the first token.
+                    history.push(token);
+                    let result = plan.sample_with(0, &mut sampler, &history);
+                    history.pop();
+                    if let Err(e) = result {
+                        plan.release(0);
+                        return Err(e);
+                    }
+                }
                 cache = self.model.new_cache();
                 Some(plan)
             }

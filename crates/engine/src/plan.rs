@@ -20,6 +20,7 @@ use medvl_kernels::decode::{
 };
 use medvl_kernels::nf4::{self, Activation, MAX_BATCH, Nf4Matrix};
 use medvl_kernels::probe::CopyProbe;
+use medvl_kernels::sample::{self, RowSampling, Sampling};
 use medvl_kernels::{Buffer, KernelError};
 use medvl_kernels::{dequant, gemm, mma};
 use medvl_model::layers::{Linear, LinearWeight, Nf4Scales, Nf4Weight};
@@ -32,6 +33,7 @@ use rand_chacha::ChaCha8Rng;
 use burn::prelude::{Backend, Tensor};
 
 use crate::error::{EngineError, Result};
+use crate::sampling::Sampler;
 
 /// Most sequences one plan decodes together.
 pub const MAX_PLAN_BATCH: usize = 32;
@@ -1010,7 +1012,8 @@ enum Op {
     Down,
     FinalNorm,
     LmHead,
-    Argmax,
+    /// The argmax, or the sampling kernel when a slot samples.
+    Pick,
 }
 
 impl Op {
@@ -1027,7 +1030,7 @@ impl Op {
         Op::Down,
     ];
     /// After the layers.
-    const HEAD: &'static [Op] = &[Op::FinalNorm, Op::LmHead, Op::Argmax];
+    const HEAD: &'static [Op] = &[Op::FinalNorm, Op::LmHead, Op::Pick];
 
     fn name(self) -> &'static str {
         match self {
@@ -1043,7 +1046,7 @@ impl Op {
             Op::Down => "down_proj",
             Op::FinalNorm => "final add+norm",
             Op::LmHead => "lm_head",
-            Op::Argmax => "argmax",
+            Op::Pick => "argmax",
         }
     }
 }
@@ -1101,6 +1104,41 @@ pub struct DecodePlan<R: Runtime, F: Activation> {
     kernels: Kernels,
     /// Takes a prefill's cache buffers on the device (set by [`DecodePlan::hand_over_on_device`]).
     device_kv: Option<DeviceKv<F>>,
+    /// How each slot picks its tokens when some slot samples ([`DecodePlan::sample_with`]); `None`: all greedy.
+    sampling: Option<SlotSampling>,
+}
+
+/// The slots' sampling: host copies of what the sampling kernel reads, uploaded again when a slot changes.
+struct SlotSampling {
+    rows: Vec<RowSampling>,
+    /// `[batch, capacity]`: the uniform for the token after position `p` of slot `s` at `[s, p]`.
+    draws: Vec<f32>,
+    /// `[batch, words]`: tokens counted by a slot's repetition penalty, one bit each.
+    seen: Vec<u32>,
+    /// The device copy, `None` until uploaded after a change.
+    device: Option<Sampling>,
+}
+
+impl SlotSampling {
+    fn new(batch: usize, capacity: usize, vocab: usize) -> Self {
+        Self {
+            rows: vec![RowSampling::GREEDY; batch],
+            draws: vec![0.0; batch * capacity],
+            seen: vec![0; batch * Sampling::words(vocab)],
+            device: None,
+        }
+    }
+
+    /// Sets `slot` greedy (admitted or released).
+    fn reset(&mut self, slot: usize) {
+        self.rows[slot] = RowSampling::GREEDY;
+        self.device = None;
+    }
+
+    /// True when some of the first `b` slots needs more than an argmax of its logits.
+    fn needed(&self, b: usize) -> bool {
+        self.rows[..b].iter().any(|r| !r.is_plain_greedy())
+    }
 }
 
 /// Which product kernels a plan may use on its device.
@@ -1247,6 +1285,7 @@ impl<R: Runtime, F: Activation> DecodePlan<R, F> {
                 mma_from: mma_from::<R, F>(client, Nf4Products::Auto),
             },
             device_kv: None,
+            sampling: None,
             config,
         })
     }
@@ -1380,8 +1419,84 @@ impl<R: Runtime, F: Activation> DecodePlan<R, F> {
             token: sequence.next_token,
             active: true,
         };
+        if let Some(sampling) = &mut self.sampling {
+            sampling.reset(slot);
+        }
         self.upload_slots();
         Ok(())
+    }
+
+    /// Makes the admitted slot `slot` pick its tokens with `sampler` on the device (greedy otherwise): the
+    /// sampler's draws for the tokens the slot may still reach are taken now, so that the slot's tokens are those
+    /// `sampler` would pick from the same logits; `history` (prompt and tokens so far) seeds the repetition
+    /// penalty.
+    pub fn sample_with(
+        &mut self,
+        slot: usize,
+        sampler: &mut Sampler,
+        history: &[u32],
+    ) -> Result<()> {
+        let (capacity, vocab) = (self.config.capacity, self.config.vocab);
+        let len = match self.slots.get(slot) {
+            Some(s) if s.active => s.len,
+            _ => {
+                return Err(EngineError::Plan(format!(
+                    "slot {slot} holds no sequence to sample for"
+                )));
+            }
+        };
+        if let Some(&t) = history.iter().find(|&&t| t as usize >= vocab) {
+            return Err(EngineError::Plan(format!(
+                "token {t} in the history is outside the vocabulary of {vocab}"
+            )));
+        }
+        let state = self
+            .sampling
+            .get_or_insert_with(|| SlotSampling::new(self.config.batch, capacity, vocab));
+        state.rows[slot] = sampler.params().row();
+        let draws = &mut state.draws[slot * capacity..(slot + 1) * capacity];
+        draws.fill(0.0);
+        for (d, u) in draws[len..]
+            .iter_mut()
+            .zip(sampler.take_draws(capacity - len))
+        {
+            *d = u as f32;
+        }
+        let words = Sampling::words(vocab);
+        let seen = &mut state.seen[slot * words..(slot + 1) * words];
+        seen.fill(0);
+        for &t in history {
+            seen[t as usize / 32] |= 1 << (t % 32);
+        }
+        state.device = None;
+        Ok(())
+    }
+
+    /// Uploads the sampling state if a slot changed since the last upload.
+    fn upload_sampling(&mut self) -> Result<()> {
+        if let Some(state) = self.sampling.as_mut().filter(|s| s.device.is_none()) {
+            state.device = Some(
+                Sampling::new(
+                    &self.client,
+                    &state.rows,
+                    &state.draws,
+                    self.config.capacity,
+                    &state.seen,
+                    self.config.vocab,
+                )
+                .map_err(|e| EngineError::Plan(e.to_string()))?,
+            );
+        }
+        Ok(())
+    }
+
+    /// The sampling state a step of the first `b` slots launches with (uploaded by [`Self::upload_sampling`]);
+    /// `None` when they are all greedy (the argmax kernel serves them).
+    fn sampling(&self, b: usize) -> Option<&Sampling> {
+        self.sampling
+            .as_ref()
+            .filter(|s| s.needed(b))
+            .and_then(|s| s.device.as_ref())
     }
 
     /// Host keys and values (per layer `[kv_heads, len, head_dim]`) uploaded in the plan's activation type.
@@ -1419,6 +1534,9 @@ impl<R: Runtime, F: Activation> DecodePlan<R, F> {
     pub fn release(&mut self, slot: usize) {
         if let Some(s) = self.slots.get_mut(slot) {
             *s = Slot::default();
+            if let Some(sampling) = &mut self.sampling {
+                sampling.reset(slot);
+            }
         }
     }
 
@@ -1490,6 +1608,7 @@ impl<R: Runtime, F: Activation> DecodePlan<R, F> {
                 self.config.capacity
             )));
         }
+        self.upload_sampling()?;
         self.launch_op(Op::Embed, 0, b, longest)?;
         for layer in 0..self.layers.len() {
             for &op in Op::LAYER {
@@ -1569,15 +1688,20 @@ impl<R: Runtime, F: Activation> DecodePlan<R, F> {
             Op::FinalNorm => {
                 decode::add_rms_norm(c, &a.residual, Some(&a.down), &self.norm, b, eps, &a.normed)?
             }
-            Op::Argmax => decode::argmax_advance(
-                c,
-                &a.logits,
-                b,
-                self.config.vocab,
-                &self.argmax,
-                &self.ids,
-                &self.lens,
-            )?,
+            Op::Pick => match self.sampling(b) {
+                Some(sampling) => {
+                    sample::sample_advance(c, &a.logits, b, sampling, &self.ids, &self.lens)?
+                }
+                None => decode::argmax_advance(
+                    c,
+                    &a.logits,
+                    b,
+                    self.config.vocab,
+                    &self.argmax,
+                    &self.ids,
+                    &self.lens,
+                )?,
+            },
             // The weight products, launched above.
             Op::Qkv | Op::O | Op::GateUp | Op::Down | Op::LmHead => {}
         }
@@ -1593,6 +1717,7 @@ impl<R: Runtime, F: Activation> DecodePlan<R, F> {
     pub fn profile(&mut self, reps: usize) -> Result<Vec<OpTime>> {
         let b = self.active()?;
         let longest = self.longest(b);
+        self.upload_sampling()?;
         let probe = CopyProbe::measure(&self.client, 0.5)?;
         let mut times = Vec::new();
         let layers = self.layers.len();
@@ -1607,8 +1732,9 @@ impl<R: Runtime, F: Activation> DecodePlan<R, F> {
             let weight_bytes = self.gemv(op, layer).map_or(0, |p| {
                 p.matrix.weight_bytes() + p.adapter.map_or(0, Adapter::weight_bytes)
             });
+            let sampled = op == Op::Pick && self.sampling(b).is_some();
             times.push(OpTime {
-                op: op.name(),
+                op: if sampled { "sample" } else { op.name() },
                 us: launch_s * 1e6,
                 gpu_us: gpu_s * 1e6,
                 per_step,
@@ -1628,11 +1754,20 @@ impl<R: Runtime, F: Activation> DecodePlan<R, F> {
         for (slot, &id) in self.slots.iter_mut().zip(&ids) {
             slot.token = id;
         }
+        // The kernel marked sampled tokens seen on the device; the host copy follows.
+        if let Some(state) = self.sampling.as_mut().filter(|s| s.needed(b)) {
+            let words = Sampling::words(self.config.vocab);
+            for (slot, &id) in ids.iter().enumerate() {
+                if state.rows[slot].repetition_penalty != 1.0 {
+                    state.seen[slot * words + id as usize / 32] |= 1 << (id % 32);
+                }
+            }
+        }
         Ok(ids)
     }
 
     /// One step: feeds each slot's last token, appends it to the cache, and returns each slot's next token
-    /// (greedy).
+    /// (greedy, or sampled on the device for slots given a sampler by [`Self::sample_with`]).
     pub fn step(&mut self) -> Result<Vec<u32>> {
         self.launch_step()?;
         self.finish_step()
@@ -1653,6 +1788,9 @@ impl<R: Runtime, F: Activation> DecodePlan<R, F> {
             token,
             active: true,
         };
+        if let Some(sampling) = &mut self.sampling {
+            sampling.reset(slot);
+        }
         self.upload_slots();
         Ok(())
     }
@@ -1678,7 +1816,9 @@ impl<R: Runtime, F: Activation> DecodePlan<R, F> {
 pub trait Decoder: Send {
     /// Puts a prefilled sequence into slot `slot` ([`DecodePlan::admit`]).
     fn admit(&mut self, slot: usize, sequence: &Prefilled) -> Result<()>;
-    /// One greedy step for the admitted slots ([`DecodePlan::step`]).
+    /// Makes slot `slot` sample with `sampler` ([`DecodePlan::sample_with`]).
+    fn sample_with(&mut self, slot: usize, sampler: &mut Sampler, history: &[u32]) -> Result<()>;
+    /// One step for the admitted slots ([`DecodePlan::step`]).
     fn step(&mut self) -> Result<Vec<u32>>;
     /// Frees slot `slot`.
     fn release(&mut self, slot: usize);
@@ -1689,6 +1829,10 @@ pub trait Decoder: Send {
 impl<R: Runtime, F: Activation> Decoder for DecodePlan<R, F> {
     fn admit(&mut self, slot: usize, sequence: &Prefilled) -> Result<()> {
         DecodePlan::admit(self, slot, sequence)
+    }
+
+    fn sample_with(&mut self, slot: usize, sampler: &mut Sampler, history: &[u32]) -> Result<()> {
+        DecodePlan::sample_with(self, slot, sampler, history)
     }
 
     fn step(&mut self) -> Result<Vec<u32>> {

@@ -1,7 +1,12 @@
 //! Choosing the next token from logits, in the order transformers' logits processors apply:
 //! repetition penalty -> temperature -> top-k -> top-p -> softmax -> draw. Temperature 0 is greedy.
-//! The random stream is ChaCha8 seeded by the request, so a seed reproduces a generation exactly.
+//! The random stream is ChaCha8 seeded by the request, so a seed reproduces a generation exactly. The choice itself
+//! is [`medvl_kernels::reference::sample`], which a decode plan's sampling kernel computes on the device from the
+//! same draws.
 
+use medvl_kernels::reference;
+pub use medvl_kernels::reference::argmax;
+use medvl_kernels::sample::RowSampling;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -41,28 +46,22 @@ impl Default for SamplingParams {
 impl SamplingParams {
     /// Checks the ranges.
     pub fn validate(&self) -> Result<()> {
-        let bad = |what: String| Err(EngineError::Request(what));
-        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
-            return bad(format!(
-                "temperature must be >= 0, got {}",
-                self.temperature
-            ));
+        self.row().check().map_err(EngineError::Request)
+    }
+
+    /// The parameters as a decode plan's sampling kernel takes them (without the seed).
+    pub fn row(&self) -> RowSampling {
+        RowSampling {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            repetition_penalty: self.repetition_penalty,
         }
-        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return bad(format!("top_p must be in (0, 1], got {}", self.top_p));
-        }
-        if !(self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite()) {
-            return bad(format!(
-                "repetition_penalty must be > 0, got {}",
-                self.repetition_penalty
-            ));
-        }
-        Ok(())
     }
 
     /// True when the choice is a plain argmax of the raw logits (no state, no host-side processing needed).
     pub fn is_plain_greedy(&self) -> bool {
-        self.temperature == 0.0 && self.repetition_penalty == 1.0
+        self.row().is_plain_greedy()
     }
 }
 
@@ -87,75 +86,23 @@ impl Sampler {
     }
 
     /// Picks the next token. `logits` is modified in place; `history` is every token of the sequence so far
-    /// (prompt included, as transformers' repetition penalty uses).
+    /// (prompt included, as transformers' repetition penalty uses). One uniform draw when the temperature is
+    /// above 0, none when greedy.
     pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
-        let p = &self.params;
-        if p.repetition_penalty != 1.0 {
-            let mut seen = history.to_vec();
-            seen.sort_unstable();
-            seen.dedup();
-            for &t in &seen {
-                if let Some(l) = logits.get_mut(t as usize) {
-                    *l = if *l < 0.0 {
-                        *l * p.repetition_penalty
-                    } else {
-                        *l / p.repetition_penalty
-                    };
-                }
-            }
-        }
-        if p.temperature == 0.0 {
-            return argmax(logits);
-        }
-        // Candidates sorted by logit, highest first (ties by id, so the order is deterministic).
-        let mut order: Vec<usize> = (0..logits.len()).collect();
-        order.sort_unstable_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
-        if p.top_k > 0 {
-            order.truncate(p.top_k);
-        }
-        let max = logits[order[0]] / p.temperature;
-        let mut probs: Vec<f64> = order
-            .iter()
-            .map(|&i| f64::from(logits[i] / p.temperature - max).exp())
-            .collect();
-        let total: f64 = probs.iter().sum();
-        probs.iter_mut().for_each(|q| *q /= total);
-        if p.top_p < 1.0 {
-            // Keep the smallest prefix whose mass reaches top_p (always at least one token).
-            let mut mass = 0.0;
-            let keep = probs
-                .iter()
-                .position(|&q| {
-                    mass += q;
-                    mass >= f64::from(p.top_p)
-                })
-                .map_or(probs.len(), |i| i + 1);
-            order.truncate(keep);
-            probs.truncate(keep);
-            let total: f64 = probs.iter().sum();
-            probs.iter_mut().for_each(|q| *q /= total);
-        }
-        let draw: f64 = self.rng.random();
-        let mut acc = 0.0;
-        for (i, q) in probs.iter().enumerate() {
-            acc += q;
-            if draw < acc {
-                return order[i] as u32;
-            }
-        }
-        order[probs.len() - 1] as u32
+        let row = self.params.row();
+        let draw = if row.draws() { self.rng.random() } else { 0.0 };
+        reference::sample(logits, &row, history, draw)
     }
-}
 
-/// Index of the largest value (the first one on ties, as torch.argmax).
-pub fn argmax(values: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, v) in values.iter().enumerate() {
-        if *v > values[best] {
-            best = i;
+    /// The next `n` draws [`Self::sample`] would use, taken from the stream (none for a greedy sampler, which
+    /// draws nothing): a decode plan that samples on the device takes them at admission.
+    pub fn take_draws(&mut self, n: usize) -> Vec<f64> {
+        if self.params.row().draws() {
+            (0..n).map(|_| self.rng.random()).collect()
+        } else {
+            Vec::new()
         }
     }
-    best as u32
 }
 
 #[cfg(test)]

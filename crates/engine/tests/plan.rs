@@ -249,6 +249,76 @@ fn engine_decodes_greedy_requests_through_an_attached_plan() {
     assert_eq!(out.token_ids[..32], case.expected[..]);
 }
 
+/// Requests that sample (temperature, top-k, top-p, repetition penalty) decode through an attached plan, which
+/// samples on the device with the request's draws: the same tokens as the engine without a plan (burn's logits,
+/// the host sampler) for the same seed; other seeds give other tokens.
+#[test]
+fn engine_samples_through_an_attached_plan_as_without() {
+    use cubecl::wgpu::{WgpuDevice, WgpuRuntime};
+    use medvl_engine::{Engine, GenerateParams, SamplingParams};
+    let load = || {
+        Engine::<medvl_model::backend::Cpu>::load(&fixtures().join("hub"), Default::default())
+            .unwrap()
+    };
+    let (mut planned, burn) = (load(), load());
+    let client = WgpuRuntime::client(&WgpuDevice::default());
+    let plan =
+        DecodePlan::<WgpuRuntime, f32>::from_model(&client, planned.model(), 1, 112).unwrap();
+    planned.attach_plan(Box::new(plan));
+    let samplings = [
+        SamplingParams {
+            temperature: 0.8,
+            top_p: 0.9,
+            seed: 7,
+            ..Default::default()
+        },
+        SamplingParams {
+            temperature: 1.2,
+            top_k: 40,
+            repetition_penalty: 1.3,
+            seed: 11,
+            ..Default::default()
+        },
+        SamplingParams {
+            temperature: 0.0,
+            repetition_penalty: 1.5,
+            ..Default::default()
+        },
+    ];
+    for case in cases() {
+        for sampling in &samplings {
+            let params = GenerateParams {
+                sampling: sampling.clone(),
+                ignore_eos: true,
+                ..GenerateParams::greedy(24)
+            };
+            let generate = |engine: &Engine<_>, params: &GenerateParams| {
+                engine
+                    .generate_ids(&case.prompt, &case.images, params, |_| {})
+                    .unwrap()
+            };
+            let ours = generate(&planned, &params);
+            let theirs = generate(&burn, &params);
+            assert!(ours.plan_decode && !theirs.plan_decode);
+            assert_eq!(
+                ours.token_ids, theirs.token_ids,
+                "{} {sampling:?}",
+                case.name
+            );
+            if sampling.temperature > 0.0 {
+                let other = GenerateParams {
+                    sampling: SamplingParams {
+                        seed: sampling.seed + 1,
+                        ..sampling.clone()
+                    },
+                    ..params.clone()
+                };
+                assert_ne!(generate(&planned, &other).token_ids, ours.token_ids);
+            }
+        }
+    }
+}
+
 #[cfg(feature = "cuda")]
 mod cuda {
     use super::*;
