@@ -271,7 +271,8 @@ fn write_cache_from_a_roomy_source<R: Runtime, F: Activation>(client: &ComputeCl
 /// Rows with every kind of sampling (greedy with ties, temperature, top-k, top-p, both, repetition penalty,
 /// top-k past the vocabulary), `steps` launches in a row: each row's token equals the host sampler's
 /// (`reference::sample`, a sort of the whole row) given the same uniform draw, lengths move on, and a penalised
-/// row's sampled tokens count as seen at the next step.
+/// row's sampled tokens count as seen at the next step. (Boundaries that real sums hit exactly, like a top-p
+/// that equal probabilities reach on the dot, are avoided: there the two may differ by one token.)
 fn sampling_as_the_host<R: Runtime, F: Activation>(
     client: &ComputeClient<R>,
     vocab: usize,
@@ -288,7 +289,9 @@ fn sampling_as_the_host<R: Runtime, F: Activation>(
         row(1.0, 0, 1.0, 1.0),
         row(0.7, 5, 1.0, 1.0),
         row(1.3, 0, 0.9, 1.0),
-        row(0.8, 50, 0.8, 1.0),
+        // 50 tokens tie at the top of the stepped rows: top-p 0.8 would end exactly on a boundary (40 x 0.02),
+        // where f32 (device) and f64 (host) sums may disagree by a token; 0.83 does not.
+        row(0.8, 50, 0.83, 1.0),
         row(0.0, 0, 1.0, 1.5),
         row(1.0, 0, 0.95, 1.3),
         row(1.0, 1, 1.0, 1.0),
@@ -424,7 +427,7 @@ mod wgpu {
     fn sampling_as_the_host_f32() {
         sampling_as_the_host::<WgpuRuntime, f32>(&client(), 1003, 6);
         // The 7B's vocabulary (two steps: the host reference sorts it per row and step).
-        sampling_as_the_host::<WgpuRuntime, f32>(&client(), 151_936, 2);
+        sampling_as_the_host::<WgpuRuntime, f32>(&client(), 151_936, 4);
         sampling_refuses_bad_state(&client());
     }
 }
