@@ -285,7 +285,7 @@ struct RunArgs {
     /// of the (dense or NF4) weights, in the prefill and in the decode plan.
     #[arg(long)]
     adapter: Option<PathBuf>,
-    /// How tokens after the first are decoded: `plan` (medvl's own CUDA kernels; greedy requests), `burn` (the
+    /// How tokens after the first are decoded: `plan` (medvl's own CUDA kernels, greedy or sampled), `burn` (the
     /// burn model, as the prefill), `auto` (plan on CUDA, burn on the CPU).
     #[arg(long, value_enum, default_value_t = DecodeArg::Auto)]
     decode: DecodeArg,
