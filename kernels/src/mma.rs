@@ -22,6 +22,7 @@
 use cubecl::ir::features::MmaConfig;
 use cubecl::prelude::*;
 
+use crate::decode::DenseMatrix;
 use crate::nf4::{Activation, Nf4Matrix, block_scale};
 use crate::{Buffer, KernelError};
 
@@ -231,6 +232,22 @@ fn a_fragment<F: Float>(
     a
 }
 
+/// The `A` fragment of a dense mma step from 8 values of each of the lane's two rows (`low`: row `g`, `high`:
+/// row `g + 8`; 4 words of two values): the step of `half` 0 takes words 0 and 1, of `half` 1 words 2 and 3.
+#[cube]
+fn dense_fragment<F: Float>(
+    low: Vector<u32, Const<4>>,
+    high: Vector<u32, Const<4>>,
+    #[comptime] half: usize,
+) -> Array<Vector<F, Const<2>>> {
+    let mut a = Array::<Vector<F, Const<2>>>::new(4usize);
+    a[0usize] = Vector::<F, Const<2>>::reinterpret(low[comptime!(half * 2)]);
+    a[1usize] = Vector::<F, Const<2>>::reinterpret(high[comptime!(half * 2)]);
+    a[2usize] = Vector::<F, Const<2>>::reinterpret(low[comptime!(half * 2 + 1)]);
+    a[3usize] = Vector::<F, Const<2>>::reinterpret(high[comptime!(half * 2 + 1)]);
+    a
+}
+
 /// The `B` fragment of mma step `step` from the lane's 16 activations (`words`: 8 pairs): fragment rows
 /// `2q, 2q + 1` from pair `2 step` and `2q + 8, 2q + 9` from pair `2 step + 1`.
 #[cube]
@@ -396,7 +413,29 @@ fn gemv_mma_kernel<F: Float>(
         }
     }
 
-    // With split-K, every plane's sums through shared memory; the first plane adds them up.
+    write_sums(y, &acc, rows, batch, first, lane, tiles, split);
+}
+
+/// Writes a plane's tile sums (`acc`: per 8-row activation tile, rows `g`/`g + 8` x activation rows `2q`/`2q + 1`)
+/// to `y`; with split-K, every plane's sums go through shared memory and the first plane adds them up.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn write_sums<F: Float>(
+    y: &mut Array<F>,
+    acc: &Array<f32>,
+    rows: u32,
+    batch: u32,
+    first: u32,
+    lane: u32,
+    #[comptime] tiles: usize,
+    #[comptime] split: usize,
+) {
+    let (g, q) = (lane / 4, lane % 4);
+    let mut totals = Array::<f32>::new(comptime!(4 * tiles));
+    #[unroll]
+    for i in 0..comptime!(4 * tiles) {
+        totals[i] = acc[i];
+    }
     if comptime!(split > 1) {
         let outputs = comptime!(4 * tiles);
         let mut partial = SharedMemory::<f32>::new(comptime!(split * 4 * tiles * 32));
@@ -414,7 +453,7 @@ fn gemv_mma_kernel<F: Float>(
                 for p in 0..split {
                     total += partial[((comptime!((p * outputs + i) as u32)) * 32 + lane) as usize];
                 }
-                acc[i] = total;
+                totals[i] = total;
             }
         }
     }
@@ -426,11 +465,139 @@ fn gemv_mma_kernel<F: Float>(
                 let row = first + g + comptime!((i / 2) as u32 * 8);
                 let n = comptime!(t as u32 * 8 + (i % 2) as u32) + 2 * q;
                 if row < rows && n < batch {
-                    y[(n * rows + row) as usize] = F::cast_from(acc[comptime!(4 * t + i)]);
+                    y[(n * rows + row) as usize] = F::cast_from(totals[comptime!(4 * t + i)]);
                 }
             }
         }
     }
+}
+
+/// Whether [`gemv_mma_dense`] takes a dense `[rows, cols]` weight and batch where it is [`supported`]: 1 to
+/// [`MAX_ROWS`] rows and a width that is a multiple of 64.
+pub fn takes_dense<F>(weight: &DenseMatrix<F>, batch: usize) -> bool {
+    (1..=MAX_ROWS).contains(&batch) && weight.cols.is_multiple_of(64)
+}
+
+/// `y = x W^T` for a dense weight in `F` (bf16 or f16) on the tensor cores, as [`gemv_mma`] does for NF4: each
+/// plane computes 16 output rows with `mma.m16n8k16`, the weight read once for every activation row (one
+/// launch takes 1 to 32). Each lane loads 16 consecutive values of each of its two rows per 64-value sub-block
+/// (two 16-byte loads each), in the order the NF4 kernel's codes take, so the activation fragments are the same.
+pub fn gemv_mma_dense<R: Runtime, F: Activation>(
+    client: &ComputeClient<R>,
+    x: &Buffer<F>,
+    batch: usize,
+    weight: &DenseMatrix<F>,
+    y: &Buffer<F>,
+) -> Result<(), KernelError> {
+    if !supported::<R, F>(client) {
+        return Err(unsupported::<F>());
+    }
+    if !takes_dense(weight, batch) {
+        return Err(KernelError::Unsupported(format!(
+            "batch {batch} on a {}x{} dense matrix: the tensor-core GEMV takes 1 to {MAX_ROWS} rows and a width \
+             that is a multiple of 64",
+            weight.rows, weight.cols
+        )));
+    }
+    x.check("x", batch * weight.cols)?;
+    y.check("y", batch * weight.rows)?;
+    weight
+        .weight
+        .check("dense weight", weight.rows * weight.cols)?;
+    let split = MmaTiling::for_shape(weight.rows, weight.cols).split;
+    let cube_count = CubeCount::Static(weight.rows.div_ceil(16) as u32, 1, 1);
+    let cube_dim = CubeDim::new_2d(32, split as u32);
+    // SAFETY: the kernel reads `x` below row `batch` and column `cols`, the weight below row `rows` (16-byte
+    // vectors of a row-major `[rows, cols]` matrix, `cols` a multiple of 64), and writes `y` inside
+    // `[batch, rows]`, all checked above.
+    #[allow(unsafe_code)]
+    unsafe {
+        gemv_mma_dense_kernel::launch_unchecked::<F, R>(
+            client,
+            cube_count,
+            cube_dim,
+            x.array_arg(),
+            weight.weight.array_arg(),
+            y.array_arg(),
+            weight.rows as u32,
+            weight.cols as u32,
+            batch as u32,
+            batch.div_ceil(8),
+            split,
+        );
+    }
+    Ok(())
+}
+
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+fn gemv_mma_dense_kernel<F: Float>(
+    x: &Array<Vector<u32, Const<4>>>,
+    w: &Array<Vector<u32, Const<4>>>,
+    y: &mut Array<F>,
+    rows: u32,
+    cols: u32,
+    batch: u32,
+    #[comptime] tiles: usize,
+    #[comptime] split: usize,
+) {
+    let mma = cmma::MmaDefinition::<F, F, f32>::new(16usize, 8usize, 16usize);
+    let lane = UNIT_POS_X;
+    let (g, q) = (lane / 4, lane % 4);
+    let first = CUBE_POS_X * 16;
+    // Rows past the end re-read the last row; their sums are not written.
+    let row_low = if first + g < rows {
+        first + g
+    } else {
+        rows - 1
+    };
+    let row_high = if first + g + 8 < rows {
+        first + g + 8
+    } else {
+        rows - 1
+    };
+    let sub_blocks = cols / 64;
+    let mut acc = Array::<f32>::new(comptime!(4 * tiles));
+    #[unroll]
+    for i in 0..comptime!(4 * tiles) {
+        acc[i] = 0.0;
+    }
+    for j in range_stepped(UNIT_POS_Y, sub_blocks, comptime!(split as u32)) {
+        // The lane's 16 values of each row: 8 words of two values, word `m` holding values `2m, 2m + 1`.
+        let k = 64 * j + 16 * q;
+        let low0 = w[((row_low * cols + k) / 8) as usize];
+        let low1 = w[((row_low * cols + k) / 8 + 1) as usize];
+        let high0 = w[((row_high * cols + k) / 8) as usize];
+        let high1 = w[((row_high * cols + k) / 8 + 1) as usize];
+        // Step `s` takes values `4s .. 4s + 4`: words `2s` and `2s + 1`.
+        let a0 = dense_fragment::<F>(low0, high0, 0usize);
+        let a1 = dense_fragment::<F>(low0, high0, 1usize);
+        let a2 = dense_fragment::<F>(low1, high1, 0usize);
+        let a3 = dense_fragment::<F>(low1, high1, 1usize);
+        #[unroll]
+        for t in 0..tiles {
+            let n = comptime!(t as u32 * 8) + g;
+            let mut sums = Array::<Vector<f32, Const<2>>>::new(2usize);
+            sums[0usize] = Vector::new(0.0f32);
+            sums[1usize] = Vector::new(0.0f32);
+            let words = activations(x, n, k, cols, batch);
+            let b0 = b_fragment::<F>(&words, 0usize);
+            mma.execute_inplace(&a0, &b0, &mut sums);
+            let b1 = b_fragment::<F>(&words, 1usize);
+            mma.execute_inplace(&a1, &b1, &mut sums);
+            let b2 = b_fragment::<F>(&words, 2usize);
+            mma.execute_inplace(&a2, &b2, &mut sums);
+            let b3 = b_fragment::<F>(&words, 3usize);
+            mma.execute_inplace(&a3, &b3, &mut sums);
+            let low_sums = sums[0usize];
+            let high_sums = sums[1usize];
+            acc[comptime!(4 * t)] += low_sums[0usize];
+            acc[comptime!(4 * t + 1)] += low_sums[1usize];
+            acc[comptime!(4 * t + 2)] += high_sums[0usize];
+            acc[comptime!(4 * t + 3)] += high_sums[1usize];
+        }
+    }
+    write_sums(y, &acc, rows, batch, first, lane, tiles, split);
 }
 
 #[cfg(test)]

@@ -149,6 +149,50 @@ fn dense_gemv<R: Runtime, F: Activation>(client: &ComputeClient<R>, tolerance: f
     }
 }
 
+/// The dense tensor-core GEMV (bf16/f16 only) against f32 sums of the same values: rows that end mid-tile,
+/// widths of one and of many sub-blocks, 1-32 activation rows (partial 8-row tiles); a width that is not a
+/// multiple of 64 and 33 rows are refused.
+#[cfg(feature = "cuda")]
+fn dense_mma_gemv<R: Runtime, F: Activation>(client: &ComputeClient<R>, tolerance: f32) {
+    use medvl_kernels::mma;
+    assert!(mma::supported::<R, F>(client));
+    for (rows, cols, batch) in [
+        (37, 64, 1),
+        (130, 640, 9),
+        (16, 3584, 16),
+        (300, 1280, 17),
+        (48, 512, 32),
+    ] {
+        let w = stored::<F>(&random(rows * cols, 6));
+        let x = stored::<F>(&random(batch * cols, 7));
+        let matrix = DenseMatrix::upload(
+            client,
+            &w.iter().map(|&v| F::from_host(v)).collect::<Vec<_>>(),
+            rows,
+            cols,
+        )
+        .unwrap();
+        let y = Buffer::<F>::empty(client, batch * rows);
+        mma::gemv_mma_dense(client, &upload::<R, F>(client, &x), batch, &matrix, &y).unwrap();
+        let got = read(client, &y);
+        for b in 0..batch {
+            for r in 0..rows {
+                let expected: f32 = (0..cols).map(|c| x[b * cols + c] * w[r * cols + c]).sum();
+                let actual = got[b * rows + r];
+                assert!(
+                    (actual - expected).abs() <= tolerance * (1.0 + expected.abs()),
+                    "{rows}x{cols} batch {b} row {r}: {actual} vs {expected}"
+                );
+            }
+        }
+    }
+    let odd = DenseMatrix::upload(client, &[F::from_host(0.0); 2 * 96], 2, 96).unwrap();
+    let y = Buffer::<F>::empty(client, 64 * 96);
+    assert!(mma::gemv_mma_dense(client, &y, 1, &odd, &y).is_err());
+    let square = DenseMatrix::upload(client, &[F::from_host(0.0); 64 * 64], 64, 64).unwrap();
+    assert!(mma::gemv_mma_dense(client, &y, 33, &square, &y).is_err());
+}
+
 fn lora_adds_to_adapted_rows<R: Runtime, F: Activation>(client: &ComputeClient<R>, tolerance: f32) {
     use decode::{LoraPart, LoraUp};
     // A stacked output of 100 rows (q 60 | k 20 | v 20) with adapters on q (rank 40: more than a plane's lanes)
@@ -453,6 +497,8 @@ mod cuda {
         }
         dense_gemv::<CudaRuntime, f32>(&c, 1e-5);
         dense_gemv::<CudaRuntime, bf16>(&c, 1.0 / 128.0);
+        dense_mma_gemv::<CudaRuntime, bf16>(&c, 1.0 / 128.0);
+        dense_mma_gemv::<CudaRuntime, half::f16>(&c, 1.0 / 256.0);
         lora_adds_to_adapted_rows::<CudaRuntime, f32>(&c, 1e-5);
         lora_adds_to_adapted_rows::<CudaRuntime, bf16>(&c, 1.0 / 128.0);
         argmax_takes_the_first_of_ties::<CudaRuntime, f32>(&c);

@@ -14,7 +14,7 @@ use anyhow::{Result, bail};
 use clap::ValueEnum;
 use cubecl::prelude::*;
 use medvl_engine::plan::{
-    DecodePlan, Nf4Products, OpTime, PlanConfig, RandomFormat, RandomFormats,
+    DecodePlan, DenseProducts, Nf4Products, OpTime, PlanConfig, RandomFormat, RandomFormats,
 };
 use medvl_engine::{Sampler, SamplingParams};
 use medvl_kernels::nf4::Activation;
@@ -120,6 +120,11 @@ enum Format {
     Nf4Gemv,
     /// As `nf4`, with every NF4 product of 1-32 rows on the tensor-core GEMV: to compare.
     Nf4Mma,
+    /// As `dense`, with the dense products past 8 rows on the tensor-core GEMM (before the dense tensor-core
+    /// GEMV): to compare.
+    DenseGemm,
+    /// As `dense`, with the dense tensor-core GEMV taking up to 32 rows per launch: to compare.
+    DenseMma32,
 }
 
 impl Format {
@@ -127,7 +132,7 @@ impl Format {
     fn formats(self) -> (RandomFormats, bool) {
         use RandomFormat::{Dense, Nf4};
         let (layers, lm_head, embedding) = match self {
-            Self::Dense => (Dense, Dense, Dense),
+            Self::Dense | Self::DenseGemm | Self::DenseMma32 => (Dense, Dense, Dense),
             Self::Nf4LmHead => (Nf4, Nf4, Dense),
             Self::Nf4All => (Nf4, Nf4, Nf4),
             Self::Nf4 | Self::Nf4Lora | Self::Nf4Gemv | Self::Nf4Mma => (Nf4, Dense, Dense),
@@ -148,6 +153,8 @@ struct Case {
     lora_rank: Option<usize>,
     /// The smallest batch whose NF4 products ran on the tensor-core GEMV (none: never).
     nf4_mma_from: Option<usize>,
+    /// The most rows per launch of the dense tensor-core GEMV past 8 rows (none: the GEMM, or no dense layers).
+    dense_mma_rows: Option<usize>,
     batch: usize,
     context: usize,
     steps: usize,
@@ -254,6 +261,13 @@ fn run_in<R: Runtime, F: Activation>(
                 _ => Nf4Products::Auto,
             })
             .filter(|_| formats.layers == RandomFormat::Nf4);
+        let dense_mma_rows = plan
+            .set_dense_products(match format {
+                Format::DenseGemm => DenseProducts::Gemm,
+                Format::DenseMma32 => DenseProducts::Mma32,
+                _ => DenseProducts::Auto,
+            })
+            .filter(|_| formats.layers == RandomFormat::Dense);
         let usage = client
             .memory_usage()
             .map_err(|e| anyhow::anyhow!("memory usage: {e:?}"))?;
@@ -294,6 +308,7 @@ fn run_in<R: Runtime, F: Activation>(
                 format,
                 lora_rank,
                 nf4_mma_from,
+                dense_mma_rows,
                 batch,
                 context: args.context,
                 steps: args.steps,

@@ -571,6 +571,15 @@ impl<F: Activation> Matrix<F> {
                 |xs, n, ys| mma::gemv_mma(client, xs, n, m, ys),
             );
         }
+        if let Self::Dense(m) = self
+            && batch > GEMV_GROUP
+            && let Some(most) = kernels.dense_mma
+            && mma::takes_dense(m, batch)
+        {
+            return in_row_groups(x, y, batch, most, [rows, cols], |xs, n, ys| {
+                mma::gemv_mma_dense(client, xs, n, m, ys)
+            });
+        }
         if batch > GEMV_GROUP && kernels.tensor_cores && cols.is_multiple_of(32) {
             return match self {
                 Self::Dense(m) => gemm::gemm_dense(client, x, batch, m, y),
@@ -1149,6 +1158,34 @@ struct Kernels {
     /// NF4 products of this many rows and more (up to 32) as tensor-core GEMVs ([`mma::supported`];
     /// [`DecodePlan::set_nf4_products`]).
     mma_from: Option<usize>,
+    /// Dense products of more than [`GEMV_GROUP`] rows as tensor-core GEMVs of at most this many rows per launch
+    /// ([`mma::gemv_mma_dense`]; [`DecodePlan::set_dense_products`]); `None`: the GEMM.
+    dense_mma: Option<usize>,
+}
+
+/// Which kernel multiplies a plan's dense weights past [`GEMV_GROUP`] rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DenseProducts {
+    /// The tensor-core GEMV ([`mma::gemv_mma_dense`]) in launches of at most [`mma::PREFERRED_MAX`] rows where the
+    /// device has it, else the tensor-core GEMM (or GEMVs of 8 rows).
+    Auto,
+    /// The tensor-core GEMV, up to 32 rows in one launch (to compare).
+    Mma32,
+    /// The tensor-core GEMM ([`gemm::gemm_dense`]; to compare).
+    Gemm,
+}
+
+/// The most rows per launch of the dense tensor-core GEMV for `products` on this device (`None`: not used).
+fn dense_mma<R: Runtime, F: Activation>(
+    client: &ComputeClient<R>,
+    products: DenseProducts,
+) -> Option<usize> {
+    let supported = mma::supported::<R, F>(client);
+    match products {
+        DenseProducts::Auto => supported.then_some(mma::PREFERRED_MAX),
+        DenseProducts::Mma32 => supported.then_some(mma::MAX_ROWS),
+        DenseProducts::Gemm => None,
+    }
 }
 
 /// Which kernel multiplies a plan's NF4 weights.
@@ -1283,6 +1320,7 @@ impl<R: Runtime, F: Activation> DecodePlan<R, F> {
             kernels: Kernels {
                 tensor_cores: gemm::supported::<R, F>(client),
                 mma_from: mma_from::<R, F>(client, Nf4Products::Auto),
+                dense_mma: dense_mma::<R, F>(client, DenseProducts::Auto),
             },
             device_kv: None,
             sampling: None,
@@ -1351,6 +1389,13 @@ impl<R: Runtime, F: Activation> DecodePlan<R, F> {
     pub fn set_nf4_products(&mut self, products: Nf4Products) -> Option<usize> {
         self.kernels.mma_from = mma_from::<R, F>(&self.client, products);
         self.kernels.mma_from
+    }
+
+    /// Which kernel multiplies the dense weights past 8 rows ([`DenseProducts::Auto`] unless set). Returns the
+    /// most rows per launch of the tensor-core GEMV, `None` when it is not used.
+    pub fn set_dense_products(&mut self, products: DenseProducts) -> Option<usize> {
+        self.kernels.dense_mma = dense_mma::<R, F>(&self.client, products);
+        self.kernels.dense_mma
     }
 
     /// The sizes the plan was built for.
