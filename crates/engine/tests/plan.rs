@@ -352,6 +352,22 @@ mod cuda {
     }
     #[test]
     #[ignore = "needs an NVIDIA GPU"]
+    fn plan_on_cuda_bf16_runs_ten_dense_sequences_on_tensor_cores() {
+        let device = Default::default();
+        let model = load_dir::<CudaBf16>(&fixtures().join("hub"), &device).unwrap();
+        let client = CudaRuntime::client(&CudaDevice::default());
+        // 10 sequences: past the GEMV's 8 rows, every dense product runs on the tensor-core GEMV.
+        assert!(medvl_kernels::mma::supported::<CudaRuntime, half::bf16>(
+            &client
+        ));
+        let counts = run::<_, _, half::bf16>(&model, &device, &client, 10, 5e-2);
+        for (case, same) in counts {
+            assert!(same >= 8, "{case}: {same} tokens");
+        }
+    }
+
+    #[test]
+    #[ignore = "needs an NVIDIA GPU"]
     fn plan_on_cuda_bf16_nf4_runs_ten_sequences_on_tensor_cores() {
         let device = Default::default();
         let model = load_nf4::<CudaBf16>(&device, QuantizeOptions::default());
