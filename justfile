@@ -31,7 +31,7 @@ bench-cpu:
 # a page end to end (bf16, NF4; 1,260 and 2,772 image tokens; 256 new tokens), then the decode step (bf16, NF4,
 # NF4 + lm_head; batch 1, 8, 16, 32); then the report (`just report`).
 bench:
-    cargo run --release -p medvl-bench --features cuda -- page --out benchmarks/page.json
+    cargo run --release -p medvl-bench --features cuda -- page --concurrency 1,8,32 --out benchmarks/page.json
     python3 benches/python/page_baseline.py --image-tokens 1260,2772 --out benchmarks/page-python.json
     cargo run --release -p medvl-bench --features cuda -- decode --batches 1,8,16,32 --out benchmarks/decode.json
     python3 benches/python/decode_baseline.py --batches 1,8,16,32 --out benchmarks/decode-python.json

@@ -6,7 +6,9 @@ on the same synthetic page as medvl-bench (840x1176 px = 1,260 image tokens, 123
 extraction prompt, 256 new tokens forced (min_new_tokens), greedy, batch 1. Per case: preprocessing (image
 processor + template + tokenizer), time to first token (preprocessing + `generate` of 1 token), decode tokens/s
 (255 / (t(256) - t(1))), page + 256 tokens end to end avg/min/max over --runs after a warm-up, weights and peak
-memory from torch's allocator. Writes JSON (--out) and prints a table.
+memory from torch's allocator and, as medvl-bench reads it, from the driver (`nvidia-smi`'s memory in use on the
+device, sampled every 20 ms from before torch touches the card, so the CUDA context counts). Writes JSON (--out)
+and prints a table.
 
 NF4 needs bitsandbytes (the GPU machine has none installed: scripts/bnb-wheel.sh fetches the wheel here and
 scripts/gpu-check.sh installs it there); without it only bf16 runs.
@@ -16,6 +18,8 @@ import argparse
 import gzip
 import os
 import random
+import subprocess
+import threading
 import time
 
 import torch
@@ -83,6 +87,45 @@ def with_lora(model, rank):
     return get_peft_model(model, config).eval()
 
 
+class DriverMemory:
+    """Device memory in use as the driver reports it, in MB above the figure at start, sampled by `nvidia-smi -lms`
+    (the device's figure: other processes on the card would count too). `None` figures without nvidia-smi."""
+
+    def __init__(self, index=0):
+        self.baseline = self.current = self.peak = None
+        try:
+            self.proc = subprocess.Popen(
+                ["nvidia-smi", f"--id={index}", "--query-gpu=memory.used", "--format=csv,noheader,nounits",
+                 "-lms", "20"], stdout=subprocess.PIPE, text=True)
+        except OSError as e:
+            print(f"no driver memory figures: {e}")
+            self.proc = None
+            return
+        first = self.proc.stdout.readline()
+        self.baseline = self.current = self.peak = float(first)
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            try:
+                used = float(line)
+            except ValueError:
+                continue
+            self.current = used
+            self.peak = max(self.peak, used)
+
+    def used_mb(self):
+        return None if self.baseline is None else (self.current - self.baseline) * 1.048576
+
+    def peak_mb(self):
+        return None if self.baseline is None else (self.peak - self.baseline) * 1.048576
+
+    def reset_peak(self):
+        if self.baseline is not None:
+            time.sleep(0.05)
+            self.peak = self.current
+
+
 def main():
     here = os.path.dirname(os.path.abspath(__file__))
     p = argparse.ArgumentParser()
@@ -94,6 +137,7 @@ def main():
     p.add_argument("--tokenizer", default=os.path.join(here, "../../fixtures/qwen/tokenizer.json.gz"))
     p.add_argument("--out")
     args = p.parse_args()
+    driver = DriverMemory()
     card = torch.cuda.get_device_name()
     with gzip.open(args.tokenizer, "rt") as f:
         tok_json = f.read()
@@ -121,6 +165,7 @@ def main():
     cases = []
     config = Qwen2_5_VLConfig(text_config=TEXT, vision_config=VISION)
     for fmt in formats:
+        driver.reset_peak()
         torch.manual_seed(0)
         start = time.perf_counter()
         with torch.device("cuda"):
@@ -132,6 +177,8 @@ def main():
         torch.cuda.synchronize()
         load_s = time.perf_counter() - start
         weights_mb = torch.cuda.memory_allocated() / 1e6
+        time.sleep(0.05)
+        driver_loaded_mb = driver.used_mb()
         for tokens in [int(t) for t in args.image_tokens.split(",")]:
             width, height = PAGES[tokens]
             image = page(width, height, tokens)
@@ -171,6 +218,7 @@ def main():
                                     max=max(r[k] for r in runs))
             case = dict(format=fmt, image_tokens=tokens, width=width, height=height, prompt_tokens=prompt_tokens,
                         load_s=load_s, weights_mb=weights_mb, peak_mb=torch.cuda.max_memory_allocated() / 1e6,
+                        driver_loaded_mb=driver_loaded_mb, driver_peak_mb=driver.peak_mb(),
                         total_s=spread("total_s"), time_to_first_token_s=spread("time_to_first_token_s"),
                         decode_tokens_per_s=spread("decode_tokens_per_s"), runs=runs)
             cases.append(case)

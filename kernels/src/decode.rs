@@ -694,6 +694,49 @@ pub fn argmax_advance<R: Runtime, F: Activation>(
     Ok(())
 }
 
+/// Moves the first `len` tokens of sequence `from` of a cache `[batch, kv_heads, capacity, head_dim]` (keys or
+/// values) to sequence `to` of the same cache, so that a batch keeps its sequences in its first slots when an
+/// earlier one ends. One buffer read and written: the two sequences' regions do not overlap.
+pub fn move_cache<R: Runtime, F: Activation>(
+    client: &ComputeClient<R>,
+    shape: AttentionShape,
+    cache: &Buffer<F>,
+    from: usize,
+    to: usize,
+    len: usize,
+) -> Result<(), KernelError> {
+    shape.validate()?;
+    if from >= shape.batch || to >= shape.batch || from == to || len > shape.capacity {
+        return Err(unsupported(format!(
+            "moving {len} tokens from sequence {from} to {to} of {} in {} slots",
+            shape.batch, shape.capacity
+        )));
+    }
+    cache.check("cache", shape.cache_len())?;
+    let n = shape.kv_heads * len * shape.head_dim;
+    if n == 0 {
+        return Ok(());
+    }
+    let (count, dim) = elementwise(n);
+    // SAFETY: both sequences below `batch`, positions below `len <= capacity`, the cache's length checked.
+    #[allow(unsafe_code)]
+    unsafe {
+        move_cache_kernel::launch_unchecked::<F, R>(
+            client,
+            count,
+            dim,
+            cache.array_arg(),
+            from as u32,
+            to as u32,
+            shape.kv_heads as u32,
+            len as u32,
+            shape.capacity as u32,
+            shape.head_dim as u32,
+        );
+    }
+    Ok(())
+}
+
 /// Copies the first `len` tokens of one sequence's keys or values `src` (`[kv_heads, src_slots, head_dim]`, e.g.
 /// a prefill's cache with room after its tokens, or `src_slots == len`) into slots `0..len` of sequence `seq` of a
 /// cache `[batch, kv_heads, capacity, head_dim]`.
@@ -1307,5 +1350,26 @@ fn write_cache_kernel<F: Float>(
         let kh = i / (head_dim * len);
         cache[(((seq * kv_heads + kh) * capacity + t) * head_dim + d) as usize] =
             src[((kh * src_slots + t) * head_dim + d) as usize];
+    }
+}
+
+#[cube(launch_unchecked)]
+fn move_cache_kernel<F: Float>(
+    cache: &mut Array<F>,
+    from: u32,
+    to: u32,
+    kv_heads: u32,
+    len: u32,
+    capacity: u32,
+    head_dim: u32,
+) {
+    let i = CUBE_POS_X * CUBE_DIM_X + UNIT_POS_X;
+    if i < kv_heads * len * head_dim {
+        let d = i % head_dim;
+        let t = (i / head_dim) % len;
+        let kh = i / (head_dim * len);
+        let src = ((from * kv_heads + kh) * capacity + t) * head_dim + d;
+        let dst = ((to * kv_heads + kh) * capacity + t) * head_dim + d;
+        cache[dst as usize] = cache[src as usize];
     }
 }

@@ -312,6 +312,41 @@ fn write_cache_from_a_roomy_source<R: Runtime, F: Activation>(client: &ComputeCl
     assert!(decode::write_cache(client, shape, &short, 5, 1, len, &cache).is_err());
 }
 
+/// Tokens `0..len` of sequence 2 land in sequence 0 (both keys' layout), everything else (sequence 0's later
+/// slots, sequences 1 and 2) stays; moving onto itself or past the batch is refused.
+fn move_cache_between_sequences<R: Runtime, F: Activation>(client: &ComputeClient<R>) {
+    let shape = AttentionShape {
+        heads: 4,
+        kv_heads: 2,
+        head_dim: 8,
+        capacity: 12,
+        batch: 3,
+    };
+    let len = 9;
+    let before = stored::<F>(&random(
+        shape.batch * shape.kv_heads * shape.capacity * shape.head_dim,
+        8,
+    ));
+    let cache = upload::<R, F>(client, &before);
+    decode::move_cache(client, shape, &cache, 2, 0, len).unwrap();
+    let mut expected = before.clone();
+    let at = |seq: usize, h: usize, t: usize, d: usize| {
+        ((seq * shape.kv_heads + h) * shape.capacity + t) * shape.head_dim + d
+    };
+    for h in 0..shape.kv_heads {
+        for t in 0..len {
+            for d in 0..shape.head_dim {
+                expected[at(0, h, t, d)] = before[at(2, h, t, d)];
+            }
+        }
+    }
+    assert_ne!(expected, before);
+    assert_eq!(read::<R, F>(client, &cache), expected);
+    assert!(decode::move_cache(client, shape, &cache, 1, 1, len).is_err());
+    assert!(decode::move_cache(client, shape, &cache, 3, 0, len).is_err());
+    assert!(decode::move_cache(client, shape, &cache, 1, 0, 13).is_err());
+}
+
 /// Rows with every kind of sampling (greedy with ties, temperature, top-k, top-p, both, repetition penalty,
 /// top-k past the vocabulary), `steps` launches in a row: each row's token equals the host sampler's
 /// (`reference::sample`, a sort of the whole row) given the same uniform draw, lengths move on, and a penalised
@@ -468,6 +503,11 @@ mod wgpu {
     }
 
     #[test]
+    fn move_cache_between_sequences_f32() {
+        move_cache_between_sequences::<WgpuRuntime, f32>(&client());
+    }
+
+    #[test]
     fn sampling_as_the_host_f32() {
         sampling_as_the_host::<WgpuRuntime, f32>(&client(), 1003, 6);
         // The 7B's vocabulary (two steps: the host reference sorts it per row and step).
@@ -505,6 +545,8 @@ mod cuda {
         argmax_takes_the_first_of_ties::<CudaRuntime, bf16>(&c);
         write_cache_from_a_roomy_source::<CudaRuntime, f32>(&c);
         write_cache_from_a_roomy_source::<CudaRuntime, bf16>(&c);
+        move_cache_between_sequences::<CudaRuntime, f32>(&c);
+        move_cache_between_sequences::<CudaRuntime, bf16>(&c);
         for vocab in [1003, 151_936] {
             sampling_as_the_host::<CudaRuntime, f32>(&c, vocab, 4);
             sampling_as_the_host::<CudaRuntime, bf16>(&c, vocab, 4);

@@ -13,6 +13,8 @@
 //! launches pays when the kernel is shorter than the host's launch cost).
 
 mod decode;
+#[cfg(feature = "cuda")]
+mod driver;
 mod page;
 #[cfg(feature = "cuda")]
 mod prefill;

@@ -55,11 +55,37 @@ struct PageCase {
     /// Python: the model's weights, and the allocator's peak.
     weights_mb: Option<f64>,
     peak_mb: Option<f64>,
+    /// Both stacks: device memory the driver reports after loading, and its peak, MB above the process's start.
+    driver_loaded_mb: Option<f64>,
+    driver_peak_mb: Option<f64>,
     vision_s: Option<f64>,
     llm_prefill_s: Option<f64>,
     total_s: Stat,
     time_to_first_token_s: Stat,
     decode_tokens_per_s: Stat,
+    /// medvl: requests run together through the engine.
+    #[serde(default)]
+    concurrent: Vec<ConcurrentCase>,
+}
+
+#[derive(Deserialize)]
+struct ConcurrentCase {
+    requests: usize,
+    wall_s: f64,
+    tokens_per_s: f64,
+    latency_s: Stat,
+    time_to_first_token_s: Stat,
+    decode_tokens_per_s: Stat,
+    driver_peak_mb: Option<f64>,
+}
+
+/// The Python stack's format a medvl format is compared with: its own, or for `nf4-all` (every weight NF4, which
+/// transformers + bitsandbytes do not offer) the closest one, `nf4`.
+fn baseline_format(format: &str) -> &str {
+    match format {
+        "nf4-all" => "nf4",
+        other => other,
+    }
 }
 
 #[derive(Deserialize)]
@@ -241,13 +267,16 @@ fn page_section(md: &mut String, rows: &[PageRow], charts: &Path, dir: &str) -> 
         md,
         "## A page end to end\n\nOne page image and the extraction prompt, then {tokens} generated tokens. \
          Weights MB: medvl the model plus the decode plan's own buffers, transformers the model's weights. Peak: \
-         the allocator's (transformers). Times in seconds; end to end is avg (min-max) over the timed runs after a \
-         warm-up. Speed-up: transformers' end-to-end time over medvl's, same card. #: the report a row \
-         comes from (Environment above); rows of different reports come from different commands.\n"
+         the allocator's (transformers). Driver MB: device memory in use as the driver reports it (`nvidia-smi`; \
+         CUDA context and allocator pools included) after loading and at the peak of the runs, above what was in \
+         use before the process started. Times in seconds; end to end is avg (min-max) over the timed runs after a \
+         warm-up. Speed-up: transformers' end-to-end time over medvl's, same card and format (`nf4-all`, every \
+         weight NF4, against transformers' `nf4`). #: the report a row comes from (Environment above); rows of \
+         different reports come from different commands.\n"
     )?;
     writeln!(
         md,
-        "| weights | image tokens | stack | # | load s | weights MB | peak MB | vision s | LLM prefill s | first token s | decode tokens/s | page + {tokens} tokens s | speed-up |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+        "| weights | image tokens | stack | # | load s | weights MB | peak MB | driver MB loaded / peak | vision s | LLM prefill s | first token s | decode tokens/s | page + {tokens} tokens s | speed-up |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     )?;
     let mut keys: Vec<(String, usize)> = rows
         .iter()
@@ -266,14 +295,31 @@ fn page_section(md: &mut String, rows: &[PageRow], charts: &Path, dir: &str) -> 
             let speedup = if row.python() {
                 String::new()
             } else {
-                same.iter()
-                    .find(|p| p.python() && p.report.card == row.report.card)
-                    .map(|p| format!("{:.1}x", p.case.total_s.avg / c.total_s.avg))
+                let baseline = baseline_format(format);
+                rows.iter()
+                    .find(|p| {
+                        p.python()
+                            && p.report.card == row.report.card
+                            && p.case.format == baseline
+                            && p.case.image_tokens == *image_tokens
+                    })
+                    .map(|p| {
+                        let ratio = p.case.total_s.avg / c.total_s.avg;
+                        if baseline == format {
+                            format!("{ratio:.1}x")
+                        } else {
+                            format!("{ratio:.1}x (vs {baseline})")
+                        }
+                    })
                     .unwrap_or_default()
+            };
+            let driver = match (c.driver_loaded_mb, c.driver_peak_mb) {
+                (None, None) => "-".to_string(),
+                (loaded, peak) => format!("{} / {}", opt(loaded, 0), opt(peak, 0)),
             };
             writeln!(
                 md,
-                "| {format} | {image_tokens} | {} | {} | {:.1} | {} | {} | {} | {} | {:.3} | {:.1} | {:.3} ({:.3}-{:.3}) | {speedup} |",
+                "| {format} | {image_tokens} | {} | {} | {:.1} | {} | {} | {driver} | {} | {} | {:.3} | {:.1} | {:.3} ({:.3}-{:.3}) | {speedup} |",
                 stack_name(&row.report.stack),
                 row.file + 1,
                 c.load_s,
@@ -326,6 +372,63 @@ fn page_section(md: &mut String, rows: &[PageRow], charts: &Path, dir: &str) -> 
         md,
         "\n![page end to end]({dir}/page.svg)\n\n![weights memory]({dir}/memory.svg)\n"
     )?;
+    concurrent_section(md, rows, charts, dir)
+}
+
+/// Pages requested at once through the engine's continuous batching (medvl only).
+fn concurrent_section(md: &mut String, rows: &[PageRow], charts: &Path, dir: &str) -> Result<()> {
+    let rows: Vec<&PageRow> = rows
+        .iter()
+        .filter(|r| !r.case.concurrent.is_empty())
+        .collect();
+    if rows.is_empty() {
+        return Ok(());
+    }
+    writeln!(
+        md,
+        "### Pages at once\n\nThe same page requested N times at once through medvl's engine \
+         (`Engine::generate_batch`: continuous batching, each request prefilled when a decode slot is free, the \
+         decode steps shared), after a warm-up batch of the same size. Tokens/s: all requests' generated tokens over \
+         the wall time. Latency and first token: per request from the call, avg (min-max). Decode tokens/s: per \
+         request from its admission to its end. Driver peak: MB above the process's start.\n\n\
+         | weights | image tokens | # | requests | wall s | tokens/s | latency s | first token s | decode tokens/s per request | driver peak MB |\n\
+         |---|---|---|---|---|---|---|---|---|---|"
+    )?;
+    let mut series = Vec::new();
+    for row in rows {
+        let c = row.case;
+        let mut points = Vec::new();
+        for run in &c.concurrent {
+            writeln!(
+                md,
+                "| {} | {} | {} | {} | {:.2} | {:.1} | {:.2} ({:.2}-{:.2}) | {:.2} | {:.1} | {} |",
+                c.format,
+                c.image_tokens,
+                row.file + 1,
+                run.requests,
+                run.wall_s,
+                run.tokens_per_s,
+                run.latency_s.avg,
+                run.latency_s.min,
+                run.latency_s.max,
+                run.time_to_first_token_s.avg,
+                run.decode_tokens_per_s.avg,
+                opt(run.driver_peak_mb, 0),
+            )?;
+            points.push((run.requests as f64, run.tokens_per_s));
+        }
+        series.push((
+            format!("{} {} (#{})", c.format, c.image_tokens, row.file + 1),
+            points,
+        ));
+    }
+    line_chart(
+        &charts.join("concurrent.svg"),
+        "Pages at once: generated tokens/s against requests",
+        "requests at once",
+        &series,
+    )?;
+    writeln!(md, "\n![pages at once]({dir}/concurrent.svg)\n")?;
     Ok(())
 }
 
@@ -425,6 +528,7 @@ fn decode_section(
     line_chart(
         &charts.join("decode.svg"),
         "Decode tokens/s by batch size (higher is better)",
+        "batch (sequences decoded together)",
         &series,
     )?;
     writeln!(md, "\n![decode tokens/s]({dir}/decode.svg)\n")?;
@@ -520,7 +624,12 @@ fn bar_chart(path: &Path, title: &str, bars: &[Bar]) -> Result<()> {
 }
 
 /// Lines over log-scaled axes, one per series, with a legend.
-fn line_chart(path: &Path, title: &str, series: &[(String, Vec<(f64, f64)>)]) -> Result<()> {
+fn line_chart(
+    path: &Path,
+    title: &str,
+    x_desc: &str,
+    series: &[(String, Vec<(f64, f64)>)],
+) -> Result<()> {
     let err = chart_err(path);
     let mut svg = String::new();
     {
@@ -547,7 +656,7 @@ fn line_chart(path: &Path, title: &str, series: &[(String, Vec<(f64, f64)>)]) ->
             .x_labels(x_max.log2().ceil() as usize + 1)
             .x_label_formatter(&|x| format!("{}", 2f64.powf(*x).round()))
             .y_label_formatter(&|y| format!("{y:.0}"))
-            .x_desc("batch (sequences decoded together)")
+            .x_desc(x_desc)
             .y_desc("tokens/s")
             .draw()
             .map_err(&err)?;
@@ -593,11 +702,22 @@ mod tests {
     const PAGE: &str = r#"{"card": "H100", "device": "cuda bf16", "git_commit": "abc", "model": "m", "new_tokens": 256,
       "cases": [{"format": "nf4", "decode": "plan", "image_tokens": 2772, "load_s": 90.0, "model_mb": 5000.0,
       "plan_weights_mb": 100.0, "in_use_mb": 1.0, "reserved_mb": 2.0, "vision_s": 0.8, "llm_prefill_s": 0.4,
+      "driver_loaded_mb": 5400.0, "driver_peak_mb": 7000.0,
       "total_s": {"avg": 2.0, "min": 1.5, "max": 2.5}, "time_to_first_token_s": {"avg": 1.0, "min": 1.0, "max": 1.0},
-      "decode_tokens_per_s": {"avg": 250.0, "min": 240.0, "max": 260.0}, "runs": []}]}"#;
+      "decode_tokens_per_s": {"avg": 250.0, "min": 240.0, "max": 260.0}, "runs": []},
+      {"format": "nf4-all", "decode": "plan", "image_tokens": 2772, "load_s": 80.0, "model_mb": 4000.0,
+      "plan_weights_mb": 100.0, "vision_s": 0.8, "llm_prefill_s": 0.4,
+      "total_s": {"avg": 1.6, "min": 1.5, "max": 1.7}, "time_to_first_token_s": {"avg": 1.0, "min": 1.0, "max": 1.0},
+      "decode_tokens_per_s": {"avg": 260.0, "min": 250.0, "max": 270.0}, "runs": [],
+      "concurrent": [{"requests": 1, "wall_s": 1.6, "new_tokens": 256, "tokens_per_s": 160.0,
+        "latency_s": {"avg": 1.6, "min": 1.6, "max": 1.6}, "time_to_first_token_s": {"avg": 1.0, "min": 1.0, "max": 1.0},
+        "decode_tokens_per_s": {"avg": 260.0, "min": 260.0, "max": 260.0}, "driver_peak_mb": 6000.0},
+        {"requests": 8, "wall_s": 6.4, "new_tokens": 2048, "tokens_per_s": 320.0,
+        "latency_s": {"avg": 5.0, "min": 3.0, "max": 6.4}, "time_to_first_token_s": {"avg": 2.5, "min": 1.0, "max": 4.0},
+        "decode_tokens_per_s": {"avg": 90.0, "min": 80.0, "max": 100.0}}]}]}"#;
     const PY_PAGE: &str = r#"{"card": "H100", "stack": "transformers", "new_tokens": 256,
       "cases": [{"format": "nf4", "image_tokens": 2772, "load_s": 50.0, "weights_mb": 5964.0, "peak_mb": 6656.0,
-      "total_s": {"avg": 24.0, "min": 24.0, "max": 24.0}, "time_to_first_token_s": {"avg": 0.5, "min": 0.5, "max": 0.5},
+      "driver_loaded_mb": 6500.0, "driver_peak_mb": 7800.0, "total_s": {"avg": 24.0, "min": 24.0, "max": 24.0}, "time_to_first_token_s": {"avg": 0.5, "min": 0.5, "max": 0.5},
       "decode_tokens_per_s": {"avg": 11.0, "min": 11.0, "max": 11.0}, "runs": []}]}"#;
     const DECODE: &str = r#"{"card": "H100", "runtime": "cuda", "activations": "bf16", "git_commit": "abc",
       "copy_gb_per_s": 2800.0, "cases": [
@@ -638,9 +758,24 @@ mod tests {
         .unwrap();
         let md = std::fs::read_to_string(&out).unwrap();
         // 24 s against 2 s; the plan's memory counted with the model's.
-        assert!(md.contains("| nf4 | 2772 | medvl | 1 | 90.0 | 5100 | - | 0.800 | 0.400 | 1.000 | 250.0 | 2.000 (1.500-2.500) | 12.0x |"), "{md}");
+        assert!(md.contains("| nf4 | 2772 | medvl | 1 | 90.0 | 5100 | - | 5400 / 7000 | 0.800 | 0.400 | 1.000 | 250.0 | 2.000 (1.500-2.500) | 12.0x |"), "{md}");
         assert!(
-            md.contains("| nf4 | 2772 | transformers | 2 | 50.0 | 5964 | 6656 |"),
+            md.contains("| nf4 | 2772 | transformers | 2 | 50.0 | 5964 | 6656 | 6500 / 7800 |"),
+            "{md}"
+        );
+        // Every weight NF4 against transformers' nf4: 24 s against 1.6 s.
+        assert!(md.contains("| nf4-all | 2772 | medvl | 1 | 80.0 | 4100 | - | - | 0.800 | 0.400 | 1.000 | 260.0 | 1.600 (1.500-1.700) | 15.0x (vs nf4) |"), "{md}");
+        // Requests at once.
+        assert!(
+            md.contains(
+                "| nf4-all | 2772 | 1 | 8 | 6.40 | 320.0 | 5.00 (3.00-6.40) | 2.50 | 90.0 | - |"
+            ),
+            "{md}"
+        );
+        assert!(
+            md.contains(
+                "| nf4-all | 2772 | 1 | 1 | 1.60 | 160.0 | 1.60 (1.60-1.60) | 1.00 | 260.0 | 6000 |"
+            ),
             "{md}"
         );
         // 150 tokens/s against transformers' bf16 10: 15x; batch 8 has no Python row.
@@ -652,7 +787,7 @@ mod tests {
             md.contains("| dense | 8 | 1300 | medvl | 3 | 700.0 | 2.50 |  |"),
             "{md}"
         );
-        for chart in ["page.svg", "memory.svg", "decode.svg"] {
+        for chart in ["page.svg", "memory.svg", "decode.svg", "concurrent.svg"] {
             let svg = std::fs::read_to_string(dir.join("REPORT").join(chart)).unwrap();
             assert!(svg.starts_with("<svg"), "{chart}");
             assert!(md.contains(&format!("(REPORT/{chart})")), "{chart}");

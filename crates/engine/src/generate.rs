@@ -11,7 +11,7 @@ use std::time::Instant;
 use burn::prelude::*;
 use medvl_model::chat::{ChatTemplate, Message, expand_image_pads};
 use medvl_model::image::{PixelValues, ProcessorConfig, preprocess_bytes};
-use medvl_model::{QuantizeOptions, QwenVl, Tokenizer, load_dir_with};
+use medvl_model::{KvCache, QuantizeOptions, QwenVl, StreamDecoder, Tokenizer, load_dir_with};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{EngineError, Result};
@@ -78,8 +78,11 @@ pub enum FinishReason {
 }
 
 /// Where the time went, in seconds.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct Timings {
+    /// Waiting for a free slot of the decode plan ([`Engine::generate_batch`]; 0 for one request).
+    #[serde(default)]
+    pub queue_s: f64,
     /// Image decoding, resizing, patchifying; chat template and tokenization.
     pub preprocess_s: f64,
     /// Vision tower + decoder over the prompt, until the first token is known.
@@ -87,7 +90,8 @@ pub struct Timings {
     /// Handing the prefill's keys and values to the decode plan (0 without one).
     #[serde(default)]
     pub handover_s: f64,
-    /// Every later token.
+    /// Every later token (in a batch: from the sequence's admission to its end, other requests' prefills
+    /// included).
     pub decode_s: f64,
     /// Tokens after the first, per second of `decode_s`.
     pub decode_tokens_per_s: f64,
@@ -130,6 +134,14 @@ pub struct Engine<B: Backend> {
 struct PlanSlot {
     decoder: std::sync::Mutex<Box<dyn Decoder>>,
     capacity: usize,
+}
+
+impl PlanSlot {
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, Box<dyn Decoder>>> {
+        self.decoder
+            .lock()
+            .map_err(|_| EngineError::Plan("an earlier request panicked mid-step".into()))
+    }
 }
 
 impl std::fmt::Debug for PlanSlot {
@@ -246,6 +258,15 @@ impl<B: Backend> Engine<B> {
 
     /// Runs one request; `on_text` receives each completed piece of text as it is generated.
     pub fn generate(&self, request: &Request, on_text: impl FnMut(&str)) -> Result<Generation> {
+        let prompt = self.prepare(request)?;
+        let mut generation =
+            self.generate_ids(&prompt.ids, &prompt.pixels, &request.params, on_text)?;
+        generation.timings.preprocess_s = prompt.preprocess_s;
+        Ok(generation)
+    }
+
+    /// Decodes the images, renders the chat template and tokenizes, image pads expanded.
+    fn prepare(&self, request: &Request) -> Result<Prompt> {
         let start = Instant::now();
         let images_in_messages: usize = request.messages.iter().map(Message::images).sum();
         if images_in_messages != request.images.len() {
@@ -268,10 +289,11 @@ impl<B: Backend> Engine<B> {
         let text = self.template.render(&request.messages, true)?;
         let ids = self.tokenizer.encode(&text)?;
         let ids = expand_image_pads(&ids, self.model.config.tokens.image, &counts)?;
-        let preprocess_s = start.elapsed().as_secs_f64();
-        let mut generation = self.generate_ids(&ids, &pixels, &request.params, on_text)?;
-        generation.timings.preprocess_s = preprocess_s;
-        Ok(generation)
+        Ok(Prompt {
+            ids,
+            pixels,
+            preprocess_s: start.elapsed().as_secs_f64(),
+        })
     }
 
     /// Runs a prompt given as token ids (image pads already expanded) with its preprocessed images.
@@ -282,138 +304,242 @@ impl<B: Backend> Engine<B> {
         request: &GenerateParams,
         mut on_text: impl FnMut(&str),
     ) -> Result<Generation> {
-        if request.max_new_tokens == 0 {
+        let sequence = self.prefill(ids, pixels, request)?;
+        // The rest of the sequence decodes through the plan when there is one and it applies.
+        match &self.plan {
+            Some(slot) if sequence.fits(slot.capacity) => {
+                let mut plan = slot.lock()?;
+                let result = self.decode_alone(sequence, Some(&mut **plan), &mut on_text);
+                plan.release(0);
+                result
+            }
+            _ => self.decode_alone(sequence, None, &mut on_text),
+        }
+    }
+
+    /// Runs several requests together (continuous batching): up to the decode plan's batch of them decode in one
+    /// step, and a waiting request is prefilled and takes the slot of one that ends. `on_text` receives the
+    /// request's index with each piece of its text. One request's bad input fails that request only (its entry
+    /// is an error); a failure of the plan fails the call. Without a plan the requests run one after another;
+    /// a request whose prompt plus `max_new_tokens` does not fit the plan's cache decodes through burn when its
+    /// turn comes, the others waiting meanwhile.
+    pub fn generate_batch(
+        &self,
+        requests: &[Request],
+        mut on_text: impl FnMut(usize, &str),
+    ) -> Result<Vec<Result<Generation>>> {
+        let Some(slot) = &self.plan else {
+            return Ok(requests
+                .iter()
+                .enumerate()
+                .map(|(i, request)| self.generate(request, |piece| on_text(i, piece)))
+                .collect());
+        };
+        let mut plan = slot.lock()?;
+        let mut results: Vec<Option<Result<Generation>>> = requests.iter().map(|_| None).collect();
+        let outcome = self.run_batch(
+            requests,
+            &mut **plan,
+            slot.capacity,
+            &mut results,
+            &mut on_text,
+        );
+        // Whatever happened, the plan is left with no sequence in it.
+        for s in 0..plan.batch() {
+            plan.release(s);
+        }
+        outcome?;
+        Ok(results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(EngineError::Request("not run".into()))))
+            .collect())
+    }
+
+    /// The scheduling loop of [`Self::generate_batch`]: admits, steps, and moves the last slot's sequence into
+    /// the slot of one that ended (a step decodes slots `0..n`).
+    fn run_batch(
+        &self,
+        requests: &[Request],
+        plan: &mut dyn Decoder,
+        capacity: usize,
+        results: &mut [Option<Result<Generation>>],
+        on_text: &mut impl FnMut(usize, &str),
+    ) -> Result<()> {
+        let batch_start = Instant::now();
+        let mut running: Vec<(usize, Sequence<'_, B>)> = Vec::with_capacity(plan.batch());
+        let mut waiting = 0..requests.len();
+        loop {
+            while running.len() < plan.batch()
+                && let Some(i) = waiting.next()
+            {
+                let queue_s = batch_start.elapsed().as_secs_f64();
+                let request = &requests[i];
+                let started = self.prepare(request).and_then(|prompt| {
+                    let mut sequence =
+                        self.prefill(&prompt.ids, &prompt.pixels, &request.params)?;
+                    sequence.timings.preprocess_s = prompt.preprocess_s;
+                    sequence.timings.queue_s = queue_s;
+                    Ok(sequence)
+                });
+                let mut sequence = match started {
+                    Ok(sequence) => sequence,
+                    Err(e) => {
+                        results[i] = Some(Err(e));
+                        continue;
+                    }
+                };
+                let emit = &mut |piece: &str| on_text(i, piece);
+                if !sequence.fits(capacity) {
+                    results[i] = Some(self.decode_alone(sequence, None, emit));
+                    continue;
+                }
+                let slot = running.len();
+                if let Some(finish) = self.admit(&mut sequence, plan, slot, emit)? {
+                    results[i] = Some(sequence.finish(finish, emit));
+                    continue;
+                }
+                running.push((i, sequence));
+            }
+            if running.is_empty() {
+                return Ok(());
+            }
+            let tokens = plan.step()?;
+            let eos = &self.model.config.tokens.eos;
+            let mut ended = Vec::new();
+            for (slot, ((i, sequence), &token)) in running.iter_mut().zip(&tokens).enumerate() {
+                if let Some(finish) = sequence.push(token, eos, &mut |piece| on_text(*i, piece))? {
+                    ended.push((slot, finish));
+                }
+            }
+            for (slot, finish) in ended.into_iter().rev() {
+                let last = running.len() - 1;
+                plan.release(slot);
+                if slot != last {
+                    plan.move_slot(last, slot)?;
+                }
+                let (i, mut sequence) = running.swap_remove(slot);
+                sequence.timings.decode_s = sequence.decode_start.elapsed().as_secs_f64();
+                results[i] = Some(sequence.finish(finish, &mut |piece| on_text(i, piece)));
+            }
+        }
+    }
+
+    /// Prefills a prompt and picks its first token.
+    fn prefill(
+        &self,
+        ids: &[u32],
+        pixels: &[PixelValues],
+        params: &GenerateParams,
+    ) -> Result<Sequence<'_, B>> {
+        if params.max_new_tokens == 0 {
             return Err(EngineError::Request(
                 "max_new_tokens must be at least 1".into(),
             ));
         }
-        let mut sampler = Sampler::new(request.sampling.clone())?;
-        let merge = self.processor.merge_size;
+        let mut sampler = Sampler::new(params.sampling.clone())?;
         let span =
             tracing::info_span!("generate", prompt_tokens = ids.len(), images = pixels.len());
         let _enter = span.enter();
-
         let prefill_start = Instant::now();
         let mut cache = self.model.new_cache();
         let prefill = self.model.prefill(ids, pixels, &mut cache, &self.device)?;
-        let l = ids.len();
-        let mut history = ids.to_vec();
-        let last = prefill.hidden.narrow(1, l - 1, 1);
-        let mut token = self.next_token(last, &mut sampler, &history)?;
-        let prefill_s = prefill_start.elapsed().as_secs_f64();
-
-        // The rest of the sequence decodes through the plan when there is one and it applies.
-        let handover_start = Instant::now();
-        let mut plan = match &self.plan {
-            Some(slot) if l + request.max_new_tokens <= slot.capacity => {
-                let mut plan = slot.decoder.lock().map_err(|_| {
-                    EngineError::Plan("an earlier request panicked mid-step".into())
-                })?;
-                plan.admit(
-                    0,
-                    &Prefilled::from_cache(&cache, prefill.positions.rope_delta, token)?,
-                )?;
-                if !sampler.params().is_plain_greedy() {
-                    // The plan samples on the device with this sampler's draws; the penalty counts the
-                    // prompt and the first token.
-                    history.push(token);
-                    let result = plan.sample_with(0, &mut sampler, &history);
-                    history.pop();
-                    if let Err(e) = result {
-                        plan.release(0);
-                        return Err(e);
-                    }
-                }
-                cache = self.model.new_cache();
-                Some(plan)
-            }
-            _ => None,
-        };
-        let handover_s = if plan.is_some() {
-            handover_start.elapsed().as_secs_f64()
-        } else {
-            0.0
-        };
-        tracing::debug!(plan = plan.is_some(), handover_s, "decoding");
-        let decode_start = Instant::now();
-        let eos = &self.model.config.tokens.eos;
-        let mut stream = self.tokenizer.stream(true);
-        let mut out_text = String::new();
-        let mut emitted = 0;
-        let mut generated = Vec::new();
-        let finish = loop {
-            generated.push(token);
-            history.push(token);
-            if !request.ignore_eos && eos.contains(&token) {
-                break FinishReason::Eos;
-            }
-            if let Some(piece) = stream.push(token)? {
-                out_text.push_str(&piece);
-                if let Some(at) = request
-                    .stop
-                    .iter()
-                    .filter_map(|s| out_text.find(s.as_str()))
-                    .min()
-                {
-                    out_text.truncate(at);
-                    break FinishReason::Stop;
-                }
-                // Hold back a tail that could still become a stop string.
-                let safe = out_text.len() - held_back(&out_text, &request.stop);
-                if safe > emitted {
-                    on_text(&out_text[emitted..safe]);
-                    emitted = safe;
-                }
-            }
-            if generated.len() >= request.max_new_tokens {
-                break FinishReason::Length;
-            }
-            token = match plan.as_mut() {
-                Some(plan) => plan.step()?[0],
-                None => {
-                    let hidden = self.model.decode(
-                        &[token],
-                        prefill.positions.rope_delta,
-                        &mut cache,
-                        &self.device,
-                    )?;
-                    self.next_token(hidden, &mut sampler, &history)?
-                }
-            };
-        };
-        if let Some(plan) = plan.as_mut() {
-            plan.release(0);
-        }
-        if finish != FinishReason::Stop
-            && let Some(rest) = stream.flush()?
-        {
-            out_text.push_str(&rest);
-        }
-        if out_text.len() > emitted {
-            on_text(&out_text[emitted..]);
-        }
-        let decode_s = decode_start.elapsed().as_secs_f64();
-        let plan_decode = plan.is_some();
-        let later = generated.len().saturating_sub(1);
-        Ok(Generation {
-            text: out_text,
-            prompt_tokens: l,
+        let last = prefill.hidden.narrow(1, ids.len() - 1, 1);
+        let token = self.next_token(last, &mut sampler, ids)?;
+        let merge = self.processor.merge_size;
+        Ok(Sequence {
+            params: params.clone(),
+            sampler,
+            history: ids.to_vec(),
+            cache,
+            rope_delta: prefill.positions.rope_delta,
+            token,
+            prompt_tokens: ids.len(),
             image_tokens: pixels.iter().map(|p| p.num_tokens(merge)).sum(),
-            token_ids: generated,
-            finish_reason: finish,
-            plan_decode,
+            stream: self.tokenizer.stream(true),
+            text: String::new(),
+            emitted: 0,
+            generated: Vec::new(),
+            plan_decode: false,
+            decode_start: Instant::now(),
             timings: Timings {
-                preprocess_s: 0.0,
-                prefill_s,
-                handover_s,
-                decode_s,
-                decode_tokens_per_s: if decode_s > 0.0 {
-                    later as f64 / decode_s
-                } else {
-                    0.0
-                },
+                prefill_s: prefill_start.elapsed().as_secs_f64(),
+                ..Timings::default()
             },
         })
+    }
+
+    /// Puts a prefilled sequence into slot `slot` of `plan` (with its sampler when it samples) after taking its
+    /// first token, which may already end it (`Some`; then it is not admitted).
+    fn admit(
+        &self,
+        sequence: &mut Sequence<'_, B>,
+        plan: &mut dyn Decoder,
+        slot: usize,
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<Option<FinishReason>> {
+        let start = Instant::now();
+        sequence.decode_start = start;
+        if let Some(finish) =
+            sequence.push(sequence.token, &self.model.config.tokens.eos, on_text)?
+        {
+            return Ok(Some(finish));
+        }
+        plan.admit(
+            slot,
+            &Prefilled::from_cache(&sequence.cache, sequence.rope_delta, sequence.token)?,
+        )?;
+        if !sequence.sampler.params().is_plain_greedy() {
+            // The plan samples on the device with this sampler's draws; the penalty counts the prompt and the
+            // first token (already in the history).
+            if let Err(e) = plan.sample_with(slot, &mut sequence.sampler, &sequence.history) {
+                plan.release(slot);
+                return Err(e);
+            }
+        }
+        sequence.cache = self.model.new_cache();
+        sequence.plan_decode = true;
+        sequence.timings.handover_s = start.elapsed().as_secs_f64();
+        Ok(None)
+    }
+
+    /// Decodes one prefilled sequence to its end, through slot 0 of `plan` or, without one, through burn.
+    fn decode_alone(
+        &self,
+        mut sequence: Sequence<'_, B>,
+        plan: Option<&mut dyn Decoder>,
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<Generation> {
+        let eos = &self.model.config.tokens.eos;
+        let finish = match plan {
+            Some(plan) => match self.admit(&mut sequence, plan, 0, on_text)? {
+                Some(finish) => finish,
+                None => loop {
+                    let token = plan.step()?[0];
+                    if let Some(finish) = sequence.push(token, eos, on_text)? {
+                        break finish;
+                    }
+                },
+            },
+            None => {
+                sequence.decode_start = Instant::now();
+                let mut token = sequence.token;
+                loop {
+                    if let Some(finish) = sequence.push(token, eos, on_text)? {
+                        break finish;
+                    }
+                    let hidden = self.model.decode(
+                        &[token],
+                        sequence.rope_delta,
+                        &mut sequence.cache,
+                        &self.device,
+                    )?;
+                    token = self.next_token(hidden, &mut sequence.sampler, &sequence.history)?;
+                }
+            }
+        };
+        tracing::debug!(plan = sequence.plan_decode, "decoded");
+        sequence.timings.decode_s = sequence.decode_start.elapsed().as_secs_f64();
+        sequence.finish(finish, on_text)
     }
 
     /// The next token from the last position's hidden state `[1, 1, hidden]`.
@@ -438,6 +564,110 @@ impl<B: Backend> Engine<B> {
             .to_vec::<f32>()
             .map_err(|e| EngineError::Request(format!("reading logits: {e:?}")))?;
         Ok(sampler.sample(&mut row, history))
+    }
+}
+
+/// A request's prompt, ready for the model.
+struct Prompt {
+    ids: Vec<u32>,
+    pixels: Vec<PixelValues>,
+    preprocess_s: f64,
+}
+
+/// One sequence from its prefill to its end: how it picks tokens, the tokens and text so far, and its timings.
+struct Sequence<'t, B: Backend> {
+    params: GenerateParams,
+    sampler: Sampler,
+    /// Prompt and generated tokens (the repetition penalty's history).
+    history: Vec<u32>,
+    /// The prefill's cache (emptied once a plan holds the sequence).
+    cache: KvCache<B>,
+    rope_delta: i64,
+    /// The first generated token.
+    token: u32,
+    prompt_tokens: usize,
+    image_tokens: usize,
+    stream: StreamDecoder<'t>,
+    text: String,
+    /// Bytes of `text` passed to the caller.
+    emitted: usize,
+    generated: Vec<u32>,
+    plan_decode: bool,
+    decode_start: Instant,
+    timings: Timings,
+}
+
+impl<B: Backend> Sequence<'_, B> {
+    /// Whether the prompt and every token it may generate fit a plan's cache of `capacity` tokens.
+    fn fits(&self, capacity: usize) -> bool {
+        self.prompt_tokens + self.params.max_new_tokens <= capacity
+    }
+
+    /// Takes the next generated token, passing completed text to `on_text` (a tail that could still become a
+    /// stop string held back); `Some` when the sequence ends with it.
+    fn push(
+        &mut self,
+        token: u32,
+        eos: &[u32],
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<Option<FinishReason>> {
+        self.generated.push(token);
+        self.history.push(token);
+        if !self.params.ignore_eos && eos.contains(&token) {
+            return Ok(Some(FinishReason::Eos));
+        }
+        if let Some(piece) = self.stream.push(token)? {
+            self.text.push_str(&piece);
+            if let Some(at) = self
+                .params
+                .stop
+                .iter()
+                .filter_map(|s| self.text.find(s.as_str()))
+                .min()
+            {
+                self.text.truncate(at);
+                return Ok(Some(FinishReason::Stop));
+            }
+            let safe = self.text.len() - held_back(&self.text, &self.params.stop);
+            if safe > self.emitted {
+                on_text(&self.text[self.emitted..safe]);
+                self.emitted = safe;
+            }
+        }
+        if self.generated.len() >= self.params.max_new_tokens {
+            return Ok(Some(FinishReason::Length));
+        }
+        Ok(None)
+    }
+
+    /// The result, the text's last pieces passed to `on_text`.
+    fn finish(mut self, finish: FinishReason, on_text: &mut dyn FnMut(&str)) -> Result<Generation> {
+        if finish != FinishReason::Stop
+            && let Some(rest) = self.stream.flush()?
+        {
+            self.text.push_str(&rest);
+        }
+        if self.text.len() > self.emitted {
+            on_text(&self.text[self.emitted..]);
+        }
+        let later = self.generated.len().saturating_sub(1);
+        let decode_s = self.timings.decode_s;
+        Ok(Generation {
+            text: self.text,
+            token_ids: self.generated,
+            prompt_tokens: self.prompt_tokens,
+            image_tokens: self.image_tokens,
+            finish_reason: finish,
+            plan_decode: self.plan_decode,
+            timings: Timings {
+                decode_tokens_per_s: if decode_s > 0.0 {
+                    later as f64 / decode_s
+                } else {
+                    0.0
+                },
+                ..self.timings
+            },
+        })
     }
 }
 

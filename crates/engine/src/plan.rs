@@ -1138,9 +1138,24 @@ impl SlotSampling {
         }
     }
 
-    /// Sets `slot` greedy (admitted or released).
+    /// Sets `slot` greedy (admitted or released). The device copy is uploaded again only when the slot sampled:
+    /// a greedy slot's draws and seen bits are never read.
     fn reset(&mut self, slot: usize) {
-        self.rows[slot] = RowSampling::GREEDY;
+        if self.rows[slot] != RowSampling::GREEDY {
+            self.rows[slot] = RowSampling::GREEDY;
+            self.device = None;
+        }
+    }
+
+    /// Moves slot `from`'s sampling to slot `to` and sets `from` greedy.
+    fn move_slot(&mut self, from: usize, to: usize, capacity: usize) {
+        let words = self.seen.len() / self.rows.len();
+        self.rows[to] = self.rows[from];
+        self.draws
+            .copy_within(from * capacity..(from + 1) * capacity, to * capacity);
+        self.seen
+            .copy_within(from * words..(from + 1) * words, to * words);
+        self.rows[from] = RowSampling::GREEDY;
         self.device = None;
     }
 
@@ -1585,6 +1600,34 @@ impl<R: Runtime, F: Activation> DecodePlan<R, F> {
         }
     }
 
+    /// Moves the sequence of slot `from` to the free slot `to` (its keys and values copied on the device, its
+    /// length, position, next token and sampling with it) and frees `from`: a step decodes slots `0..n`, so when
+    /// a sequence ends, the batch's last one takes its place.
+    pub fn move_slot(&mut self, from: usize, to: usize) -> Result<()> {
+        let batch = self.config.batch;
+        match (self.slots.get(from), self.slots.get(to)) {
+            (Some(f), Some(t)) if f.active && !t.active => {}
+            _ => {
+                return Err(EngineError::Plan(format!(
+                    "moving slot {from} to slot {to} of {batch}: the first must hold a sequence, the second must be free"
+                )));
+            }
+        }
+        let len = self.slots[from].len;
+        let shape = self.config.attention();
+        for layer in &self.layers {
+            for cache in [&layer.k_cache, &layer.v_cache] {
+                decode::move_cache(&self.client, shape, cache, from, to, len)?;
+            }
+        }
+        self.slots[to] = std::mem::take(&mut self.slots[from]);
+        if let Some(sampling) = &mut self.sampling {
+            sampling.move_slot(from, to, self.config.capacity);
+        }
+        self.upload_slots();
+        Ok(())
+    }
+
     fn upload_slots(&mut self) {
         let lens: Vec<u32> = self.slots.iter().map(|s| s.len as u32).collect();
         let deltas: Vec<i32> = self.slots.iter().map(|s| s.delta).collect();
@@ -1867,8 +1910,12 @@ pub trait Decoder: Send {
     fn step(&mut self) -> Result<Vec<u32>>;
     /// Frees slot `slot`.
     fn release(&mut self, slot: usize);
+    /// Moves the sequence in slot `from` to the free slot `to` ([`DecodePlan::move_slot`]).
+    fn move_slot(&mut self, from: usize, to: usize) -> Result<()>;
     /// Tokens a sequence may reach (prompt plus generated).
     fn capacity(&self) -> usize;
+    /// Sequences one step decodes at most.
+    fn batch(&self) -> usize;
 }
 
 impl<R: Runtime, F: Activation> Decoder for DecodePlan<R, F> {
@@ -1888,7 +1935,15 @@ impl<R: Runtime, F: Activation> Decoder for DecodePlan<R, F> {
         DecodePlan::release(self, slot);
     }
 
+    fn move_slot(&mut self, from: usize, to: usize) -> Result<()> {
+        DecodePlan::move_slot(self, from, to)
+    }
+
     fn capacity(&self) -> usize {
         self.config.capacity
+    }
+
+    fn batch(&self) -> usize {
+        self.config.batch
     }
 }

@@ -491,3 +491,114 @@ mod cuda {
         );
     }
 }
+
+/// Seven requests through a plan of two slots (continuous batching): greedy and sampled ones of different lengths
+/// that queue for a slot, take the slot of one that ended (the last slot's sequence moved into an earlier one),
+/// one too long for the plan's cache (burn decodes it), one ended by its first token, one with bad input. Each
+/// gives the tokens and text that the engine without a plan gives for it alone; the streamed pieces make up its
+/// text; the bad one fails alone.
+#[test]
+fn engine_batches_requests_through_a_plan_as_one_at_a_time() {
+    use cubecl::wgpu::{WgpuDevice, WgpuRuntime};
+    use medvl_engine::{Engine, Request, SamplingParams};
+    use medvl_model::chat::Message;
+    let load = || {
+        Engine::<medvl_model::backend::Cpu>::load(&fixtures().join("hub"), Default::default())
+            .unwrap()
+    };
+    let (mut planned, burn) = (load(), load());
+    let client = WgpuRuntime::client(&WgpuDevice::default());
+    let plan =
+        DecodePlan::<WgpuRuntime, f32>::from_model(&client, planned.model(), 2, 160).unwrap();
+    planned.attach_plan(Box::new(plan));
+    let image = |name: &str| std::fs::read(fixtures().join(name)).unwrap();
+    let ask = |images: Vec<Vec<u8>>, prompt: &str, tokens: usize, sampling: SamplingParams| {
+        let mut request = Request::ask(images, prompt, tokens);
+        request.params.ignore_eos = true;
+        request.params.sampling = sampling;
+        request
+    };
+    let greedy = SamplingParams::default();
+    let mut bad = ask(vec![], "Read the stamp.", 8, greedy.clone());
+    bad.messages = vec![Message::user_with_images(1, "Read the stamp.")];
+    let requests = vec![
+        ask(
+            vec![image("page.png")],
+            "Extract the patient's name.",
+            24,
+            greedy.clone(),
+        ),
+        ask(
+            vec![image("page.png"), image("stamp.png")],
+            "Compare the two.",
+            10,
+            greedy.clone(),
+        ),
+        ask(
+            vec![],
+            "Summarise the discharge letter.",
+            24,
+            SamplingParams {
+                temperature: 0.8,
+                top_p: 0.9,
+                seed: 7,
+                ..Default::default()
+            },
+        ),
+        bad,
+        ask(
+            vec![image("stamp.png")],
+            "What does the stamp say?",
+            16,
+            SamplingParams {
+                temperature: 1.2,
+                top_k: 40,
+                repetition_penalty: 1.3,
+                seed: 11,
+                ..Default::default()
+            },
+        ),
+        ask(
+            vec![image("page.png")],
+            "List every medication.",
+            120,
+            greedy.clone(),
+        ),
+        ask(vec![], "Yes or no?", 1, greedy),
+    ];
+    let mut streamed = vec![String::new(); requests.len()];
+    let results = planned
+        .generate_batch(&requests, |i, piece| streamed[i].push_str(piece))
+        .unwrap();
+    assert_eq!(results.len(), requests.len());
+    for (i, (request, result)) in requests.iter().zip(&results).enumerate() {
+        if i == 3 {
+            let error = result.as_ref().unwrap_err().to_string();
+            assert!(error.contains("image"), "{error}");
+            continue;
+        }
+        let ours = result.as_ref().unwrap();
+        let alone = burn.generate(request, |_| {}).unwrap();
+        assert_eq!(ours.token_ids, alone.token_ids, "request {i}");
+        assert_eq!(
+            ours.token_ids.len(),
+            request.params.max_new_tokens,
+            "request {i}"
+        );
+        assert_eq!(ours.text, alone.text, "request {i}");
+        assert_eq!(streamed[i], ours.text, "request {i}");
+        // Too long for the cache (burn), or ended by its first token (never admitted).
+        assert_eq!(
+            ours.plan_decode,
+            i != 5 && i != 6,
+            "request {i}: {} prompt tokens",
+            ours.prompt_tokens
+        );
+    }
+    // The third request waited for the second's slot.
+    let timings = |i: usize| results[i].as_ref().unwrap().timings;
+    assert!(timings(2).queue_s > timings(1).queue_s + timings(1).prefill_s);
+    // The plan is empty again: a single request runs through slot 0.
+    let again = planned.generate(&requests[1], |_| {}).unwrap();
+    assert_eq!(again.token_ids, results[1].as_ref().unwrap().token_ids);
+}
