@@ -181,7 +181,7 @@ struct Concurrent {
     decode_tokens_per_s: Spread,
     /// The driver's peak during the warm-up and the timed batch, MB above the process's start.
     driver_peak_mb: Option<f64>,
-    /// Requests whose tokens equal the single request's (greedy; with random weights a near tie can differ
+    /// Requests whose tokens equal the last single request's (greedy; with random weights a near tie can differ
     /// where more rows take other product kernels, e.g. the tensor-core GEMV from 4 rows).
     same_tokens_as_alone: usize,
 }
@@ -225,6 +225,9 @@ struct Case {
     decode_tokens_per_s: Spread,
     handover_s: Spread,
     runs: Vec<Run>,
+    /// Whether every timed run generated the same tokens (the warm-up, during which burn tunes its kernels, is
+    /// left out).
+    same_tokens_across_runs: bool,
     /// With `--concurrency`.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     concurrent: Vec<Concurrent>,
@@ -554,12 +557,14 @@ fn run_on<B: Backend>(
                 );
             }
             let mut runs = Vec::new();
+            let mut tokens: Vec<Vec<u32>> = Vec::new();
             let mut vision = Vec::new();
             let mut llm = Vec::new();
             for _ in 0..args.runs {
                 let start = Instant::now();
                 let g = engine.generate(&request, |_| {})?;
                 runs.push(run_of(&g, start.elapsed().as_secs_f64()));
+                tokens.push(g.token_ids);
                 let (v, l) = prefill_split(&engine, &png, &device)?;
                 eprintln!(
                     "  run: {:.3} s end to end; vision alone {v:.3} s, LLM prefill alone {l:.3} s",
@@ -593,7 +598,7 @@ fn run_on<B: Backend>(
                     concurrent(
                         &engine,
                         &request,
-                        &warm.token_ids,
+                        tokens.last().map_or(&[][..], Vec::as_slice),
                         requests,
                         args.new_tokens,
                         driver,
@@ -628,6 +633,7 @@ fn run_on<B: Backend>(
                 decode_tokens_per_s: Spread::of(runs.iter().map(|r| r.decode_tokens_per_s)),
                 handover_s: Spread::of(runs.iter().map(|r| r.handover_s)),
                 runs,
+                same_tokens_across_runs: tokens.windows(2).all(|w| w[0] == w[1]),
                 concurrent,
             };
             let mb = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.0}"));

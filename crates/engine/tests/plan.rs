@@ -402,6 +402,35 @@ mod cuda {
 
     #[test]
     #[ignore = "needs an NVIDIA GPU"]
+    fn engine_on_cuda_bf16_batches_requests_as_one_at_a_time() {
+        use medvl_engine::Engine;
+        // bf16 rounds the plan's and burn's logits differently: the reference is the same engine's plan with one
+        // request at a time, which multiplies each row as a batch of two does.
+        for (label, quantize) in [("bf16", None), ("nf4", Some(QuantizeOptions::default()))] {
+            let mut planned = Engine::<CudaBf16>::load_with(
+                &fixtures().join("hub"),
+                Default::default(),
+                quantize,
+            )
+            .unwrap();
+            let client = CudaRuntime::client(&CudaDevice::default());
+            let plan = DecodePlan::<CudaRuntime, half::bf16>::sharing_model(
+                &client,
+                planned.model_mut(),
+                2,
+                160,
+            )
+            .unwrap();
+            planned.attach_plan(Box::new(plan));
+            eprintln!("{label}");
+            assert_batches_as_alone(&planned, |request| {
+                planned.generate(request, |_| {}).unwrap()
+            });
+        }
+    }
+
+    #[test]
+    #[ignore = "needs an NVIDIA GPU"]
     fn plan_on_cuda_bf16_shares_the_model_weights() {
         let device = Default::default();
         let client = CudaRuntime::client(&CudaDevice::default());
@@ -492,25 +521,11 @@ mod cuda {
     }
 }
 
-/// Seven requests through a plan of two slots (continuous batching): greedy and sampled ones of different lengths
-/// that queue for a slot, take the slot of one that ended (the last slot's sequence moved into an earlier one),
-/// one too long for the plan's cache (burn decodes it), one ended by its first token, one with bad input. Each
-/// gives the tokens and text that the engine without a plan gives for it alone; the streamed pieces make up its
-/// text; the bad one fails alone.
-#[test]
-fn engine_batches_requests_through_a_plan_as_one_at_a_time() {
-    use cubecl::wgpu::{WgpuDevice, WgpuRuntime};
-    use medvl_engine::{Engine, Request, SamplingParams};
+/// Seven requests for [`assert_batches_as_alone`]: greedy and sampled ones of different lengths, one too long for
+/// a plan of 160 tokens, one with bad input (an image part without an image), one ended by its first token.
+fn batch_requests() -> Vec<medvl_engine::Request> {
+    use medvl_engine::{Request, SamplingParams};
     use medvl_model::chat::Message;
-    let load = || {
-        Engine::<medvl_model::backend::Cpu>::load(&fixtures().join("hub"), Default::default())
-            .unwrap()
-    };
-    let (mut planned, burn) = (load(), load());
-    let client = WgpuRuntime::client(&WgpuDevice::default());
-    let plan =
-        DecodePlan::<WgpuRuntime, f32>::from_model(&client, planned.model(), 2, 160).unwrap();
-    planned.attach_plan(Box::new(plan));
     let image = |name: &str| std::fs::read(fixtures().join(name)).unwrap();
     let ask = |images: Vec<Vec<u8>>, prompt: &str, tokens: usize, sampling: SamplingParams| {
         let mut request = Request::ask(images, prompt, tokens);
@@ -521,7 +536,7 @@ fn engine_batches_requests_through_a_plan_as_one_at_a_time() {
     let greedy = SamplingParams::default();
     let mut bad = ask(vec![], "Read the stamp.", 8, greedy.clone());
     bad.messages = vec![Message::user_with_images(1, "Read the stamp.")];
-    let requests = vec![
+    vec![
         ask(
             vec![image("page.png")],
             "Extract the patient's name.",
@@ -565,7 +580,18 @@ fn engine_batches_requests_through_a_plan_as_one_at_a_time() {
             greedy.clone(),
         ),
         ask(vec![], "Yes or no?", 1, greedy),
-    ];
+    ]
+}
+
+/// [`batch_requests`] through `planned`'s plan of two slots at once (continuous batching: requests queue for a
+/// slot, take the slot of one that ended, the last slot's sequence moved into an earlier one; the long one through
+/// burn; the one ended by its first token never admitted): each gives the tokens and text `alone` gives for it; the
+/// streamed pieces make up its text; the bad one fails alone; the plan is empty afterwards.
+fn assert_batches_as_alone<B: Backend>(
+    planned: &medvl_engine::Engine<B>,
+    alone: impl Fn(&medvl_engine::Request) -> medvl_engine::Generation,
+) {
+    let requests = batch_requests();
     let mut streamed = vec![String::new(); requests.len()];
     let results = planned
         .generate_batch(&requests, |i, piece| streamed[i].push_str(piece))
@@ -578,16 +604,15 @@ fn engine_batches_requests_through_a_plan_as_one_at_a_time() {
             continue;
         }
         let ours = result.as_ref().unwrap();
-        let alone = burn.generate(request, |_| {}).unwrap();
-        assert_eq!(ours.token_ids, alone.token_ids, "request {i}");
+        let theirs = alone(request);
+        assert_eq!(ours.token_ids, theirs.token_ids, "request {i}");
         assert_eq!(
             ours.token_ids.len(),
             request.params.max_new_tokens,
             "request {i}"
         );
-        assert_eq!(ours.text, alone.text, "request {i}");
+        assert_eq!(ours.text, theirs.text, "request {i}");
         assert_eq!(streamed[i], ours.text, "request {i}");
-        // Too long for the cache (burn), or ended by its first token (never admitted).
         assert_eq!(
             ours.plan_decode,
             i != 5 && i != 6,
@@ -601,4 +626,22 @@ fn engine_batches_requests_through_a_plan_as_one_at_a_time() {
     // The plan is empty again: a single request runs through slot 0.
     let again = planned.generate(&requests[1], |_| {}).unwrap();
     assert_eq!(again.token_ids, results[1].as_ref().unwrap().token_ids);
+}
+
+/// The engine batches requests through a plan (wgpu, f32) with the tokens the engine without a plan (burn) gives
+/// each request alone.
+#[test]
+fn engine_batches_requests_through_a_plan_as_one_at_a_time() {
+    use cubecl::wgpu::{WgpuDevice, WgpuRuntime};
+    use medvl_engine::Engine;
+    let load = || {
+        Engine::<medvl_model::backend::Cpu>::load(&fixtures().join("hub"), Default::default())
+            .unwrap()
+    };
+    let (mut planned, burn) = (load(), load());
+    let client = WgpuRuntime::client(&WgpuDevice::default());
+    let plan =
+        DecodePlan::<WgpuRuntime, f32>::from_model(&client, planned.model(), 2, 160).unwrap();
+    planned.attach_plan(Box::new(plan));
+    assert_batches_as_alone(&planned, |request| burn.generate(request, |_| {}).unwrap());
 }
