@@ -7,8 +7,8 @@ extraction prompt, 256 new tokens forced (min_new_tokens), greedy, batch 1. Per 
 processor + template + tokenizer), time to first token (preprocessing + `generate` of 1 token), decode tokens/s
 (255 / (t(256) - t(1))), page + 256 tokens end to end avg/min/max over --runs after a warm-up, weights and peak
 memory from torch's allocator and, as medvl-bench reads it, from the driver (`nvidia-smi`'s memory in use on the
-device, sampled every 20 ms from before torch touches the card, so the CUDA context counts). Writes JSON (--out)
-and prints a table.
+device, sampled every 20 ms from before torch touches the card, so the CUDA context counts: after loading, and the
+peak from then to the end of the runs). Writes JSON (--out) and prints a table.
 
 NF4 needs bitsandbytes (the GPU machine has none installed: scripts/bnb-wheel.sh fetches the wheel here and
 scripts/gpu-check.sh installs it there); without it only bf16 runs.
@@ -179,6 +179,7 @@ def main():
         weights_mb = torch.cuda.memory_allocated() / 1e6
         time.sleep(0.05)
         driver_loaded_mb = driver.used_mb()
+        driver.reset_peak()
         for tokens in [int(t) for t in args.image_tokens.split(",")]:
             width, height = PAGES[tokens]
             image = page(width, height, tokens)

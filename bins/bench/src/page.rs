@@ -205,9 +205,9 @@ struct Case {
     reserved_mb: Option<f64>,
     /// Sequences the decode plan holds (its KV cache's batch).
     plan_batch: usize,
-    /// Device memory the driver reports in use after loading the model and building the plan, and its peak during
-    /// this format's single-request runs, MB above the process's start (CUDA context included; with several
-    /// formats in one process, what earlier formats left in the allocator's pools counts too).
+    /// Device memory the driver reports in use after loading the model and building the plan, and its peak from
+    /// then to the end of this format's single-request runs, MB above the process's start (CUDA context included;
+    /// with several formats in one process, what earlier formats left in the allocator's pools counts too).
     driver_loaded_mb: Option<f64>,
     driver_peak_mb: Option<f64>,
     /// The vision tower alone (median of the runs), s.
@@ -482,9 +482,6 @@ fn run_on<B: Backend>(
     let plan_batch = args.concurrency.iter().copied().max().unwrap_or(1);
     let mut cases = Vec::new();
     for &format in &args.formats {
-        if let Some(driver) = driver {
-            driver.reset_peak();
-        }
         let start = Instant::now();
         B::seed(&device, 7);
         let model = match format {
@@ -499,6 +496,18 @@ fn run_on<B: Backend>(
             )?,
         };
         B::sync(&device).map_err(|e| anyhow::anyhow!("device sync: {e:?}"))?;
+        let built_mb = driver.map(|d| d.used_mb());
+        // As `Engine::load` does: what building held only for a while goes back to the driver.
+        B::memory_cleanup(&device);
+        B::sync(&device).map_err(|e| anyhow::anyhow!("device sync: {e:?}"))?;
+        if let Some((driver, built)) = driver.zip(built_mb) {
+            // (`reset_peak` waits for a fresh sample.)
+            driver.reset_peak();
+            eprintln!(
+                "driver: {built:.0} MB in use after building the model, {:.0} MB after releasing the allocator's free pools",
+                driver.used_mb()
+            );
+        }
         let model_mb = memory().map(|m| m.0);
         eprintln!("[{:.1} s] model built", start.elapsed().as_secs_f64());
         let mut engine = Engine::from_parts(
@@ -531,7 +540,10 @@ fn run_on<B: Backend>(
             None => None,
         };
         let load_s = start.elapsed().as_secs_f64();
-        let driver_loaded_mb = driver.map(|d| d.used_mb());
+        let driver_loaded_mb = driver.map(|d| {
+            d.reset_peak();
+            d.used_mb()
+        });
         eprintln!("[{load_s:.1} s] engine ready (plan: {})", engine.has_plan());
         for &(image_tokens, (width, height)) in &pages {
             let png = page_png(width, height, image_tokens as u64)?;

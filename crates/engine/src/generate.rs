@@ -166,6 +166,8 @@ impl<B: Backend> Engine<B> {
         crate::source::check_dir(dir)?;
         let start = Instant::now();
         let model = load_dir_with::<B>(dir, &device, quantize)?;
+        // What loading (and quantizing) held only for a while goes back to the driver.
+        B::memory_cleanup(&device);
         let tokenizer = Tokenizer::from_file(&dir.join("tokenizer.json"))?;
         let processor = ProcessorConfig::from_model_dir(dir)?;
         let template = ChatTemplate::from_model_dir(dir)?;
@@ -200,6 +202,9 @@ impl<B: Backend> Engine<B> {
     /// the burn model. Requests whose prompt plus `max_new_tokens` exceeds the plan's capacity keep decoding
     /// through burn.
     pub fn attach_plan(&mut self, plan: Box<dyn Decoder>) {
+        // A plan sharing the model's memory freed the weights it stacked: their pool memory goes back to the
+        // driver (on CUDA the plan allocates from the same client).
+        B::memory_cleanup(&self.device);
         self.plan = Some(PlanSlot {
             capacity: plan.capacity(),
             decoder: std::sync::Mutex::new(plan),
