@@ -271,8 +271,9 @@ fn page_section(md: &mut String, rows: &[PageRow], charts: &Path, dir: &str) -> 
          CUDA context and allocator pools included) after loading and at the peak of the runs, above what was in \
          use before the process started. Times in seconds; end to end is avg (min-max) over the timed runs after a \
          warm-up. Speed-up: transformers' end-to-end time over medvl's, same card and format (`nf4-all`, every \
-         weight NF4, against transformers' `nf4`). #: the report a row comes from (Environment above); rows of \
-         different reports come from different commands.\n"
+         weight NF4, against transformers' `nf4`), against the Python report nearest in the list below (reports of one \
+         command are listed together). #: the report a row comes from (Environment above); rows of different \
+         reports come from different commands.\n"
     )?;
     writeln!(
         md,
@@ -296,13 +297,16 @@ fn page_section(md: &mut String, rows: &[PageRow], charts: &Path, dir: &str) -> 
                 String::new()
             } else {
                 let baseline = baseline_format(format);
+                // The Python report nearest in the input order: the one from the same command when each
+                // command's reports are listed together.
                 rows.iter()
-                    .find(|p| {
+                    .filter(|p| {
                         p.python()
                             && p.report.card == row.report.card
                             && p.case.format == baseline
                             && p.case.image_tokens == *image_tokens
                     })
+                    .min_by_key(|p| p.file.abs_diff(row.file))
                     .map(|p| {
                         let ratio = p.case.total_s.avg / c.total_s.avg;
                         if baseline == format {
@@ -748,6 +752,14 @@ mod tests {
                 ("py.json", PY_PAGE),
                 ("decode.json", DECODE),
                 ("pyd.json", PY_DECODE),
+                (
+                    "page2.json",
+                    &PAGE.replace("\"avg\": 2.0,", "\"avg\": 3.0,"),
+                ),
+                (
+                    "py2.json",
+                    &PY_PAGE.replace("\"avg\": 24.0,", "\"avg\": 30.0,"),
+                ),
             ],
         );
         let out = dir.join("REPORT.md");
@@ -763,6 +775,9 @@ mod tests {
             md.contains("| nf4 | 2772 | transformers | 2 | 50.0 | 5964 | 6656 | 6500 / 7800 |"),
             "{md}"
         );
+        // A later command's pair: 30 s against 3 s (the first Python report would give 8x).
+        assert!(md.contains("| nf4 | 2772 | medvl | 5 |"), "{md}");
+        assert!(md.contains("| 3.000 (1.500-2.500) | 10.0x |"), "{md}");
         // Every weight NF4 against transformers' nf4: 24 s against 1.6 s.
         assert!(md.contains("| nf4-all | 2772 | medvl | 1 | 80.0 | 4100 | - | - | 0.800 | 0.400 | 1.000 | 260.0 | 1.600 (1.500-1.700) | 15.0x (vs nf4) |"), "{md}");
         // Requests at once.
