@@ -249,22 +249,33 @@ fn engine_decodes_greedy_requests_through_an_attached_plan() {
     assert_eq!(out.token_ids[..32], case.expected[..]);
 }
 
+/// Two engines over the tiny model on burn's CPU backend: one with a decode plan of `batch` sequences of
+/// `capacity` tokens on wgpu (f32) attached, one without.
+fn engines_on_wgpu(
+    batch: usize,
+    capacity: usize,
+) -> (
+    medvl_engine::Engine<medvl_model::backend::Cpu>,
+    medvl_engine::Engine<medvl_model::backend::Cpu>,
+) {
+    use cubecl::wgpu::{WgpuDevice, WgpuRuntime};
+    let load = || medvl_engine::Engine::load(&fixtures().join("hub"), Default::default()).unwrap();
+    let (mut planned, burn) = (load(), load());
+    let client = WgpuRuntime::client(&WgpuDevice::default());
+    let plan =
+        DecodePlan::<WgpuRuntime, f32>::from_model(&client, planned.model(), batch, capacity)
+            .unwrap();
+    planned.attach_plan(Box::new(plan));
+    (planned, burn)
+}
+
 /// Requests that sample (temperature, top-k, top-p, repetition penalty) decode through an attached plan, which
 /// samples on the device with the request's draws: the same tokens as the engine without a plan (burn's logits,
 /// the host sampler) for the same seed; other seeds give other tokens.
 #[test]
 fn engine_samples_through_an_attached_plan_as_without() {
-    use cubecl::wgpu::{WgpuDevice, WgpuRuntime};
     use medvl_engine::{Engine, GenerateParams, SamplingParams};
-    let load = || {
-        Engine::<medvl_model::backend::Cpu>::load(&fixtures().join("hub"), Default::default())
-            .unwrap()
-    };
-    let (mut planned, burn) = (load(), load());
-    let client = WgpuRuntime::client(&WgpuDevice::default());
-    let plan =
-        DecodePlan::<WgpuRuntime, f32>::from_model(&client, planned.model(), 1, 112).unwrap();
-    planned.attach_plan(Box::new(plan));
+    let (planned, burn) = engines_on_wgpu(1, 112);
     let samplings = [
         SamplingParams {
             temperature: 0.8,
@@ -632,16 +643,6 @@ fn assert_batches_as_alone<B: Backend>(
 /// each request alone.
 #[test]
 fn engine_batches_requests_through_a_plan_as_one_at_a_time() {
-    use cubecl::wgpu::{WgpuDevice, WgpuRuntime};
-    use medvl_engine::Engine;
-    let load = || {
-        Engine::<medvl_model::backend::Cpu>::load(&fixtures().join("hub"), Default::default())
-            .unwrap()
-    };
-    let (mut planned, burn) = (load(), load());
-    let client = WgpuRuntime::client(&WgpuDevice::default());
-    let plan =
-        DecodePlan::<WgpuRuntime, f32>::from_model(&client, planned.model(), 2, 160).unwrap();
-    planned.attach_plan(Box::new(plan));
+    let (planned, burn) = engines_on_wgpu(2, 160);
     assert_batches_as_alone(&planned, |request| burn.generate(request, |_| {}).unwrap());
 }
