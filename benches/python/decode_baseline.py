@@ -10,6 +10,7 @@ NF4 needs bitsandbytes (not installed on the GPU machine by default); bf16 is wh
 import argparse
 import json
 import os
+import subprocess
 import time
 
 import torch
@@ -28,8 +29,30 @@ VISION = dict(
 )
 
 
+def environment():
+    """The card, compute capability, driver and CUDA versions and the Python packages, as medvl-bench records its
+    own (`environment` in the report)."""
+    major, minor = torch.cuda.get_device_capability()
+    try:
+        driver = subprocess.run(["nvidia-smi", "--id=0", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        driver = None
+    packages = {"torch": torch.__version__, "transformers": __import__("transformers").__version__}
+    for name in ("bitsandbytes", "peft"):
+        try:
+            packages[name] = __import__(name).__version__
+        except ImportError:
+            pass
+    return dict(gpu=dict(name=torch.cuda.get_device_name(), compute_capability=f"{major}.{minor}", driver=driver,
+                         cuda=torch.version.cuda,
+                         memory_mb=torch.cuda.get_device_properties(0).total_memory / 1e6),
+                packages=packages)
+
+
 def write_report(path, report):
-    """Writes the JSON report atomically (a temporary file renamed into place)."""
+    """Writes the JSON report atomically (a temporary file renamed into place), with `environment()` added."""
+    report = dict(report, environment=environment())
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(report, f, indent=1)

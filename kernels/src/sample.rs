@@ -231,7 +231,8 @@ pub fn sample_advance<R: Runtime, F: Activation>(
                 s.state_f.array_arg(),
             )
         };
-        let (l, seen, params, su, sf) = row_args();
+        // The largest pass reads no selection state.
+        let (l, seen, params, _, sf) = row_args();
         largest_kernel::launch_unchecked::<F, R>(
             client,
             wide.clone(),
@@ -239,7 +240,6 @@ pub fn sample_advance<R: Runtime, F: Activation>(
             l,
             seen,
             params,
-            su,
             sf,
             s.partials.array_arg(),
             vocab as u32,
@@ -391,6 +391,12 @@ const MAX_GROUPS: usize = 64;
 const DIGITS: usize = 16;
 /// Per-row state words: `u32` and `f32` (see the `SU_*` and `SF_*` indices).
 const STATE: usize = 8;
+/// Where word `field` of row `b`'s selection state lies in `state_u` or `state_f` (`STATE` words per row).
+#[cube]
+fn state(b: u32, #[comptime] field: u32) -> usize {
+    (b * comptime!(STATE as u32) + field) as usize
+}
+
 const SU_CUT_KEY: u32 = 0;
 const SU_CUT_END: u32 = 1;
 const SU_KEY: u32 = 2;
@@ -566,7 +572,7 @@ fn load_row(params: &Array<f32>, state_f: &Array<f32>, b: u32, vocab: u32, words
         base: b * vocab,
         seen_base: b * words,
         temperature: params[(b * 4) as usize],
-        top: state_f[(b * 8 + SF_TOP) as usize],
+        top: state_f[state(b, SF_TOP)],
         penalty: params[(b * 4 + 3) as usize],
     }
 }
@@ -575,8 +581,8 @@ fn load_row(params: &Array<f32>, state_f: &Array<f32>, b: u32, vocab: u32, words
 #[cube]
 fn load_cut(state_u: &Array<u32>, b: u32) -> Cut {
     Cut {
-        key: state_u[(b * 8 + SU_CUT_KEY) as usize],
-        end: state_u[(b * 8 + SU_CUT_END) as usize],
+        key: state_u[state(b, SU_CUT_KEY)],
+        end: state_u[state(b, SU_CUT_END)],
     }
 }
 
@@ -587,7 +593,6 @@ fn largest_kernel<F: Float>(
     logits: &Array<F>,
     seen: &Array<u32>,
     params: &Array<f32>,
-    _state_u: &Array<u32>,
     state_f: &Array<f32>,
     partials: &mut Array<f32>,
     vocab: u32,
@@ -628,9 +633,9 @@ fn begin_kernel(
     }
     let top = cube_largest(largest, planes);
     if UNIT_POS == 0 {
-        state_f[(b * 8 + SF_TOP) as usize] = top / params[(b * 4) as usize];
-        state_u[(b * 8 + SU_CUT_KEY) as usize] = 0;
-        state_u[(b * 8 + SU_CUT_END) as usize] = vocab;
+        state_f[state(b, SF_TOP)] = top / params[(b * 4) as usize];
+        state_u[state(b, SU_CUT_KEY)] = 0;
+        state_u[state(b, SU_CUT_END)] = vocab;
     }
 }
 
@@ -659,9 +664,9 @@ fn digits_kernel<F: Float>(
     let (g, b) = (CUBE_POS_X, CUBE_POS_Y);
     let row = load_row(params, state_f, b, vocab, words);
     let cut = load_cut(state_u, b);
-    let key = state_u[(b * 8 + SU_KEY) as usize] & interval;
+    let key = state_u[state(b, SU_KEY)] & interval;
     // The first pass of a stage totals the cut for every row (the decision whether the row takes part follows).
-    let active = first == 1 || state_u[(b * 8 + SU_ACTIVE) as usize] == 1;
+    let active = first == 1 || state_u[state(b, SU_ACTIVE)] == 1;
     let start = g * range;
     let end = select(active, u32::min(start + range, vocab), start);
     let mut sums = Array::<f32>::new(16usize);
@@ -730,8 +735,8 @@ fn decide_kernel(
     }
     sync_cube();
     if UNIT_POS == 0 {
-        let su = (b * 8) as usize;
-        let sf = (b * 8) as usize;
+        let su = state(b, 0u32);
+        let sf = state(b, 0u32);
         if first == 1 {
             let total = sums[0];
             let every = f32::cast_from(vocab);
@@ -804,8 +809,8 @@ fn ties_kernel<F: Float>(
     let (g, b) = (CUBE_POS_X, CUBE_POS_Y);
     let row = load_row(params, state_f, b, vocab, words);
     let cut = load_cut(state_u, b);
-    let key = state_u[(b * 8 + SU_KEY) as usize];
-    let active = state_u[(b * 8 + SU_ACTIVE) as usize] == 1;
+    let key = state_u[state(b, SU_KEY)];
+    let active = state_u[state(b, SU_ACTIVE)] == 1;
     let start = g * range;
     let end = select(active, u32::min(start + range, vocab), start);
     let mut sum = 0.0f32;
@@ -839,8 +844,8 @@ fn groups_kernel(
 ) {
     let b = CUBE_POS_X;
     let g = UNIT_POS;
-    let su = (b * 8) as usize;
-    let sf = (b * 8) as usize;
+    let su = state(b, 0u32);
+    let sf = state(b, 0u32);
     let mine = g < groups;
     let mut sum = 0.0f32;
     let mut last = 0u32;
@@ -885,18 +890,18 @@ fn walk_kernel<F: Float>(
     #[comptime] planes: usize,
 ) {
     let b = CUBE_POS_X;
-    let su = (b * 8) as usize;
+    let su = state(b, 0u32);
     let row = load_row(params, state_f, b, vocab, words);
     let cut = load_cut(state_u, b);
     let key = state_u[su + SU_KEY as usize];
     let active = state_u[su + SU_ACTIVE as usize] == 1;
     let group = state_u[su + SU_GROUP as usize];
-    let target = state_f[(b * 8 + SF_TARGET) as usize];
+    let target = state_f[state(b, SF_TARGET)];
     let strict = state_u[su + SU_STRICT as usize] == 1;
     let found_group = active && group != u32::max_value();
     let start = select(found_group, group * range, 0);
     let end = select(found_group, u32::min(start + range, vocab), 0);
-    let mut running = state_f[(b * 8 + SF_BASE) as usize];
+    let mut running = state_f[state(b, SF_BASE)];
     let mut at = u32::max_value();
     let chunks = range.div_ceil(CUBE_DIM);
     for c in 0..chunks {

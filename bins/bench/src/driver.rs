@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use nvml_wrapper::Nvml;
+use serde::Serialize;
 
 /// How often the thread reads the driver's figure.
 const PERIOD: Duration = Duration::from_millis(10);
@@ -88,5 +89,40 @@ impl Drop for DriverMemory {
         if let Some(thread) = self.thread.take() {
             thread.join().ok();
         }
+    }
+}
+
+/// The card and driver a report was measured with, as NVML reports them.
+#[derive(Debug, Serialize)]
+pub struct Gpu {
+    pub name: String,
+    /// `major.minor`, e.g. `9.0` for Hopper.
+    pub compute_capability: String,
+    pub driver: String,
+    /// The CUDA version the driver supports, e.g. `13.0`.
+    pub cuda: String,
+    pub memory_mb: f64,
+}
+
+impl Gpu {
+    /// Device `index`'s figures; fails where there is no NVIDIA driver.
+    pub fn probe(index: u32) -> Result<Self> {
+        let nvml = Nvml::init().context("loading NVML (the NVIDIA driver's management library)")?;
+        let device = nvml
+            .device_by_index(index)
+            .with_context(|| format!("NVML device {index}"))?;
+        let cc = device
+            .cuda_compute_capability()
+            .context("compute capability")?;
+        let cuda = nvml
+            .sys_cuda_driver_version()
+            .context("CUDA driver version")?;
+        Ok(Self {
+            name: device.name().context("device name")?,
+            compute_capability: format!("{}.{}", cc.major, cc.minor),
+            driver: nvml.sys_driver_version().context("driver version")?,
+            cuda: format!("{}.{}", cuda / 1000, (cuda % 1000) / 10),
+            memory_mb: device.memory_info().context("NVML memory info")?.total as f64 / 1e6,
+        })
     }
 }

@@ -455,12 +455,46 @@ enum Kernel {
 
 impl RunInfo {
     /// Writes `report` as JSON to `--out`, when given.
+    /// Writes `report` to `--out` (when given) with an `environment` object added: the card, compute capability,
+    /// driver and CUDA version (NVML, where there is an NVIDIA driver), the versions of medvl, burn and CubeCL.
     pub(crate) fn write_report(&self, report: &impl Serialize) -> Result<()> {
         if let Some(out) = &self.out {
-            write_atomic(out, &serde_json::to_vec_pretty(report)?)?;
+            let mut value = serde_json::to_value(report)?;
+            if let Some(fields) = value.as_object_mut() {
+                fields.insert(
+                    "environment".into(),
+                    serde_json::to_value(Environment::probe())?,
+                );
+            }
+            write_atomic(out, &serde_json::to_vec_pretty(&value)?)?;
             println!("wrote {}", out.display());
         }
         Ok(())
+    }
+}
+
+/// What a benchmark ran on and with.
+#[derive(Serialize)]
+struct Environment {
+    medvl: &'static str,
+    burn: &'static str,
+    cubecl: &'static str,
+    /// `None` without an NVIDIA driver (or without the `cuda` feature).
+    #[cfg(feature = "cuda")]
+    gpu: Option<driver::Gpu>,
+}
+
+impl Environment {
+    fn probe() -> Self {
+        Self {
+            medvl: env!("CARGO_PKG_VERSION"),
+            burn: env!("MEDVL_BURN_VERSION"),
+            cubecl: env!("MEDVL_CUBECL_VERSION"),
+            #[cfg(feature = "cuda")]
+            gpu: driver::Gpu::probe(0)
+                .inspect_err(|e| eprintln!("no GPU figures for the report: {e:#}"))
+                .ok(),
+        }
     }
 }
 

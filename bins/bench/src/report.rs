@@ -34,9 +34,28 @@ struct Stat {
     max: f64,
 }
 
+/// What a report was measured with (reports written since 2026-11-28 have it).
+#[derive(Deserialize, Default)]
+struct Environment {
+    medvl: Option<String>,
+    burn: Option<String>,
+    cubecl: Option<String>,
+    gpu: Option<Gpu>,
+}
+
+#[derive(Deserialize)]
+struct Gpu {
+    compute_capability: Option<String>,
+    driver: Option<String>,
+    /// medvl: the CUDA version the driver supports; Python: the one torch was built with.
+    cuda: Option<String>,
+}
+
 #[derive(Deserialize)]
 struct PageReport {
     card: String,
+    #[serde(default)]
+    environment: Environment,
     /// Python only: its software stack.
     stack: Option<String>,
     git_commit: Option<String>,
@@ -91,6 +110,8 @@ fn baseline_format(format: &str) -> &str {
 #[derive(Deserialize)]
 struct DecodeReport {
     card: String,
+    #[serde(default)]
+    environment: Environment,
     stack: Option<String>,
     git_commit: Option<String>,
     /// Python: the format of every case.
@@ -229,12 +250,30 @@ pub(crate) fn run(args: ReportArgs) -> Result<()> {
 fn environment(md: &mut String, paths: &[PathBuf], inputs: &[Input]) -> Result<()> {
     writeln!(
         md,
-        "## Environment\n\n| # | report | kind | stack | card | commit |\n|---|---|---|---|---|---|"
+        "## Environment\n\nCompute capability, driver and CUDA as recorded by the run (CUDA: the version the driver \
+         supports for medvl, the one torch was built with for transformers; `-` in reports written before these were \
+         recorded).\n\n| # | report | kind | stack | card | compute capability | driver | CUDA | commit |\n\
+         |---|---|---|---|---|---|---|---|---|"
     )?;
     for (i, (path, input)) in paths.iter().zip(inputs).enumerate() {
-        let (kind, card, stack, commit) = match input {
-            Input::Page(r) => ("page", &r.card, &r.stack, &r.git_commit),
-            Input::Decode(r) => ("decode", &r.card, &r.stack, &r.git_commit),
+        let (kind, card, stack, commit, env) = match input {
+            Input::Page(r) => ("page", &r.card, &r.stack, &r.git_commit, &r.environment),
+            Input::Decode(r) => ("decode", &r.card, &r.stack, &r.git_commit, &r.environment),
+        };
+        let stack = match (stack, &env.medvl) {
+            (Some(python), _) => python.clone(),
+            (None, Some(medvl)) => format!(
+                "medvl {medvl} (burn {}, cubecl {})",
+                env.burn.as_deref().unwrap_or("?"),
+                env.cubecl.as_deref().unwrap_or("?")
+            ),
+            (None, None) => "medvl".into(),
+        };
+        let gpu = |field: fn(&Gpu) -> &Option<String>| {
+            env.gpu
+                .as_ref()
+                .and_then(|g| field(g).clone())
+                .unwrap_or_else(|| "-".into())
         };
         let file = path
             .file_name()
@@ -242,9 +281,11 @@ fn environment(md: &mut String, paths: &[PathBuf], inputs: &[Input]) -> Result<(
             .unwrap_or_default();
         writeln!(
             md,
-            "| {} | `{file}` | {kind} | {} | {card} | {} |",
+            "| {} | `{file}` | {kind} | {stack} | {card} | {} | {} | {} | {} |",
             i + 1,
-            stack.as_deref().unwrap_or("medvl"),
+            gpu(|g| &g.compute_capability),
+            gpu(|g| &g.driver),
+            gpu(|g| &g.cuda),
             commit.as_deref().unwrap_or("-")
         )?;
     }
@@ -704,6 +745,8 @@ mod tests {
     use super::*;
 
     const PAGE: &str = r#"{"card": "H100", "device": "cuda bf16", "git_commit": "abc", "model": "m", "new_tokens": 256,
+      "environment": {"medvl": "0.1.0", "burn": "0.21.0", "cubecl": "0.10.0", "gpu": {"name": "H100",
+      "compute_capability": "9.0", "driver": "580.159", "cuda": "13.0", "memory_mb": 85000.0}},
       "cases": [{"format": "nf4", "decode": "plan", "image_tokens": 2772, "load_s": 90.0, "model_mb": 5000.0,
       "plan_weights_mb": 100.0, "in_use_mb": 1.0, "reserved_mb": 2.0, "vision_s": 0.8, "llm_prefill_s": 0.4,
       "driver_loaded_mb": 5400.0, "driver_peak_mb": 7000.0,
@@ -773,6 +816,14 @@ mod tests {
         assert!(md.contains("| nf4 | 2772 | medvl | 1 | 90.0 | 5100 | - | 5400 / 7000 | 0.800 | 0.400 | 1.000 | 250.0 | 2.000 (1.500-2.500) | 12.0x |"), "{md}");
         assert!(
             md.contains("| nf4 | 2772 | transformers | 2 | 50.0 | 5964 | 6656 | 6500 / 7800 |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| 1 | `page.json` | page | medvl 0.1.0 (burn 0.21.0, cubecl 0.10.0) | H100 | 9.0 | 580.159 | 13.0 | abc |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| 2 | `py.json` | page | transformers | H100 | - | - | - | - |"),
             "{md}"
         );
         // A later command's pair: 30 s against 3 s (the first Python report would give 8x).
