@@ -694,6 +694,12 @@ pub fn argmax_advance<R: Runtime, F: Activation>(
     Ok(())
 }
 
+/// One unit per value of `len` tokens of one sequence's keys or values; `None` when there are none.
+fn cache_copy_dims(shape: AttentionShape, len: usize) -> Option<(CubeCount, CubeDim)> {
+    let n = shape.kv_heads * len * shape.head_dim;
+    (n > 0).then(|| elementwise(n))
+}
+
 /// Moves the first `len` tokens of sequence `from` of a cache `[batch, kv_heads, capacity, head_dim]` (keys or
 /// values) to sequence `to` of the same cache, so that a batch keeps its sequences in its first slots when an
 /// earlier one ends. One buffer read and written: the two sequences' regions do not overlap.
@@ -713,11 +719,9 @@ pub fn move_cache<R: Runtime, F: Activation>(
         )));
     }
     cache.check("cache", shape.cache_len())?;
-    let n = shape.kv_heads * len * shape.head_dim;
-    if n == 0 {
+    let Some((count, dim)) = cache_copy_dims(shape, len) else {
         return Ok(());
-    }
-    let (count, dim) = elementwise(n);
+    };
     // SAFETY: both sequences below `batch`, positions below `len <= capacity`, the cache's length checked.
     #[allow(unsafe_code)]
     unsafe {
@@ -756,13 +760,11 @@ pub fn write_cache<R: Runtime, F: Activation>(
             shape.batch, shape.capacity
         )));
     }
-    let n = shape.kv_heads * len * shape.head_dim;
     src.check("src", shape.kv_heads * src_slots * shape.head_dim)?;
     cache.check("cache", shape.cache_len())?;
-    if n == 0 {
+    let Some((count, dim)) = cache_copy_dims(shape, len) else {
         return Ok(());
-    }
-    let (count, dim) = elementwise(n);
+    };
     // SAFETY: sources below `n`, destinations inside sequence `seq`'s first `len <= capacity` slots.
     #[allow(unsafe_code)]
     unsafe {

@@ -271,16 +271,19 @@ fn argmax_takes_the_first_of_ties<R: Runtime, F: Activation>(client: &ComputeCli
     assert_eq!(lens.read(client).unwrap(), vec![11, 21]);
 }
 
+/// A cache of 3 sequences, 2 key/value heads of 8 dimensions, 12 slots each.
+const SMALL_CACHE: AttentionShape = AttentionShape {
+    heads: 4,
+    kv_heads: 2,
+    head_dim: 8,
+    capacity: 12,
+    batch: 3,
+};
+
 /// Tokens `0..len` of a source with `src_slots` slots per head land in slots `0..len` of sequence 1; the rest
 /// of the cache (other sequences, later slots) is untouched; a source shorter than `len` is refused.
 fn write_cache_from_a_roomy_source<R: Runtime, F: Activation>(client: &ComputeClient<R>) {
-    let shape = AttentionShape {
-        heads: 4,
-        kv_heads: 2,
-        head_dim: 8,
-        capacity: 12,
-        batch: 3,
-    };
+    let shape = SMALL_CACHE;
     let (src_slots, len) = (10, 7);
     let src = stored::<F>(&random(shape.kv_heads * src_slots * shape.head_dim, 5));
     let before = stored::<F>(&random(
@@ -315,13 +318,7 @@ fn write_cache_from_a_roomy_source<R: Runtime, F: Activation>(client: &ComputeCl
 /// Tokens `0..len` of sequence 2 land in sequence 0 (both keys' layout), everything else (sequence 0's later
 /// slots, sequences 1 and 2) stays; moving onto itself or past the batch is refused.
 fn move_cache_between_sequences<R: Runtime, F: Activation>(client: &ComputeClient<R>) {
-    let shape = AttentionShape {
-        heads: 4,
-        kv_heads: 2,
-        head_dim: 8,
-        capacity: 12,
-        batch: 3,
-    };
+    let shape = SMALL_CACHE;
     let len = 9;
     let before = stored::<F>(&random(
         shape.batch * shape.kv_heads * shape.capacity * shape.head_dim,

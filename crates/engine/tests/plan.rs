@@ -269,14 +269,10 @@ fn engines_on_wgpu(
     (planned, burn)
 }
 
-/// Requests that sample (temperature, top-k, top-p, repetition penalty) decode through an attached plan, which
-/// samples on the device with the request's draws: the same tokens as the engine without a plan (burn's logits,
-/// the host sampler) for the same seed; other seeds give other tokens.
-#[test]
-fn engine_samples_through_an_attached_plan_as_without() {
-    use medvl_engine::{Engine, GenerateParams, SamplingParams};
-    let (planned, burn) = engines_on_wgpu(1, 112);
-    let samplings = [
+/// Three ways of sampling: temperature + top-p; temperature + top-k + repetition penalty; greedy with a penalty.
+fn sampled_settings() -> [medvl_engine::SamplingParams; 3] {
+    use medvl_engine::SamplingParams;
+    [
         SamplingParams {
             temperature: 0.8,
             top_p: 0.9,
@@ -295,7 +291,17 @@ fn engine_samples_through_an_attached_plan_as_without() {
             repetition_penalty: 1.5,
             ..Default::default()
         },
-    ];
+    ]
+}
+
+/// Requests that sample (temperature, top-k, top-p, repetition penalty) decode through an attached plan, which
+/// samples on the device with the request's draws: the same tokens as the engine without a plan (burn's logits,
+/// the host sampler) for the same seed; other seeds give other tokens.
+#[test]
+fn engine_samples_through_an_attached_plan_as_without() {
+    use medvl_engine::{Engine, GenerateParams, SamplingParams};
+    let (planned, burn) = engines_on_wgpu(1, 112);
+    let samplings = sampled_settings();
     for case in cases() {
         for sampling in &samplings {
             let params = GenerateParams {
@@ -545,6 +551,7 @@ fn batch_requests() -> Vec<medvl_engine::Request> {
         request
     };
     let greedy = SamplingParams::default();
+    let sampled = sampled_settings();
     let mut bad = ask(vec![], "Read the stamp.", 8, greedy.clone());
     bad.messages = vec![Message::user_with_images(1, "Read the stamp.")];
     vec![
@@ -564,25 +571,14 @@ fn batch_requests() -> Vec<medvl_engine::Request> {
             vec![],
             "Summarise the discharge letter.",
             24,
-            SamplingParams {
-                temperature: 0.8,
-                top_p: 0.9,
-                seed: 7,
-                ..Default::default()
-            },
+            sampled[0].clone(),
         ),
         bad,
         ask(
             vec![image("stamp.png")],
             "What does the stamp say?",
             16,
-            SamplingParams {
-                temperature: 1.2,
-                top_k: 40,
-                repetition_penalty: 1.3,
-                seed: 11,
-                ..Default::default()
-            },
+            sampled[1].clone(),
         ),
         ask(
             vec![image("page.png")],
