@@ -482,13 +482,12 @@ impl<B: Backend> Engine<B> {
         slot: usize,
         on_text: &mut dyn FnMut(&str),
     ) -> Result<Option<FinishReason>> {
-        let start = Instant::now();
-        sequence.decode_start = start;
         if let Some(finish) =
             sequence.push(sequence.token, &self.model.config.tokens.eos, on_text)?
         {
             return Ok(Some(finish));
         }
+        let start = Instant::now();
         plan.admit(
             slot,
             &Prefilled::from_cache(&sequence.cache, sequence.rope_delta, sequence.token)?,
@@ -504,6 +503,8 @@ impl<B: Backend> Engine<B> {
         sequence.cache = self.model.new_cache();
         sequence.plan_decode = true;
         sequence.timings.handover_s = start.elapsed().as_secs_f64();
+        // The later tokens' time starts once the plan holds the sequence.
+        sequence.decode_start = Instant::now();
         Ok(None)
     }
 
