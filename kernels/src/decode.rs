@@ -24,9 +24,6 @@ const PLANES: u32 = 4;
 /// combined.
 const ATTENTION_PLANES: u32 = 4;
 
-/// Cache positions whose values one attention lane loads before using them.
-const VALUE_UNROLL: usize = 8;
-
 /// Cubes (sequences x key/value heads x splits) from which an attention cube takes a whole GQA group of queries
 /// (fewer, larger cubes reading each key and value once); below it, one query head per cube.
 pub const GROUPED_ATTENTION_CUBES: usize = 256;
@@ -432,66 +429,6 @@ impl AttentionShape {
     }
 }
 
-/// The new token's queries, keys and values of each sequence, straight out of their projections: adds the
-/// biases, rotates queries and keys by the sequence's position (`lens[b] + deltas[b]`, the same on the three
-/// M-RoPE axes during decode) and writes the key and value into cache slot `lens[b]`.
-///
-/// `qkv`: `[batch, (heads + 2 * kv_heads) * head_dim]` in (the fused projection: queries, keys, values), `bias`
-/// its `[(heads + 2 * kv_heads) * head_dim]` bias; `q_out`: `[batch, heads * head_dim]` out; caches
-/// `[batch, kv_heads, capacity, head_dim]`; `inv_freq`: `[head_dim / 2]`.
-#[allow(clippy::too_many_arguments)]
-pub fn rope_append<R: Runtime, F: Activation>(
-    client: &ComputeClient<R>,
-    shape: AttentionShape,
-    qkv: &Buffer<F>,
-    bias: &Buffer<F>,
-    inv_freq: &Buffer<f32>,
-    lens: &Buffer<u32>,
-    deltas: &Buffer<i32>,
-    q_out: &Buffer<F>,
-    (k_cache, v_cache): (&Buffer<F>, &Buffer<F>),
-) -> Result<(), KernelError> {
-    shape.validate()?;
-    let AttentionShape {
-        heads,
-        kv_heads,
-        head_dim,
-        batch,
-        ..
-    } = shape;
-    let width = (heads + 2 * kv_heads) * head_dim;
-    qkv.check("qkv", batch * width)?;
-    bias.check("qkv bias", width)?;
-    q_out.check("q_out", batch * heads * head_dim)?;
-    inv_freq.check("inv_freq", head_dim / 2)?;
-    lens.check("lens", batch)?;
-    deltas.check("deltas", batch)?;
-    k_cache.check("k_cache", shape.cache_len())?;
-    v_cache.check("v_cache", shape.cache_len())?;
-    // SAFETY: all lengths checked above; the caller keeps `lens[b] < capacity` (the plan checks it on the host
-    // before each step).
-    #[allow(unsafe_code)]
-    unsafe {
-        rope_append_kernel::launch_unchecked::<F, R>(
-            client,
-            CubeCount::Static((heads + kv_heads) as u32, batch as u32, 1),
-            CubeDim::new_1d((head_dim / 2) as u32),
-            qkv.array_arg(),
-            bias.array_arg(),
-            inv_freq.array_arg(),
-            lens.array_arg(),
-            deltas.array_arg(),
-            q_out.array_arg(),
-            k_cache.array_arg(),
-            v_cache.array_arg(),
-            heads as u32,
-            kv_heads as u32,
-            shape.capacity as u32,
-        );
-    }
-    Ok(())
-}
-
 /// Scratch space of the split attention: per sequence, head and split, `head_dim` partial outputs and the
 /// running max and sum.
 pub struct AttentionScratch {
@@ -513,15 +450,43 @@ impl AttentionScratch {
     }
 }
 
-/// Attention of each sequence's new query (`q`: `[batch, heads * head_dim]`, already rotated) over cache slots
-/// `0..=lens[b]` (the new token's key and value already appended), grouped-query, scaled by
-/// `1 / sqrt(head_dim)`; `out`: `[batch, heads * head_dim]`. `max_tokens` bounds `lens[b] + 1` over the batch
-/// and sets how many splits are launched.
+/// The new token of each sequence straight out of its fused q/k/v projection, which the attention rotates and
+/// appends to the cache itself: `qkv` is `[batch, (heads + 2 * kv_heads) * head_dim]` (queries, keys, values),
+/// `bias` its `[(heads + 2 * kv_heads) * head_dim]` bias, `inv_freq` the `[head_dim / 2]` rotary inverse
+/// frequencies, `deltas[b]` what sequence `b`'s position adds to its cache length (M-RoPE's offset; the three
+/// position sections are equal during decode).
+#[derive(Clone, Copy)]
+pub struct NewToken<'a, F: Activation> {
+    /// The fused projection's output.
+    pub qkv: &'a Buffer<F>,
+    /// Its bias.
+    pub bias: &'a Buffer<F>,
+    /// Rotary inverse frequencies.
+    pub inv_freq: &'a Buffer<f32>,
+    /// Position offsets per sequence.
+    pub deltas: &'a Buffer<i32>,
+}
+
+/// Values per load of a value row in the attention's value pass: lanes take consecutive vectors of a row, as
+/// wide as 16 bytes allow while every lane of a plane still has one.
+fn value_vector(head_dim: usize, size: usize, plane_width: usize) -> usize {
+    [8, 4, 2]
+        .into_iter()
+        .find(|&n| n * size <= 16 && head_dim.is_multiple_of(n) && head_dim / n >= plane_width)
+        .unwrap_or(1)
+}
+
+/// One decode step's attention for each sequence's new token, grouped-query, scaled by `1 / sqrt(head_dim)`:
+/// adds the biases to `new`'s query, key and value, rotates query and key by the sequence's position
+/// (`lens[b] + deltas[b]`), writes key and value into cache slot `lens[b]`, and attends over slots
+/// `0..=lens[b]`; `out`: `[batch, heads * head_dim]`. One launch does all of it but the splits' combine (a
+/// second). `max_tokens` bounds `lens[b] + 1` over the batch and sets how many splits are launched; caches are
+/// `[batch, kv_heads, capacity, head_dim]`.
 #[allow(clippy::too_many_arguments)]
 pub fn attend<R: Runtime, F: Activation>(
     client: &ComputeClient<R>,
     shape: AttentionShape,
-    q: &Buffer<F>,
+    new: NewToken<'_, F>,
     (k_cache, v_cache): (&Buffer<F>, &Buffer<F>),
     lens: &Buffer<u32>,
     max_tokens: usize,
@@ -541,7 +506,11 @@ pub fn attend<R: Runtime, F: Activation>(
             "{max_tokens} tokens in a cache of {capacity} slots"
         )));
     }
-    q.check("q", batch * heads * head_dim)?;
+    let width = (heads + 2 * kv_heads) * head_dim;
+    new.qkv.check("qkv", batch * width)?;
+    new.bias.check("qkv bias", width)?;
+    new.inv_freq.check("inv_freq", head_dim / 2)?;
+    new.deltas.check("deltas", batch)?;
     out.check("out", batch * heads * head_dim)?;
     k_cache.check("k_cache", shape.cache_len())?;
     v_cache.check("v_cache", shape.cache_len())?;
@@ -562,16 +531,23 @@ pub fn attend<R: Runtime, F: Activation>(
     } else {
         1
     };
+    let plane_width = plane_size(client) as usize;
+    let value_width = value_vector(head_dim, size_of::<F>(), plane_width);
     // SAFETY: lengths checked above; the kernels index slots below `lens[b] + 1 <= max_tokens <= capacity`
-    // (the caller's bound) and splits below the scratch's.
+    // (the caller's bound; slots past a sequence's tokens are not read, lanes without one read slot 0) and
+    // splits below the scratch's.
     #[allow(unsafe_code)]
     unsafe {
         attend_split_kernel::launch_unchecked::<F, R>(
             client,
             CubeCount::Static(splits as u32, (heads / group) as u32, batch as u32),
-            CubeDim::new_2d(plane_size(client), ATTENTION_PLANES),
+            CubeDim::new_2d(plane_width as u32, ATTENTION_PLANES),
             key_vector(head_dim, size_of::<F>()),
-            q.array_arg(),
+            value_width,
+            new.qkv.array_arg(),
+            new.bias.array_arg(),
+            new.inv_freq.array_arg(),
+            new.deltas.array_arg(),
             k_cache.array_arg(),
             v_cache.array_arg(),
             lens.array_arg(),
@@ -582,9 +558,9 @@ pub fn attend<R: Runtime, F: Activation>(
             ratio as u32,
             head_dim,
             group,
-            head_dim.div_ceil(plane_size(client) as usize),
+            (head_dim / value_width).div_ceil(plane_width),
             ATTENTION_PLANES as usize,
-            plane_size(client) as usize,
+            plane_width,
         );
         attend_combine_kernel::launch_unchecked::<F, R>(
             client,
@@ -941,60 +917,13 @@ fn add_rms_norm_kernel<F: Float>(
 
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
-fn rope_append_kernel<F: Float>(
+fn attend_split_kernel<F: Float, N: Size, NV: Size>(
     qkv: &Array<F>,
     bias: &Array<F>,
     inv_freq: &Array<f32>,
-    lens: &Array<u32>,
     deltas: &Array<i32>,
-    q_out: &mut Array<F>,
-    k_cache: &mut Array<F>,
-    v_cache: &mut Array<F>,
-    heads: u32,
-    kv_heads: u32,
-    capacity: u32,
-) {
-    let half = CUBE_DIM_X;
-    let dim = half * 2;
-    let i = UNIT_POS_X;
-    let h = CUBE_POS_X;
-    let b = CUBE_POS_Y;
-    let slot = lens[b as usize];
-    let position = f32::cast_from(i32::cast_from(slot) + deltas[b as usize]);
-    let angle = position * inv_freq[i as usize];
-    let cos = F::cast_from(f32::cos(angle));
-    let sin = F::cast_from(f32::sin(angle));
-    // Row `b` of `qkv` holds the query heads, then the key heads, then the value heads; the bias the same
-    // without the row.
-    let row = b * (heads + 2 * kv_heads) * dim;
-    if h < heads {
-        let col = h * dim + i;
-        let x1 = qkv[(row + col) as usize] + bias[col as usize];
-        let x2 = qkv[(row + col + half) as usize] + bias[(col + half) as usize];
-        let at = (b * heads + h) * dim + i;
-        q_out[at as usize] = x1 * cos - x2 * sin;
-        q_out[(at + half) as usize] = x2 * cos + x1 * sin;
-    } else {
-        let kh = h - heads;
-        let k_col = (heads + kh) * dim + i;
-        let v_col = k_col + kv_heads * dim;
-        let x1 = qkv[(row + k_col) as usize] + bias[k_col as usize];
-        let x2 = qkv[(row + k_col + half) as usize] + bias[(k_col + half) as usize];
-        let dst = ((b * kv_heads + kh) * capacity + slot) * dim + i;
-        k_cache[dst as usize] = x1 * cos - x2 * sin;
-        k_cache[(dst + half) as usize] = x2 * cos + x1 * sin;
-        v_cache[dst as usize] = qkv[(row + v_col) as usize] + bias[v_col as usize];
-        v_cache[(dst + half) as usize] =
-            qkv[(row + v_col + half) as usize] + bias[(v_col + half) as usize];
-    }
-}
-
-#[cube(launch_unchecked)]
-#[allow(clippy::too_many_arguments)]
-fn attend_split_kernel<F: Float, N: Size>(
-    q: &Array<F>,
-    k_cache: &Array<Vector<F, N>>,
-    v_cache: &Array<F>,
+    k_cache: &mut Array<Vector<F, N>>,
+    v_cache: &mut Array<Vector<F, NV>>,
     lens: &Array<u32>,
     part_out: &mut Array<f32>,
     part_stats: &mut Array<f32>,
@@ -1003,12 +932,15 @@ fn attend_split_kernel<F: Float, N: Size>(
     ratio: u32,
     #[comptime] head_dim: usize,
     #[comptime] group: usize,
-    #[comptime] lane_dims: usize,
+    #[comptime] lane_vectors: usize,
     #[comptime] planes: usize,
     #[comptime] plane_width: usize,
 ) {
     // Cube `(split, qg, b)` takes query heads `qg * group ..` (`group` of them, all on one key/value head: the
-    // whole GQA group, or one head when the batch is too small to fill the device with whole groups).
+    // whole GQA group, or one head when the batch is too small to fill the device with whole groups). Lane `i`
+    // of plane `p` scores position `start + i` against every query of the group (the whole key row in 16-byte
+    // loads, no reduction across lanes); for the values, the lanes split a row and the plane goes over its
+    // positions.
     let split = CUBE_POS_X;
     let qg = CUBE_POS_Y;
     let b = CUBE_POS_Z;
@@ -1019,39 +951,144 @@ fn attend_split_kernel<F: Float, N: Size>(
     let lane = UNIT_POS_X;
     let plane = UNIT_POS_Y;
     let width = CUBE_DIM_X;
-    let tokens = lens[b as usize] + 1;
-    // The cube's queries, scaled, in shared memory.
-    let mut query = SharedMemory::<f32>::new(comptime!(group * head_dim));
-    let first_q = (b * heads + qg * comptime!(group as u32)) * comptime!(head_dim as u32);
-    for i in range_stepped(UNIT_POS, comptime!((group * head_dim) as u32), CUBE_DIM) {
-        query[i as usize] = f32::cast_from(q[(first_q + i) as usize]) * scale;
-    }
-    sync_cube();
-    // Lane `i` of plane `p` scores position `start + i` against every query of the group: the whole key row
-    // in 16-byte loads, no reduction across lanes.
+    let half = comptime!(head_dim as u32 / 2);
+    // The new token sits at `slot`: its key and value are computed here from the projection, not read.
+    let slot = lens[b as usize];
+    let tokens = slot + 1;
     let start = (split * comptime!(planes as u32) + plane) * width;
+    let cube_start = split * comptime!(planes as u32) * width;
+    let holds_new = slot >= cube_start && slot < cube_start + comptime!(planes as u32) * width;
     let cache_row = (b * kv_heads + kvh) * capacity;
     let j = start + lane;
     let valid = j < tokens;
+    // Every cached key and value this cube uses, loaded before anything else so that their loads are in
+    // flight together (and with the projection's below). Lanes without a cached position read slot 0 and use
+    // nothing of it.
     let n = N::value();
     let vectors = comptime!(head_dim / n);
+    let mut keys = Array::<Vector<F, N>>::new(vectors);
+    let key_row = (cache_row + select(j < slot, j, 0)) * comptime!(vectors as u32);
+    #[unroll]
+    for v in 0..vectors {
+        keys[v] = k_cache[key_row as usize + v];
+    }
+    let nv = NV::value();
+    let row_vectors = comptime!(head_dim / nv);
+    let mut values = Array::<Vector<F, NV>>::new(comptime!(plane_width * lane_vectors));
+    #[unroll]
+    for p in 0..plane_width {
+        let position = start + comptime!(p as u32);
+        let row =
+            (cache_row + select(position < slot, position, 0)) * comptime!(row_vectors as u32);
+        #[unroll]
+        for t in 0..lane_vectors {
+            let vi = lane + comptime!(t as u32) * width;
+            let at = select(vi < comptime!(row_vectors as u32), vi, 0);
+            values[p * lane_vectors + t] = v_cache[(row + at) as usize];
+        }
+    }
+    // The group's queries with their bias, rotated (in `F`, as the projection's output is stored) and scaled,
+    // in shared memory; the cube holding the new position also computes its key and value.
+    let position = f32::cast_from(i32::cast_from(slot) + deltas[b as usize]);
+    let qkv_row = b * (heads + 2 * kv_heads) * comptime!(head_dim as u32);
+    let mut query = SharedMemory::<f32>::new(comptime!(group * head_dim));
+    for u in range_stepped(UNIT_POS, comptime!((group * head_dim / 2) as u32), CUBE_DIM) {
+        let g = u / half;
+        let i = u % half;
+        let angle = position * inv_freq[i as usize];
+        let cos = F::cast_from(f32::cos(angle));
+        let sin = F::cast_from(f32::sin(angle));
+        let col = (qg * comptime!(group as u32) + g) * comptime!(head_dim as u32) + i;
+        let x1 = qkv[(qkv_row + col) as usize] + bias[col as usize];
+        let x2 = qkv[(qkv_row + col + half) as usize] + bias[(col + half) as usize];
+        let at = g * comptime!(head_dim as u32) + i;
+        query[at as usize] = f32::cast_from(x1 * cos - x2 * sin) * scale;
+        query[(at + half) as usize] = f32::cast_from(x2 * cos + x1 * sin) * scale;
+    }
+    let mut new_k = SharedMemory::<f32>::new(head_dim);
+    let mut new_v = SharedMemory::<f32>::new(head_dim);
+    if holds_new {
+        for i in range_stepped(UNIT_POS, half, CUBE_DIM) {
+            let angle = position * inv_freq[i as usize];
+            let cos = F::cast_from(f32::cos(angle));
+            let sin = F::cast_from(f32::sin(angle));
+            let k_col = (heads + kvh) * comptime!(head_dim as u32) + i;
+            let v_col = k_col + kv_heads * comptime!(head_dim as u32);
+            let x1 = qkv[(qkv_row + k_col) as usize] + bias[k_col as usize];
+            let x2 = qkv[(qkv_row + k_col + half) as usize] + bias[(k_col + half) as usize];
+            new_k[i as usize] = f32::cast_from(x1 * cos - x2 * sin);
+            new_k[(i + half) as usize] = f32::cast_from(x2 * cos + x1 * sin);
+            new_v[i as usize] =
+                f32::cast_from(qkv[(qkv_row + v_col) as usize] + bias[v_col as usize]);
+            new_v[(i + half) as usize] = f32::cast_from(
+                qkv[(qkv_row + v_col + half) as usize] + bias[(v_col + half) as usize],
+            );
+        }
+    }
+    sync_cube();
+    // The new key and value into the cache, by one cube per key/value head (the first query head's); no cube
+    // of this launch reads that slot from the cache.
+    if holds_new && (qg * comptime!(group as u32)) % ratio == 0 {
+        let row = cache_row + slot;
+        for v in range_stepped(UNIT_POS, comptime!(vectors as u32), CUBE_DIM) {
+            let mut kv = Vector::<F, N>::empty();
+            #[unroll]
+            for e in 0..n {
+                kv[e] = F::cast_from(new_k[(v * comptime!(n as u32)) as usize + e]);
+            }
+            k_cache[(row * comptime!(vectors as u32) + v) as usize] = kv;
+        }
+        for v in range_stepped(UNIT_POS, comptime!(row_vectors as u32), CUBE_DIM) {
+            let mut vv = Vector::<F, NV>::empty();
+            #[unroll]
+            for e in 0..nv {
+                vv[e] = F::cast_from(new_v[(v * comptime!(nv as u32)) as usize + e]);
+            }
+            v_cache[(row * comptime!(row_vectors as u32) + v) as usize] = vv;
+        }
+    }
+    if j == slot {
+        #[unroll]
+        for v in 0..vectors {
+            let mut kv = Vector::<F, N>::empty();
+            #[unroll]
+            for e in 0..n {
+                kv[e] = F::cast_from(new_k[v * n + e]);
+            }
+            keys[v] = kv;
+        }
+    }
+    // (Each position checked at a constant index: a register array indexed at run time would live in memory.)
+    #[unroll]
+    for p in 0..plane_width {
+        if start + comptime!(p as u32) == slot {
+            #[unroll]
+            for t in 0..lane_vectors {
+                let vi = lane + comptime!(t as u32) * width;
+                let at = select(vi < comptime!(row_vectors as u32), vi, 0);
+                let mut vv = Vector::<F, NV>::empty();
+                #[unroll]
+                for e in 0..nv {
+                    vv[e] = F::cast_from(new_v[(at * comptime!(nv as u32)) as usize + e]);
+                }
+                values[p * lane_vectors + t] = vv;
+            }
+        }
+    }
     let mut scores = Array::<f32>::new(group);
     #[unroll]
     for g in 0..group {
         scores[g] = 0.0;
     }
-    if valid {
-        let row = (cache_row + j) * comptime!(vectors as u32);
+    #[unroll]
+    for v in 0..vectors {
+        let kv = keys[v];
         #[unroll]
-        for v in 0..vectors {
-            let kv = k_cache[row as usize + v];
+        for e in 0..n {
+            let k = f32::cast_from(kv[e]);
             #[unroll]
-            for e in 0..n {
-                let k = f32::cast_from(kv[e]);
-                #[unroll]
-                for g in 0..group {
-                    scores[g] += query[g * head_dim + v * n + e] * k;
-                }
+            for g in 0..group {
+                scores[g] += query[g * head_dim + v * n + e] * k;
             }
         }
     }
@@ -1076,47 +1113,25 @@ fn attend_split_kernel<F: Float, N: Size>(
         weights[(plane as usize * group + g) * plane_width + lane as usize] = w;
     }
     sync_cube();
-    // Values: lane `i` accumulates dimensions `i, i + width, ...` of every query over the plane's positions.
-    let mut acc = Array::<f32>::new(comptime!(group * lane_dims));
+    // Values: lane `i` accumulates vectors `i, i + width, ...` of every query's output over the plane's
+    // positions (those past the sequence's tokens add nothing).
+    let mut acc = Array::<f32>::new(comptime!(group * lane_vectors * nv));
     #[unroll]
-    for i in 0..group * lane_dims {
+    for i in 0..comptime!(group * lane_vectors * nv) {
         acc[i] = 0.0;
     }
-    let mut count = 0u32;
-    if start < tokens {
-        count = tokens - start;
-        if count > width {
-            count = width;
-        }
-    }
-    // `VALUE_UNROLL` positions' values are loaded before any is used, so that their loads are in flight
-    // together rather than one cache latency per position.
-    for p0 in range_stepped(0, count, comptime!(VALUE_UNROLL as u32)) {
-        let mut values = Array::<f32>::new(comptime!(VALUE_UNROLL * lane_dims));
-        #[unroll]
-        for u in 0..VALUE_UNROLL {
-            let p = p0 + comptime!(u as u32);
-            let row = (cache_row + start + p) * comptime!(head_dim as u32);
+    #[unroll]
+    for p in 0..plane_width {
+        if start + comptime!(p as u32) < tokens {
             #[unroll]
-            for t in 0..lane_dims {
-                let d = lane + comptime!(t as u32) * width;
-                let mut value = 0.0f32;
-                if p < count && d < comptime!(head_dim as u32) {
-                    value = f32::cast_from(v_cache[(row + d) as usize]);
-                }
-                values[u * lane_dims + t] = value;
-            }
-        }
-        #[unroll]
-        for u in 0..VALUE_UNROLL {
-            let p = p0 + comptime!(u as u32);
-            if p < count {
+            for g in 0..group {
+                let w = weights[(plane as usize * group + g) * plane_width + p];
                 #[unroll]
-                for g in 0..group {
-                    let w = weights[(plane as usize * group + g) * plane_width + p as usize];
+                for t in 0..lane_vectors {
+                    let vv = values[p * lane_vectors + t];
                     #[unroll]
-                    for t in 0..lane_dims {
-                        acc[g * lane_dims + t] += w * values[u * lane_dims + t];
+                    for e in 0..nv {
+                        acc[(g * lane_vectors + t) * nv + e] += w * f32::cast_from(vv[e]);
                     }
                 }
             }
@@ -1134,11 +1149,15 @@ fn attend_split_kernel<F: Float, N: Size>(
             plane_sum_s[plane as usize * group + g] = sums[g];
         }
         #[unroll]
-        for t in 0..lane_dims {
-            let d = lane + comptime!(t as u32) * width;
-            if d < comptime!(head_dim as u32) {
-                plane_out[(plane as usize * group + g) * head_dim + d as usize] =
-                    acc[g * lane_dims + t];
+        for t in 0..lane_vectors {
+            let vi = lane + comptime!(t as u32) * width;
+            if vi < comptime!(row_vectors as u32) {
+                #[unroll]
+                for e in 0..nv {
+                    let d = vi * comptime!(nv as u32) + comptime!(e as u32);
+                    plane_out[(plane as usize * group + g) * head_dim + d as usize] =
+                        acc[(g * lane_vectors + t) * nv + e];
+                }
             }
         }
     }

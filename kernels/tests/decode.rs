@@ -8,7 +8,7 @@
 
 use cubecl::prelude::*;
 use medvl_kernels::Buffer;
-use medvl_kernels::decode::{self, AttentionScratch, AttentionShape, DenseMatrix};
+use medvl_kernels::decode::{self, AttentionScratch, AttentionShape, DenseMatrix, NewToken};
 use medvl_kernels::nf4::Activation;
 use medvl_kernels::reference;
 use medvl_kernels::sample::{self, RowSampling, Sampling};
@@ -39,8 +39,20 @@ fn read<R: Runtime, F: Activation>(client: &ComputeClient<R>, buffer: &Buffer<F>
         .collect()
 }
 
+/// In `F` and back.
+fn round<F: Activation>(value: f32) -> f32 {
+    F::from_host(value).to_host()
+}
+
+/// `(x1 cos - x2 sin, x2 cos + x1 sin)` with every product and sum rounded to `F`, as the kernel computes it.
+fn rotate<F: Activation>(x1: f32, x2: f32, cos: f32, sin: f32) -> (f32, f32) {
+    let r = round::<F>;
+    (r(r(x1 * cos) - r(x2 * sin)), r(r(x2 * cos) + r(x1 * sin)))
+}
+
 /// `batch` sequences: 3 take one query head per cube, 45 (45 x 2 key/value heads x 3 splits >= 256 cubes) the
-/// whole GQA group of 3.
+/// whole GQA group of 3. The new token comes straight from a fused q/k/v projection: the kernel adds the bias,
+/// rotates, appends the key and value to the cache and attends; checked against the same steps on the host.
 fn attention_over_long_caches<R: Runtime, F: Activation>(
     client: &ComputeClient<R>,
     tolerance: f32,
@@ -54,26 +66,45 @@ fn attention_over_long_caches<R: Runtime, F: Activation>(
         capacity: 3 * chunk + 20,
         batch,
     };
-    // Cached tokens before this step (the new one sits at slot `len`): 2.6 splits, less than one, exactly one.
-    let lens: Vec<usize> = [2 * chunk + chunk / 2 + 6, 4, chunk - 1]
+    // Cached tokens before this step (the new one goes to slot `len`): 2.6 splits, less than one, exactly one
+    // (the new token the first of the second split), none.
+    let lens: Vec<usize> = [2 * chunk + chunk / 2 + 6, 4, chunk, 0]
         .into_iter()
         .cycle()
         .take(batch)
         .collect();
+    let deltas: Vec<i32> = [0, 7, -3].into_iter().cycle().take(batch).collect();
     let (h, kvh, d, cap) = (shape.heads, shape.kv_heads, shape.head_dim, shape.capacity);
-    let q = stored::<F>(&random(shape.batch * h * d, 1));
-    let k = stored::<F>(&random(shape.cache_len(), 2));
-    let v = stored::<F>(&random(shape.cache_len(), 3));
+    let width = (h + 2 * kvh) * d;
+    let qkv = stored::<F>(&random(batch * width, 1));
+    let bias = stored::<F>(&random(width, 4));
+    let inv_freq: Vec<f32> = (0..d / 2)
+        .map(|i| 1.0 / 10_000f32.powf(2.0 * i as f32 / d as f32))
+        .collect();
+    let mut k = stored::<F>(&random(shape.cache_len(), 2));
+    let mut v = stored::<F>(&random(shape.cache_len(), 3));
+    let (k_cache, v_cache) = (upload::<R, F>(client, &k), upload::<R, F>(client, &v));
     let scratch = AttentionScratch::new(client, shape);
     let out = Buffer::<F>::empty(client, shape.batch * h * d);
     let lens_buffer =
         Buffer::from_slice(client, &lens.iter().map(|&l| l as u32).collect::<Vec<_>>());
+    let (qkv_buffer, bias_buffer) = (upload::<R, F>(client, &qkv), upload::<R, F>(client, &bias));
+    let (inv_freq_buffer, deltas_buffer) = (
+        Buffer::from_slice(client, &inv_freq),
+        Buffer::from_slice(client, &deltas),
+    );
+    let new = NewToken {
+        qkv: &qkv_buffer,
+        bias: &bias_buffer,
+        inv_freq: &inv_freq_buffer,
+        deltas: &deltas_buffer,
+    };
     let longest = lens.iter().max().unwrap() + 1;
     decode::attend(
         client,
         shape,
-        &upload::<R, F>(client, &q),
-        (&upload::<R, F>(client, &k), &upload::<R, F>(client, &v)),
+        new,
+        (&k_cache, &v_cache),
         &lens_buffer,
         longest,
         &scratch,
@@ -81,21 +112,64 @@ fn attention_over_long_caches<R: Runtime, F: Activation>(
     )
     .unwrap();
     let got = read(client, &out);
+    let slot = |b: usize, kv: usize, t: usize| ((b * kvh + kv) * cap + t) * d;
+    // The host's steps: bias, rotation of queries and the new keys, the new key and value into their slot.
+    let mut q = vec![0.0; batch * h * d];
+    for (b, &len) in lens.iter().enumerate() {
+        let position = (len as i32 + deltas[b]) as f32;
+        let x = |col: usize| round::<F>(qkv[b * width + col] + bias[col]);
+        for head in 0..h + kvh {
+            for i in 0..d / 2 {
+                let angle = position * inv_freq[i];
+                let (cos, sin) = (round::<F>(angle.cos()), round::<F>(angle.sin()));
+                let (r1, r2) = rotate::<F>(x(head * d + i), x(head * d + i + d / 2), cos, sin);
+                let at = if head < h {
+                    (b * h + head) * d
+                } else {
+                    slot(b, head - h, len)
+                };
+                let target = if head < h { &mut q } else { &mut k };
+                target[at + i] = r1;
+                target[at + i + d / 2] = r2;
+            }
+        }
+        for kv in 0..kvh {
+            for i in 0..d {
+                v[slot(b, kv, len) + i] = x((h + kvh + kv) * d + i);
+            }
+        }
+    }
+    // The caches: the new slots as the host computed them (to `F`'s rounding of the rotation), the rest as they
+    // were.
+    for (name, cache, expected) in [("key", &k_cache, &k), ("value", &v_cache, &v)] {
+        let actual = read(client, cache);
+        for (i, (a, e)) in actual.iter().zip(expected.iter()).enumerate() {
+            assert!(
+                (a - e).abs() <= tolerance,
+                "{name} cache value {i}: {a} vs {e}"
+            );
+        }
+    }
     let scale = 1.0 / (d as f32).sqrt();
     for (b, &len) in lens.iter().enumerate() {
         for head in 0..h {
             let kv = head / (h / kvh);
-            let slot = |t: usize| ((b * kvh + kv) * cap + t) * d;
             let qrow = &q[(b * h + head) * d..][..d];
             let scores: Vec<f32> = (0..=len)
-                .map(|t| (0..d).map(|i| qrow[i] * k[slot(t) + i]).sum::<f32>() * scale)
+                .map(|t| {
+                    (0..d)
+                        .map(|i| qrow[i] * scale * k[slot(b, kv, t) + i])
+                        .sum::<f32>()
+                })
                 .collect();
             let max = scores.iter().fold(f32::MIN, |m, &s| m.max(s));
             let weights: Vec<f32> = scores.iter().map(|s| (s - max).exp()).collect();
             let total: f32 = weights.iter().sum();
             for i in 0..d {
-                let expected: f32 =
-                    (0..=len).map(|t| weights[t] * v[slot(t) + i]).sum::<f32>() / total;
+                let expected: f32 = (0..=len)
+                    .map(|t| weights[t] * v[slot(b, kv, t) + i])
+                    .sum::<f32>()
+                    / total;
                 let actual = got[(b * h + head) * d + i];
                 assert!(
                     (actual - expected).abs() <= tolerance,
@@ -109,8 +183,8 @@ fn attention_over_long_caches<R: Runtime, F: Activation>(
         decode::attend(
             client,
             shape,
-            &out,
-            (&upload::<R, F>(client, &k), &upload::<R, F>(client, &v)),
+            new,
+            (&k_cache, &v_cache),
             &lens_buffer,
             cap + 1,
             &scratch,

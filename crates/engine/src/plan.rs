@@ -16,7 +16,7 @@
 use cubecl::prelude::{ComputeClient, Runtime};
 use medvl_kernels::decode::{
     self, ArgmaxScratch, AttentionScratch, AttentionShape, DenseMatrix, LoraPart, LoraUp,
-    MAX_DENSE_BATCH,
+    MAX_DENSE_BATCH, NewToken,
 };
 use medvl_kernels::nf4::{self, Activation, MAX_BATCH, Nf4Matrix};
 use medvl_kernels::probe::CopyProbe;
@@ -870,7 +870,6 @@ struct Activations<F> {
     normed: Buffer<F>,
     /// `[batch, q | k | v]`.
     qkv: Buffer<F>,
-    q_rot: Buffer<F>,
     attn: Buffer<F>,
     o: Buffer<F>,
     /// `[batch, gate | up]`.
@@ -1012,7 +1011,7 @@ enum Op {
     Embed,
     InputNorm,
     Qkv,
-    Rope,
+    /// Bias, rotation and cache append of the new token, and its attention.
     Attention,
     O,
     PostNorm,
@@ -1030,7 +1029,6 @@ impl Op {
     const LAYER: &'static [Op] = &[
         Op::InputNorm,
         Op::Qkv,
-        Op::Rope,
         Op::Attention,
         Op::O,
         Op::PostNorm,
@@ -1046,8 +1044,7 @@ impl Op {
             Op::Embed => "embed",
             Op::InputNorm => "input add+norm",
             Op::Qkv => "q/k/v_proj",
-            Op::Rope => "bias+rope+append",
-            Op::Attention => "attention",
+            Op::Attention => "rope+append+attention",
             Op::O => "o_proj",
             Op::PostNorm => "post add+norm",
             Op::GateUp => "gate/up_proj",
@@ -1319,7 +1316,6 @@ impl<R: Runtime, F: Activation> DecodePlan<R, F> {
                 residual: empty(h),
                 normed: empty(h),
                 qkv: empty(qd + 2 * kvd),
-                q_rot: empty(qd),
                 attn: empty(qd),
                 o: empty(h),
                 gate_up: empty(2 * config.intermediate),
@@ -1748,21 +1744,15 @@ impl<R: Runtime, F: Activation> DecodePlan<R, F> {
             Op::InputNorm => {
                 decode::add_rms_norm(c, &a.residual, delta, &l.input_norm, b, eps, &a.normed)?
             }
-            Op::Rope => decode::rope_append(
-                c,
-                shape,
-                &a.qkv,
-                &l.qkv_bias,
-                &self.inv_freq,
-                &self.lens,
-                &self.deltas,
-                &a.q_rot,
-                (&l.k_cache, &l.v_cache),
-            )?,
             Op::Attention => decode::attend(
                 c,
                 shape,
-                &a.q_rot,
+                NewToken {
+                    qkv: &a.qkv,
+                    bias: &l.qkv_bias,
+                    inv_freq: &self.inv_freq,
+                    deltas: &self.deltas,
+                },
                 (&l.k_cache, &l.v_cache),
                 &self.lens,
                 longest + 1,
