@@ -434,6 +434,32 @@ pub fn gemv<R: Runtime, F: Activation>(
     gemv_tiled(client, x, batch, weight, y, tiling)
 }
 
+/// A gated unit in one launch: `out[b, j] = F(silu(F(gate))) * F(up)` where `gate` and `up` are rows `j` and
+/// `width + j` of `x weight^T` (`weight` stacks `2 * width` rows, gate projection first, as the decode plan's
+/// gate/up matrix): what [`gemv`] into `[batch, 2 * width]` followed by a SiLU-and-multiply kernel computes, with
+/// the same roundings. `x`: `[batch, cols]`, `out`: `[batch, width]`, `batch` in `1..=8`. Each plane takes gate and
+/// up rows `j..` as its two row sets. Widths a multiple of 32 only.
+pub fn gemv_glu<R: Runtime, F: Activation>(
+    client: &ComputeClient<R>,
+    x: &Buffer<F>,
+    batch: usize,
+    weight: &Nf4Matrix,
+    out: &Buffer<F>,
+) -> Result<(), KernelError> {
+    if !weight.rows.is_multiple_of(2) || !weight.cols.is_multiple_of(32) {
+        return Err(KernelError::Unsupported(format!(
+            "a gated unit of a {}x{} NF4 matrix (an even number of rows, a width a multiple of 32)",
+            weight.rows, weight.cols
+        )));
+    }
+    let tiling = GemvTiling {
+        sets: 2,
+        split: 1,
+        ..GemvTiling::for_shape(weight.rows, weight.cols, batch)
+    };
+    launch_gemv(client, x, batch, weight, out, tiling, true)
+}
+
 /// [`gemv`] with an explicit tiling (for benchmarks; the general kernel for widths not a multiple of 32 ignores it).
 pub fn gemv_tiled<R: Runtime, F: Activation>(
     client: &ComputeClient<R>,
@@ -442,6 +468,19 @@ pub fn gemv_tiled<R: Runtime, F: Activation>(
     weight: &Nf4Matrix,
     y: &Buffer<F>,
     tiling: GemvTiling,
+) -> Result<(), KernelError> {
+    launch_gemv(client, x, batch, weight, y, tiling, false)
+}
+
+/// [`gemv_tiled`], or with `glu` [`gemv_glu`]'s gated output (`tiling` then has two sets and no split-K).
+fn launch_gemv<R: Runtime, F: Activation>(
+    client: &ComputeClient<R>,
+    x: &Buffer<F>,
+    batch: usize,
+    weight: &Nf4Matrix,
+    y: &Buffer<F>,
+    tiling: GemvTiling,
+    glu: bool,
 ) -> Result<(), KernelError> {
     if !(1..=MAX_BATCH).contains(&batch) {
         return Err(KernelError::Unsupported(format!(
@@ -462,11 +501,13 @@ pub fn gemv_tiled<R: Runtime, F: Activation>(
         )));
     }
     x.check("x", batch * weight.cols)?;
-    y.check("y", batch * weight.rows)?;
+    let out_rows = if glu { weight.rows / 2 } else { weight.rows };
+    y.check("y", batch * out_rows)?;
     let plane = crate::plane_size(client);
     let aligned = weight.cols.is_multiple_of(32);
     let split = aligned && tiling.split > 1;
-    let set_rows = (tiling.rows_per_plane * tiling.sets) as u32;
+    // Output rows per plane: a gated unit's two sets cover the same output rows.
+    let set_rows = (tiling.rows_per_plane * if glu { 1 } else { tiling.sets }) as u32;
     let rows_per_cube = match (aligned, split) {
         (false, _) => PLANES_PER_CUBE,
         (true, false) => PLANES_PER_CUBE * set_rows,
@@ -477,7 +518,7 @@ pub fn gemv_tiled<R: Runtime, F: Activation>(
     } else {
         PLANES_PER_CUBE
     };
-    let cube_count = CubeCount::Static((weight.rows as u32).div_ceil(rows_per_cube), 1, 1);
+    let cube_count = CubeCount::Static((out_rows as u32).div_ceil(rows_per_cube), 1, 1);
     let cube_dim = CubeDim::new_2d(plane, planes);
     let (codes, scales, offsets, map, double_quant) = weight.scale_args();
     // Split-K cubes cover only a few rows each: copying the activations to shared memory would read about as many
@@ -524,6 +565,7 @@ pub fn gemv_tiled<R: Runtime, F: Activation>(
                 shuffle_lookup(client),
                 x_groups,
                 paired,
+                glu,
             );
         } else {
             gemv_any::launch_unchecked::<F, R>(
@@ -658,6 +700,7 @@ fn gemv_aligned<F: Float, NX: Size>(
     #[comptime] shuffle: bool,
     #[comptime] x_groups: usize,
     #[comptime] paired: bool,
+    #[comptime] glu: bool,
 ) {
     // With `x_groups > 0` the activations are copied to shared memory once per cube (one coalesced pass), laid
     // out so that the lanes of a plane, which take consecutive chunks of 32 values, read consecutive 16-byte
@@ -699,10 +742,21 @@ fn gemv_aligned<F: Float, NX: Size>(
     // row's last step (3584 values: 112 chunks, 3.5 per lane; two sets: 7). Each lane's activation load serves
     // the `rows_per_plane` rows of the set its chunk belongs to. Without split-K each plane has rows of its own;
     // with it, the cube's planes share the same rows and each takes every `split`-th group of chunks.
-    let rows_per_set = comptime!(rows_per_plane as u32);
+    // With `glu` (two sets, no split-K) the matrix stacks gate rows over as many up rows: set 0 takes gate rows,
+    // set 1 the up rows `rows / 2` further, and the plane writes `silu(gate) * up` for its rows.
+    let out_rows = if comptime!(glu) { rows / 2 } else { rows };
+    let mut set_stride = out_rows;
+    if comptime!(!glu) {
+        set_stride = comptime!(rows_per_plane as u32);
+    }
+    let plane_rows = comptime!(if glu {
+        rows_per_plane
+    } else {
+        sets * rows_per_plane
+    });
     let (first_row, lane, width) = if comptime!(split == 1) {
         (
-            (CUBE_POS_X * CUBE_DIM_Y + UNIT_POS_Y) * comptime!((sets * rows_per_plane) as u32),
+            (CUBE_POS_X * CUBE_DIM_Y + UNIT_POS_Y) * comptime!(plane_rows as u32),
             UNIT_POS_X,
             CUBE_DIM_X,
         )
@@ -713,7 +767,7 @@ fn gemv_aligned<F: Float, NX: Size>(
             CUBE_DIM_X * CUBE_DIM_Y,
         )
     };
-    if first_row < rows {
+    if first_row < out_rows {
         let nx = NX::value();
         let per_word = comptime!(8 / nx);
         let chunks = cols / 32;
@@ -749,7 +803,7 @@ fn gemv_aligned<F: Float, NX: Size>(
                 let chunk = position - set * chunks;
                 set_of[u] = set;
                 chunk_of[u] = chunk;
-                let set_row = first_row + set * rows_per_set;
+                let set_row = first_row + set * set_stride;
                 // With `paired`, lanes `2k` and `2k + 1` read chunks of the same block: each decodes the scales
                 // of every other row and takes its partner's for the rest.
                 let odd = lane & 1;
@@ -842,7 +896,21 @@ fn gemv_aligned<F: Float, NX: Size>(
             }
         }
         // `acc[(s * batch + b) * rows_per_plane + r]`: set `s`, batch row `b`, row `r` of the set.
-        if comptime!(split == 1) {
+        if comptime!(glu) {
+            // Rounded to `F` as the stacked product's output would be, then as a separate SiLU-and-multiply
+            // kernel computes it.
+            #[unroll]
+            for i in 0..outputs {
+                let gate = f32::cast_from(F::cast_from(plane_sum(acc[i])));
+                let up = F::cast_from(plane_sum(acc[outputs + i]));
+                let b = comptime!(i / rows_per_plane);
+                let row = first_row + comptime!((i % rows_per_plane) as u32);
+                if UNIT_POS_X == 0 && row < out_rows {
+                    let silu = F::cast_from(gate / (1.0f32 + f32::exp(-gate)));
+                    y[b * out_rows as usize + row as usize] = silu * up;
+                }
+            }
+        } else if comptime!(split == 1) {
             #[unroll]
             for i in 0..sets * outputs {
                 let total = plane_sum(acc[i]);

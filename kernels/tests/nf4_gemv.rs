@@ -1,6 +1,6 @@
 //! The NF4 GEMV kernels against the plain host reference (`medvl_kernels::reference::nf4_gemv`), over the decode
 //! shapes of Qwen2.5-VL-7B, odd shapes, batch sizes 1-8, block sizes, plain and double-quantized scales, and f32/bf16
-//! activations; and the tensor-core NF4 GEMM (`medvl_kernels::gemm`) for more rows and the tensor-core GEMV
+//! activations; the gated unit (`silu(gate) * up` of a stacked gate/up matrix); and the tensor-core NF4 GEMM (`medvl_kernels::gemm`) for more rows and the tensor-core GEMV
 //! (`medvl_kernels::mma`, 1-32 rows), against the same reference.
 //!
 //! Runs on whichever CubeCL runtime the features enable: `wgpu` (CI: Mesa's lavapipe, a software Vulkan driver,
@@ -183,6 +183,72 @@ fn stacked<R: Runtime, F: Host>(client: &ComputeClient<R>) {
     let ragged2 = random_weight(2, 96, 64, false, 7);
     assert!(matches!(
         Nf4Matrix::stack(client, &[&ragged, &ragged2]),
+        Err(KernelError::Unsupported(_))
+    ));
+}
+
+/// The gated unit (`nf4::gemv_glu`): a stacked `[gate; up]` matrix's two halves multiplied, `silu(gate) * up`
+/// written, against the host reference's products; widths of 10 and 32 chunks per row (and the 7B's gate/up
+/// where `large`), batches 1-8. Odd row counts are refused.
+fn gated_unit<R: Runtime, F: Host>(client: &ComputeClient<R>, large: bool) {
+    let mut shapes = vec![(74, 320), (128, 1024)];
+    if large {
+        shapes.push((2 * 18944, 3584));
+    }
+    for (rows, cols) in shapes {
+        let weight = random_weight(rows, cols, 64, true, rows as u64);
+        let matrix = Nf4Matrix::upload(client, &weight).unwrap();
+        let w = weight.dequantize();
+        let width = rows / 2;
+        for batch in [1, 3, 8] {
+            let mut rng = ChaCha8Rng::seed_from_u64(batch as u64);
+            let x: Vec<F> = (0..batch * cols)
+                .map(|_| F::host_from(rng.random_range(-1.0..1.0)))
+                .collect();
+            let x_f32: Vec<f32> = x.iter().map(|v| v.host_to()).collect();
+            let out = Buffer::<F>::empty(client, batch * width);
+            nf4::gemv_glu(
+                client,
+                &Buffer::from_slice(client, &x),
+                batch,
+                &matrix,
+                &out,
+            )
+            .unwrap();
+            let got = out.read(client).unwrap();
+            let products = reference::nf4_gemv(&x_f32, batch, &weight);
+            // Each product's tolerance as in `check_stack` (accumulation, one rounding to F), carried through
+            // `silu(g) * u` (|silu'| < 1.1), plus the roundings of silu and of the result.
+            let tolerance = |b: usize, n: usize| {
+                let magnitude: f32 = (0..cols)
+                    .map(|k| (x_f32[b * cols + k] * w[n * cols + k]).abs())
+                    .sum();
+                1e-5 * magnitude + F::EPS * products[b * rows + n].abs() + 1e-6
+            };
+            for b in 0..batch {
+                for j in 0..width {
+                    let (g, u) = (products[b * rows + j], products[b * rows + width + j]);
+                    let silu = g / (1.0 + (-g).exp());
+                    let expected = silu * u;
+                    let tol = 1.1 * tolerance(b, j) * u.abs()
+                        + (silu.abs() + 1.1 * tolerance(b, j)) * tolerance(b, width + j)
+                        + F::EPS * silu.abs() * u.abs()
+                        + 2.0 * F::EPS * expected.abs()
+                        + 1e-6;
+                    let value = got[b * width + j].host_to();
+                    assert!(
+                        (value - expected).abs() <= tol,
+                        "{rows}x{cols} batch {batch}: out[{b},{j}] = {value} expected {expected} (tolerance {tol})"
+                    );
+                }
+            }
+        }
+    }
+    let odd = Nf4Matrix::upload(client, &random_weight(5, 96, 32, true, 3)).unwrap();
+    let x = Buffer::<F>::empty(client, 96);
+    let out = Buffer::<F>::empty(client, 3);
+    assert!(matches!(
+        nf4::gemv_glu(client, &x, 1, &odd, &out),
         Err(KernelError::Unsupported(_))
     ));
 }
@@ -725,6 +791,11 @@ mod wgpu {
     }
 
     #[test]
+    fn gated_unit_f32() {
+        gated_unit::<WgpuRuntime, f32>(&client(), false);
+    }
+
+    #[test]
     fn stacked_f32() {
         stacked::<WgpuRuntime, f32>(&client());
     }
@@ -762,6 +833,13 @@ mod cuda {
     #[ignore = "needs an NVIDIA GPU"]
     fn cuda_rejects_bad_launches() {
         rejects_bad_launches::<CudaRuntime>(&client());
+    }
+
+    #[test]
+    #[ignore = "needs an NVIDIA GPU"]
+    fn cuda_gated_unit() {
+        gated_unit::<CudaRuntime, f32>(&client(), true);
+        gated_unit::<CudaRuntime, bf16>(&client(), true);
     }
 
     #[test]

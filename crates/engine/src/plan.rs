@@ -599,6 +599,24 @@ impl<F: Activation> Matrix<F> {
         )
     }
 
+    /// The NF4 matrix when [`Self::apply`] for `batch` rows runs it through the NF4 GEMV in one launch (not a
+    /// tensor-core product, not the dense GEMV), which can also apply a gated unit ([`nf4::gemv_glu`]) to a
+    /// stacked gate/up matrix.
+    fn gated_gemv(&self, batch: usize, kernels: Kernels) -> Option<&Nf4Matrix> {
+        match self {
+            Self::Nf4(m)
+                if batch <= GEMV_GROUP
+                    && !(kernels.mma_from.is_some_and(|rows| batch >= rows)
+                        && mma::takes(m, batch))
+                    && m.cols().is_multiple_of(32)
+                    && m.rows().is_multiple_of(2) =>
+            {
+                Some(m)
+            }
+            _ => None,
+        }
+    }
+
     fn shape(&self) -> [usize; 2] {
         match self {
             Self::Dense(m) => [m.rows(), m.cols()],
@@ -1680,6 +1698,17 @@ impl<R: Runtime, F: Activation> DecodePlan<R, F> {
         })
     }
 
+    /// The gate/up matrix of decoder layer `layer` when its product for `b` rows also applies the SiLU gate
+    /// ([`nf4::gemv_glu`], one launch instead of two): NF4 weights through the GEMV, no LoRA adapter (whose
+    /// update must reach gate and up before the gate).
+    fn fused_gate(&self, layer: usize, b: usize) -> Option<&Nf4Matrix> {
+        let l = &self.layers[layer];
+        if l.adapters[2].is_some() {
+            return None;
+        }
+        l.gate_up.gated_gemv(b, self.kernels)
+    }
+
     /// Launches one step for the admitted slots without waiting for it; the ids are read by
     /// [`Self::finish_step`]. Steps may be launched back to back: each takes its input tokens from the previous
     /// step's argmax on the device.
@@ -1712,6 +1741,12 @@ impl<R: Runtime, F: Activation> DecodePlan<R, F> {
     /// of which the longest holds `longest` tokens before this step.
     fn launch_op(&self, op: Op, layer: usize, b: usize, longest: usize) -> Result<()> {
         let c = &self.client;
+        if op == Op::GateUp
+            && let Some(m) = self.fused_gate(layer, b)
+        {
+            nf4::gemv_glu(c, &self.act.normed, b, m, &self.act.act)?;
+            return Ok(());
+        }
         if let Some(p) = self.gemv(op, layer) {
             p.matrix.apply(c, p.x, b, p.y, self.kernels)?;
             if let Some(adapter) = p.adapter {
@@ -1762,6 +1797,8 @@ impl<R: Runtime, F: Activation> DecodePlan<R, F> {
             Op::PostNorm => {
                 decode::add_rms_norm(c, &a.residual, Some(&a.o), &l.post_norm, b, eps, &a.normed)?
             }
+            // Done by the gate/up product where it can.
+            Op::SiluMul if self.fused_gate(layer, b).is_some() => {}
             Op::SiluMul => decode::silu_mul(c, &a.gate_up, b, self.config.intermediate, &a.act)?,
             Op::FinalNorm => {
                 decode::add_rms_norm(c, &a.residual, Some(&a.down), &self.norm, b, eps, &a.normed)?
@@ -1805,6 +1842,10 @@ impl<R: Runtime, F: Activation> DecodePlan<R, F> {
             .chain(Op::LAYER.iter().map(|&op| (op, layers)))
             .chain(Op::HEAD.iter().map(|&op| (op, 1)));
         for (op, per_step) in ops {
+            let fused = self.fused_gate(layer, b).is_some();
+            if op == Op::SiluMul && fused {
+                continue;
+            }
             let (gpu_s, launch_s) =
                 probe.time(&self.client, reps, || self.launch_op(op, layer, b, longest))?;
             let weight_bytes = self.gemv(op, layer).map_or(0, |p| {
@@ -1812,7 +1853,11 @@ impl<R: Runtime, F: Activation> DecodePlan<R, F> {
             });
             let sampled = op == Op::Pick && self.sampling(b).is_some();
             times.push(OpTime {
-                op: if sampled { "sample" } else { op.name() },
+                op: match op {
+                    Op::Pick if sampled => "sample",
+                    Op::GateUp if fused => "gate/up_proj+silu",
+                    _ => op.name(),
+                },
                 us: launch_s * 1e6,
                 gpu_us: gpu_s * 1e6,
                 per_step,
