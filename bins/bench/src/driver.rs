@@ -27,11 +27,9 @@ impl DriverMemory {
     /// Starts sampling device `index`; the memory in use now is the baseline the figures are taken from (start
     /// before the process touches the device to count its CUDA context). Fails where there is no NVIDIA driver.
     pub fn start(index: u32) -> Result<Self> {
-        let nvml = Nvml::init().context("loading NVML (the NVIDIA driver's management library)")?;
+        let nvml = nvml()?;
         let used = move |nvml: &Nvml| -> Result<u64> {
-            Ok(nvml
-                .device_by_index(index)
-                .with_context(|| format!("NVML device {index}"))?
+            Ok(device(nvml, index)?
                 .memory_info()
                 .context("NVML memory info")?
                 .used)
@@ -107,10 +105,8 @@ pub struct Gpu {
 impl Gpu {
     /// Device `index`'s figures; fails where there is no NVIDIA driver.
     pub fn probe(index: u32) -> Result<Self> {
-        let nvml = Nvml::init().context("loading NVML (the NVIDIA driver's management library)")?;
-        let device = nvml
-            .device_by_index(index)
-            .with_context(|| format!("NVML device {index}"))?;
+        let nvml = nvml()?;
+        let device = device(&nvml, index)?;
         let cc = device
             .cuda_compute_capability()
             .context("compute capability")?;
@@ -125,4 +121,15 @@ impl Gpu {
             memory_mb: device.memory_info().context("NVML memory info")?.total as f64 / 1e6,
         })
     }
+}
+
+/// The NVIDIA driver's management library.
+fn nvml() -> Result<Nvml> {
+    Nvml::init().context("loading NVML (the NVIDIA driver's management library)")
+}
+
+/// Device `index` of `nvml`.
+fn device(nvml: &Nvml, index: u32) -> Result<nvml_wrapper::Device<'_>> {
+    nvml.device_by_index(index)
+        .with_context(|| format!("NVML device {index}"))
 }

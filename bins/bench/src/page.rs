@@ -206,7 +206,7 @@ struct Case {
     /// Sequences the decode plan holds (its KV cache's batch).
     plan_batch: usize,
     /// Device memory the driver reports in use after loading the model and building the plan, and its peak from
-    /// then to the end of this format's single-request runs, MB above the process's start (CUDA context included;
+    /// the start of this page to the end of its single-request runs, MB above the process's start (CUDA context included;
     /// with several formats in one process, what earlier formats left in the allocator's pools counts too).
     driver_loaded_mb: Option<f64>,
     driver_peak_mb: Option<f64>,
@@ -540,12 +540,13 @@ fn run_on<B: Backend>(
             None => None,
         };
         let load_s = start.elapsed().as_secs_f64();
-        let driver_loaded_mb = driver.map(|d| {
-            d.reset_peak();
-            d.used_mb()
-        });
+        let driver_loaded_mb = driver.map(|d| d.used_mb());
         eprintln!("[{load_s:.1} s] engine ready (plan: {})", engine.has_plan());
         for &(image_tokens, (width, height)) in &pages {
+            // Each page's peak from its own start: not an earlier page's concurrent batches.
+            if let Some(d) = driver {
+                d.reset_peak();
+            }
             let png = page_png(width, height, image_tokens as u64)?;
             let request = Request {
                 messages: vec![Message::user_with_images(1, PROMPT)],

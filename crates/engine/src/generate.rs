@@ -342,22 +342,17 @@ impl<B: Backend> Engine<B> {
         };
         let mut plan = slot.lock()?;
         let mut results: Vec<Option<Result<Generation>>> = requests.iter().map(|_| None).collect();
-        let outcome = self.run_batch(
-            requests,
-            &mut **plan,
-            slot.capacity,
-            &mut results,
-            &mut on_text,
-        );
+        let outcome = self.run_batch(requests, &mut **plan, &mut results, &mut on_text);
         // Whatever happened, the plan is left with no sequence in it.
         for s in 0..plan.batch() {
             plan.release(s);
         }
         outcome?;
-        Ok(results
+        // `run_batch` returns once no request is waiting or running, each having its result.
+        results
             .into_iter()
-            .map(|r| r.unwrap_or_else(|| Err(EngineError::Request("not run".into()))))
-            .collect())
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| EngineError::Plan("a batched request was left without a result".into()))
     }
 
     /// The scheduling loop of [`Self::generate_batch`]: admits, steps, and moves the last slot's sequence into
@@ -366,7 +361,6 @@ impl<B: Backend> Engine<B> {
         &self,
         requests: &[Request],
         plan: &mut dyn Decoder,
-        capacity: usize,
         results: &mut [Option<Result<Generation>>],
         on_text: &mut impl FnMut(usize, &str),
     ) -> Result<()> {
@@ -394,7 +388,7 @@ impl<B: Backend> Engine<B> {
                     }
                 };
                 let emit = &mut |piece: &str| on_text(i, piece);
-                if !sequence.fits(capacity) {
+                if !sequence.fits(plan.capacity()) {
                     results[i] = Some(self.decode_alone(sequence, None, emit));
                     continue;
                 }
