@@ -380,6 +380,7 @@ pub fn add_rms_norm<R: Runtime, F: Activation>(
             eps,
             delta.is_some(),
             planes as usize,
+            hidden.div_ceil(cube_dim.num_elems() as usize),
         );
     }
     Ok(())
@@ -466,6 +467,9 @@ pub struct NewToken<'a, F: Activation> {
     /// Position offsets per sequence.
     pub deltas: &'a Buffer<i32>,
 }
+
+/// Cache positions whose values one attention lane loads before using them.
+const VALUE_UNROLL: usize = 8;
 
 /// Values per load of a value row in the attention's value pass: lanes take consecutive vectors of a row, as
 /// wide as 16 bytes allow while every lane of a plane still has one.
@@ -894,25 +898,55 @@ fn add_rms_norm_kernel<F: Float>(
     eps: f32,
     #[comptime] add: bool,
     #[comptime] planes: usize,
+    #[comptime] per_unit: usize,
 ) {
+    // Unit `i` takes values `i, i + units, ...` (`per_unit` of them), all loaded before any is used and kept in
+    // registers between the two passes. Units past the row read value 0 and write nothing.
     let base = CUBE_POS_X * hidden;
-    let mut squares = 0.0f32;
-    for i in range_stepped(UNIT_POS, hidden, CUBE_DIM) {
-        let at = (base + i) as usize;
-        let mut r = residual[at];
+    let mut rows = Array::<F>::new(per_unit);
+    let mut weights = Array::<F>::new(per_unit);
+    #[unroll]
+    for u in 0..per_unit {
+        let i = UNIT_POS + comptime!(u as u32) * CUBE_DIM;
+        let at = select(i < hidden, i, 0);
+        rows[u] = residual[(base + at) as usize];
         if comptime!(add) {
-            r += delta[at];
-            residual[at] = r;
+            rows[u] += delta[(base + at) as usize];
         }
-        let value = f32::cast_from(r);
-        squares += value * value;
+        weights[u] = weight[at as usize];
+    }
+    let mut squares = 0.0f32;
+    #[unroll]
+    for u in 0..per_unit {
+        let i = UNIT_POS + comptime!(u as u32) * CUBE_DIM;
+        if i < hidden {
+            if comptime!(add) {
+                residual[(base + i) as usize] = rows[u];
+            }
+            let value = f32::cast_from(rows[u]);
+            squares += value * value;
+        }
     }
     let total = cube_sum(squares, planes);
     let inv = 1.0f32 / f32::sqrt(total / f32::cast_from(hidden) + eps);
-    for i in range_stepped(UNIT_POS, hidden, CUBE_DIM) {
-        let at = (base + i) as usize;
-        out[at] = F::cast_from(f32::cast_from(residual[at]) * inv) * weight[i as usize];
+    #[unroll]
+    for u in 0..per_unit {
+        let i = UNIT_POS + comptime!(u as u32) * CUBE_DIM;
+        if i < hidden {
+            out[(base + i) as usize] = F::cast_from(f32::cast_from(rows[u]) * inv) * weights[u];
+        }
     }
+}
+
+/// `N` consecutive values of `values` from `first`, as a vector of `F`.
+#[cube]
+fn vector_from<F: Float, N: Size>(values: &SharedMemory<f32>, first: u32) -> Vector<F, N> {
+    let mut v = Vector::<F, N>::empty();
+    #[unroll]
+    for e in 0..N::value() {
+        v[e] = F::cast_from(values[first as usize + e]);
+    }
+    v
 }
 
 #[cube(launch_unchecked)]
@@ -961,9 +995,8 @@ fn attend_split_kernel<F: Float, N: Size, NV: Size>(
     let cache_row = (b * kv_heads + kvh) * capacity;
     let j = start + lane;
     let valid = j < tokens;
-    // Every cached key and value this cube uses, loaded before anything else so that their loads are in
-    // flight together (and with the projection's below). Lanes without a cached position read slot 0 and use
-    // nothing of it.
+    // The lane's cached key, loaded before anything else so that its loads are in flight with the projection's
+    // below. Lanes without a cached position read slot 0 and use nothing of it.
     let n = N::value();
     let vectors = comptime!(head_dim / n);
     let mut keys = Array::<Vector<F, N>>::new(vectors);
@@ -974,19 +1007,6 @@ fn attend_split_kernel<F: Float, N: Size, NV: Size>(
     }
     let nv = NV::value();
     let row_vectors = comptime!(head_dim / nv);
-    let mut values = Array::<Vector<F, NV>>::new(comptime!(plane_width * lane_vectors));
-    #[unroll]
-    for p in 0..plane_width {
-        let position = start + comptime!(p as u32);
-        let row =
-            (cache_row + select(position < slot, position, 0)) * comptime!(row_vectors as u32);
-        #[unroll]
-        for t in 0..lane_vectors {
-            let vi = lane + comptime!(t as u32) * width;
-            let at = select(vi < comptime!(row_vectors as u32), vi, 0);
-            values[p * lane_vectors + t] = v_cache[(row + at) as usize];
-        }
-    }
     // The group's queries with their bias, rotated (in `F`, as the projection's output is stored) and scaled,
     // in shared memory; the cube holding the new position also computes its key and value.
     let position = f32::cast_from(i32::cast_from(slot) + deltas[b as usize]);
@@ -1031,48 +1051,18 @@ fn attend_split_kernel<F: Float, N: Size, NV: Size>(
     if holds_new && (qg * comptime!(group as u32)) % ratio == 0 {
         let row = cache_row + slot;
         for v in range_stepped(UNIT_POS, comptime!(vectors as u32), CUBE_DIM) {
-            let mut kv = Vector::<F, N>::empty();
-            #[unroll]
-            for e in 0..n {
-                kv[e] = F::cast_from(new_k[(v * comptime!(n as u32)) as usize + e]);
-            }
-            k_cache[(row * comptime!(vectors as u32) + v) as usize] = kv;
+            k_cache[(row * comptime!(vectors as u32) + v) as usize] =
+                vector_from::<F, N>(&new_k, v * comptime!(n as u32));
         }
         for v in range_stepped(UNIT_POS, comptime!(row_vectors as u32), CUBE_DIM) {
-            let mut vv = Vector::<F, NV>::empty();
-            #[unroll]
-            for e in 0..nv {
-                vv[e] = F::cast_from(new_v[(v * comptime!(nv as u32)) as usize + e]);
-            }
-            v_cache[(row * comptime!(row_vectors as u32) + v) as usize] = vv;
+            v_cache[(row * comptime!(row_vectors as u32) + v) as usize] =
+                vector_from::<F, NV>(&new_v, v * comptime!(nv as u32));
         }
     }
     if j == slot {
         #[unroll]
         for v in 0..vectors {
-            let mut kv = Vector::<F, N>::empty();
-            #[unroll]
-            for e in 0..n {
-                kv[e] = F::cast_from(new_k[v * n + e]);
-            }
-            keys[v] = kv;
-        }
-    }
-    // (Each position checked at a constant index: a register array indexed at run time would live in memory.)
-    #[unroll]
-    for p in 0..plane_width {
-        if start + comptime!(p as u32) == slot {
-            #[unroll]
-            for t in 0..lane_vectors {
-                let vi = lane + comptime!(t as u32) * width;
-                let at = select(vi < comptime!(row_vectors as u32), vi, 0);
-                let mut vv = Vector::<F, NV>::empty();
-                #[unroll]
-                for e in 0..nv {
-                    vv[e] = F::cast_from(new_v[(at * comptime!(nv as u32)) as usize + e]);
-                }
-                values[p * lane_vectors + t] = vv;
-            }
+            keys[v] = vector_from::<F, N>(&new_k, comptime!((v * n) as u32));
         }
     }
     let mut scores = Array::<f32>::new(group);
@@ -1114,24 +1104,52 @@ fn attend_split_kernel<F: Float, N: Size, NV: Size>(
     }
     sync_cube();
     // Values: lane `i` accumulates vectors `i, i + width, ...` of every query's output over the plane's
-    // positions (those past the sequence's tokens add nothing).
+    // positions, `VALUE_UNROLL` positions' loads in flight at a time (all of a plane's at once take more
+    // registers than a thread has: measured slower).
     let mut acc = Array::<f32>::new(comptime!(group * lane_vectors * nv));
     #[unroll]
     for i in 0..comptime!(group * lane_vectors * nv) {
         acc[i] = 0.0;
     }
-    #[unroll]
-    for p in 0..plane_width {
-        if start + comptime!(p as u32) < tokens {
+    let mut count = 0u32;
+    if start < tokens {
+        count = tokens - start;
+        if count > width {
+            count = width;
+        }
+    }
+    for p0 in range_stepped(0, count, comptime!(VALUE_UNROLL as u32)) {
+        let mut values = Array::<Vector<F, NV>>::new(comptime!(VALUE_UNROLL * lane_vectors));
+        #[unroll]
+        for u in 0..VALUE_UNROLL {
+            let position = start + p0 + comptime!(u as u32);
+            let row =
+                (cache_row + select(position < slot, position, 0)) * comptime!(row_vectors as u32);
             #[unroll]
-            for g in 0..group {
-                let w = weights[(plane as usize * group + g) * plane_width + p];
+            for t in 0..lane_vectors {
+                let vi = lane + comptime!(t as u32) * width;
+                let at = select(vi < comptime!(row_vectors as u32), vi, 0);
+                values[u * lane_vectors + t] = v_cache[(row + at) as usize];
+                if position == slot {
+                    values[u * lane_vectors + t] =
+                        vector_from::<F, NV>(&new_v, at * comptime!(nv as u32));
+                }
+            }
+        }
+        #[unroll]
+        for u in 0..VALUE_UNROLL {
+            let p = p0 + comptime!(u as u32);
+            if p < count {
                 #[unroll]
-                for t in 0..lane_vectors {
-                    let vv = values[p * lane_vectors + t];
+                for g in 0..group {
+                    let w = weights[(plane as usize * group + g) * plane_width + p as usize];
                     #[unroll]
-                    for e in 0..nv {
-                        acc[(g * lane_vectors + t) * nv + e] += w * f32::cast_from(vv[e]);
+                    for t in 0..lane_vectors {
+                        let vv = values[u * lane_vectors + t];
+                        #[unroll]
+                        for e in 0..nv {
+                            acc[(g * lane_vectors + t) * nv + e] += w * f32::cast_from(vv[e]);
+                        }
                     }
                 }
             }

@@ -1,6 +1,6 @@
 //! The decode-step kernels against plain host computations, at sizes the tiny model's prompts do not reach:
 //! attention over caches longer than one split (several splits combined), sequences of different lengths in one
-//! launch, the dense GEMV with and without 16-byte loads, LoRA up-projections added to parts of a stacked
+//! launch, the residual add and RMSNorm over rows wider than a cube, the dense GEMV with and without 16-byte loads, LoRA up-projections added to parts of a stacked
 //! output, argmax ties, and a prefill's cache (with room after its tokens) copied into a slot of the plan's.
 //!
 //! Runs through wgpu (CI: lavapipe, f32) and, `--ignored`, on CUDA in f32 and bf16.
@@ -192,6 +192,58 @@ fn attention_over_long_caches<R: Runtime, F: Activation>(
         )
         .is_err()
     );
+}
+
+/// The residual add and RMSNorm over rows wider than the cube (several values per unit, a width that is not a
+/// multiple of the cube's units), with and without the add, against the host: `r = F(residual + delta)`,
+/// `out = F(F(r * rsqrt(mean(r^2) + eps)) * weight)`.
+fn add_rms_norm_as_the_host<R: Runtime, F: Activation>(client: &ComputeClient<R>, tolerance: f32) {
+    let (batch, hidden, eps) = (3, 3000, 1e-6f32);
+    let residual = stored::<F>(&random(batch * hidden, 7));
+    let delta = stored::<F>(&random(batch * hidden, 8));
+    let weight = stored::<F>(&random(hidden, 9));
+    for add in [false, true] {
+        let residual_buffer = upload::<R, F>(client, &residual);
+        let (delta_buffer, weight_buffer) = (
+            upload::<R, F>(client, &delta),
+            upload::<R, F>(client, &weight),
+        );
+        let out = Buffer::<F>::empty(client, batch * hidden);
+        decode::add_rms_norm(
+            client,
+            &residual_buffer,
+            add.then_some(&delta_buffer),
+            &weight_buffer,
+            batch,
+            eps,
+            &out,
+        )
+        .unwrap();
+        let (got_residual, got) = (read(client, &residual_buffer), read(client, &out));
+        for b in 0..batch {
+            let row: Vec<f32> = (0..hidden)
+                .map(|i| {
+                    let at = b * hidden + i;
+                    if add {
+                        round::<F>(residual[at] + delta[at])
+                    } else {
+                        residual[at]
+                    }
+                })
+                .collect();
+            let mean = row.iter().map(|v| v * v).sum::<f32>() / hidden as f32;
+            let inv = 1.0 / (mean + eps).sqrt();
+            for i in 0..hidden {
+                let expected = round::<F>(round::<F>(row[i] * inv) * weight[i]);
+                let actual = got[b * hidden + i];
+                assert!(
+                    (actual - expected).abs() <= tolerance * expected.abs().max(1.0),
+                    "add {add}, row {b}, value {i}: {actual} vs {expected}"
+                );
+                assert_eq!(got_residual[b * hidden + i], row[i], "residual {b},{i}");
+            }
+        }
+    }
 }
 
 fn dense_gemv<R: Runtime, F: Activation>(client: &ComputeClient<R>, tolerance: f32) {
@@ -554,6 +606,11 @@ mod wgpu {
     }
 
     #[test]
+    fn add_rms_norm_as_the_host_f32() {
+        add_rms_norm_as_the_host::<WgpuRuntime, f32>(&client(), 1e-5);
+    }
+
+    #[test]
     fn dense_gemv_f32() {
         dense_gemv::<WgpuRuntime, f32>(&client(), 1e-5);
     }
@@ -606,6 +663,9 @@ mod cuda {
             // bf16 output rounding of values below 1.
             attention_over_long_caches::<CudaRuntime, bf16>(&c, 1.0 / 128.0, batch);
         }
+        add_rms_norm_as_the_host::<CudaRuntime, f32>(&c, 1e-5);
+        // One bf16 rounding of a value near a rounding boundary.
+        add_rms_norm_as_the_host::<CudaRuntime, bf16>(&c, 1.0 / 128.0);
         dense_gemv::<CudaRuntime, f32>(&c, 1e-5);
         dense_gemv::<CudaRuntime, bf16>(&c, 1.0 / 128.0);
         dense_mma_gemv::<CudaRuntime, bf16>(&c, 1.0 / 128.0);
