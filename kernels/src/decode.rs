@@ -1048,7 +1048,8 @@ fn attend_split_kernel<F: Float, N: Size, NV: Size>(
     sync_cube();
     // The new key and value into the cache, by one cube per key/value head (the first query head's); no cube
     // of this launch reads that slot from the cache.
-    if holds_new && (qg * comptime!(group as u32)) % ratio == 0 {
+    let in_group = (qg * comptime!(group as u32)) % ratio;
+    if holds_new && in_group == 0 {
         let row = cache_row + slot;
         for v in range_stepped(UNIT_POS, comptime!(vectors as u32), CUBE_DIM) {
             k_cache[(row * comptime!(vectors as u32) + v) as usize] =
