@@ -469,7 +469,7 @@ pub struct NewToken<'a, F: Activation> {
 }
 
 /// Cache positions whose values one attention lane loads before using them.
-const VALUE_UNROLL: usize = 16;
+const VALUE_UNROLL: usize = 8;
 
 /// Values per load of a value row in the attention's value pass: lanes take consecutive vectors of a row, as
 /// wide as 16 bytes allow while every lane of a plane still has one.
