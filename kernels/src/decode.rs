@@ -1270,10 +1270,16 @@ fn silu_mul_kernel<F: Float>(gate_up: &Array<F>, out: &mut Array<F>, n: u32, wid
     let i = CUBE_POS_X * CUBE_DIM_X + UNIT_POS_X;
     if i < n {
         let gate = i + (i / width) * width;
-        let g = f32::cast_from(gate_up[gate as usize]);
-        let silu = F::cast_from(g / (1.0f32 + f32::exp(-g)));
-        out[i as usize] = silu * gate_up[(gate + width) as usize];
+        out[i as usize] = gated::<F>(gate_up[gate as usize], gate_up[(gate + width) as usize]);
     }
+}
+
+/// `F(silu(gate)) * up` in `F`, the gate taken as stored: what `silu_mul` writes and the NF4 GEMV's gated unit
+/// (`nf4::gemv_glu`) too, so that the two give the same values.
+#[cube]
+pub(crate) fn gated<F: Float>(gate: F, up: F) -> F {
+    let g = f32::cast_from(gate);
+    F::cast_from(g / (1.0f32 + f32::exp(-g))) * up
 }
 
 /// The index of the cube's best `(value, index)` (the smallest index among equal values), in every unit.

@@ -446,7 +446,7 @@ pub fn gemv_glu<R: Runtime, F: Activation>(
     weight: &Nf4Matrix,
     out: &Buffer<F>,
 ) -> Result<(), KernelError> {
-    if !weight.rows.is_multiple_of(2) || !weight.cols.is_multiple_of(32) {
+    if !takes_glu(weight) {
         return Err(KernelError::Unsupported(format!(
             "a gated unit of a {}x{} NF4 matrix (an even number of rows, a width a multiple of 32)",
             weight.rows, weight.cols
@@ -458,6 +458,11 @@ pub fn gemv_glu<R: Runtime, F: Activation>(
         ..GemvTiling::for_shape(weight.rows, weight.cols, batch)
     };
     launch_gemv(client, x, batch, weight, out, tiling, true)
+}
+
+/// Whether [`gemv_glu`] takes `weight`: an even number of rows (gate over up), a width a multiple of 32.
+pub fn takes_glu(weight: &Nf4Matrix) -> bool {
+    weight.rows.is_multiple_of(2) && weight.cols.is_multiple_of(32)
 }
 
 /// [`gemv`] with an explicit tiling (for benchmarks; the general kernel for widths not a multiple of 32 ignores it).
@@ -901,13 +906,12 @@ fn gemv_aligned<F: Float, NX: Size>(
             // kernel computes it.
             #[unroll]
             for i in 0..outputs {
-                let gate = f32::cast_from(F::cast_from(plane_sum(acc[i])));
+                let gate = F::cast_from(plane_sum(acc[i]));
                 let up = F::cast_from(plane_sum(acc[outputs + i]));
                 let b = comptime!(i / rows_per_plane);
                 let row = first_row + comptime!((i % rows_per_plane) as u32);
                 if UNIT_POS_X == 0 && row < out_rows {
-                    let silu = F::cast_from(gate / (1.0f32 + f32::exp(-gate)));
-                    y[b * out_rows as usize + row as usize] = silu * up;
+                    y[b * out_rows as usize + row as usize] = crate::decode::gated::<F>(gate, up);
                 }
             }
         } else if comptime!(split == 1) {

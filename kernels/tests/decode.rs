@@ -1,7 +1,8 @@
 //! The decode-step kernels against plain host computations, at sizes the tiny model's prompts do not reach:
 //! attention over caches longer than one split (several splits combined), sequences of different lengths in one
-//! launch, the residual add and RMSNorm over rows wider than a cube, the dense GEMV with and without 16-byte loads, LoRA up-projections added to parts of a stacked
-//! output, argmax ties, and a prefill's cache (with room after its tokens) copied into a slot of the plan's.
+//! launch, the residual add and RMSNorm over rows wider than a cube, the dense GEMV with and without 16-byte
+//! loads, LoRA up-projections added to parts of a stacked output, argmax ties, and a prefill's cache (with room
+//! after its tokens) copied into a slot of the plan's.
 //!
 //! Runs through wgpu (CI: lavapipe, f32) and, `--ignored`, on CUDA in f32 and bf16.
 #![allow(clippy::unwrap_used, missing_docs)]
@@ -20,9 +21,14 @@ fn random(n: usize, seed: u64) -> Vec<f32> {
     (0..n).map(|_| rng.random_range(-1.0..1.0)).collect()
 }
 
+/// In `F` and back.
+fn round<F: Activation>(value: f32) -> f32 {
+    F::from_host(value).to_host()
+}
+
 /// Values as stored in `F` and back.
 fn stored<F: Activation>(values: &[f32]) -> Vec<f32> {
-    values.iter().map(|&v| F::from_host(v).to_host()).collect()
+    values.iter().map(|&v| round::<F>(v)).collect()
 }
 
 fn upload<R: Runtime, F: Activation>(client: &ComputeClient<R>, values: &[f32]) -> Buffer<F> {
@@ -37,11 +43,6 @@ fn read<R: Runtime, F: Activation>(client: &ComputeClient<R>, buffer: &Buffer<F>
         .into_iter()
         .map(F::to_host)
         .collect()
-}
-
-/// In `F` and back.
-fn round<F: Activation>(value: f32) -> f32 {
-    F::from_host(value).to_host()
 }
 
 /// `(x1 cos - x2 sin, x2 cos + x1 sin)` with every product and sum rounded to `F`, as the kernel computes it.

@@ -558,8 +558,7 @@ impl<F: Activation> Matrix<F> {
     ) -> Result<(), KernelError> {
         let [rows, cols] = self.shape();
         if let Self::Nf4(m) = self
-            && kernels.mma_from.is_some_and(|rows| batch >= rows)
-            && mma::takes(m, batch)
+            && kernels.nf4_mma(m, batch)
         {
             // Launches of at most `PREFERRED_MAX` rows: faster than one of 32 (measured).
             return in_row_groups(
@@ -605,11 +604,7 @@ impl<F: Activation> Matrix<F> {
     fn gated_gemv(&self, batch: usize, kernels: Kernels) -> Option<&Nf4Matrix> {
         match self {
             Self::Nf4(m)
-                if batch <= GEMV_GROUP
-                    && !(kernels.mma_from.is_some_and(|rows| batch >= rows)
-                        && mma::takes(m, batch))
-                    && m.cols().is_multiple_of(32)
-                    && m.rows().is_multiple_of(2) =>
+                if batch <= GEMV_GROUP && !kernels.nf4_mma(m, batch) && nf4::takes_glu(m) =>
             {
                 Some(m)
             }
@@ -1191,6 +1186,13 @@ struct Kernels {
     /// Dense products of more than [`GEMV_GROUP`] rows as tensor-core GEMVs of at most this many rows per launch
     /// ([`mma::gemv_mma_dense`]; [`DecodePlan::set_dense_products`]); `None`: the GEMM.
     dense_mma: Option<usize>,
+}
+
+impl Kernels {
+    /// Whether the NF4 product of `m` for `batch` rows runs on the tensor-core GEMV.
+    fn nf4_mma(&self, m: &Nf4Matrix, batch: usize) -> bool {
+        self.mma_from.is_some_and(|rows| batch >= rows) && mma::takes(m, batch)
+    }
 }
 
 /// Which kernel multiplies a plan's dense weights past [`GEMV_GROUP`] rows.
@@ -1841,8 +1843,8 @@ impl<R: Runtime, F: Activation> DecodePlan<R, F> {
         let ops = std::iter::once((Op::Embed, 1))
             .chain(Op::LAYER.iter().map(|&op| (op, layers)))
             .chain(Op::HEAD.iter().map(|&op| (op, 1)));
+        let fused = self.fused_gate(layer, b).is_some();
         for (op, per_step) in ops {
-            let fused = self.fused_gate(layer, b).is_some();
             if op == Op::SiluMul && fused {
                 continue;
             }
