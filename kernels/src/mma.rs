@@ -18,6 +18,13 @@
 //!
 //! The half-precision table rounds each NF4 value to the activation type before the products (bitsandbytes
 //! rounds the scaled value instead): both are one rounding of the weight.
+//!
+//! Each cube copies the pair table (32 copies by default, copy `c` of entry `e` at `e * 32 + c`, so that lane `l`
+//! always reads bank `l`: random bytes cost no bank conflicts) and the double-quantization map to shared memory
+//! once, then computes every `CUBE_COUNT`-th 16-row tile ([`MmaTiling::cubes_per_sm`] cubes per multiprocessor),
+//! so that filling 33 KiB of tables is paid once per cube rather than once per tile.
+
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use cubecl::ir::features::MmaConfig;
 use cubecl::prelude::*;
@@ -37,6 +44,18 @@ pub const PREFERRED_FROM: usize = 4;
 /// take 1.4-3x as long as two launches of 16 (`medvl-bench kernels`, docs/KERNELS.md).
 pub const PREFERRED_MAX: usize = 16;
 
+static PREVIOUS_TILING: AtomicBool = AtomicBool::new(false);
+
+/// Process-wide: [`gemv_mma`] takes the tiling it took before persistent cubes and conflict-free tables
+/// ([`MmaTiling::previous_for_shape`]), so that benchmarks can compare both in one process. Off by default; both
+/// compute the same sums.
+pub fn set_previous_tiling(previous: bool) {
+    PREVIOUS_TILING.store(previous, Ordering::Relaxed);
+}
+
+/// Shared memory a cube may take: what CUDA gives a kernel without opting in to more.
+const SHARED_BYTES: usize = 48 * 1024;
+
 /// How [`gemv_mma`] splits its work.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MmaTiling {
@@ -45,8 +64,11 @@ pub struct MmaTiling {
     /// Sub-blocks each lane loads before using any.
     pub unroll: usize,
     /// Copies of the 256-entry pair table in shared memory, lane `l` reading copy `l % copies` (fewer bank
-    /// conflicts, more shared memory).
+    /// conflicts, more shared memory; 32: none).
     pub copies: usize,
+    /// Cubes per streaming multiprocessor, each looping over every `cubes`-th 16-row tile, so that a cube fills its
+    /// tables once for many tiles; 0: one cube per tile.
+    pub cubes_per_sm: usize,
 }
 
 impl MmaTiling {
@@ -55,7 +77,23 @@ impl MmaTiling {
     /// --mma-sweep` on an H100 (docs/KERNELS.md) found 8 planes best or within a few percent of it at every shape
     /// of the 7B at 1 and 32 rows: more planes per cube share one table fill and fill the GPU for the matrices of
     /// few rows.
-    pub fn for_shape(_rows: usize, cols: usize) -> Self {
+    ///
+    /// Since 2026-11-28 each cube fills a table of 32 copies (no bank conflicts) and the double-quantization map
+    /// once and loops over tiles, 4 cubes per multiprocessor; [`set_previous_tiling`] takes the tiling before that
+    /// (one copy, a cube per tile) for comparisons on the same card.
+    pub fn for_shape(rows: usize, cols: usize) -> Self {
+        if PREVIOUS_TILING.load(Ordering::Relaxed) {
+            return Self::previous_for_shape(rows, cols);
+        }
+        Self {
+            copies: 32,
+            cubes_per_sm: 4,
+            ..Self::previous_for_shape(rows, cols)
+        }
+    }
+
+    /// The tiling [`gemv_mma`] used before persistent cubes and conflict-free tables (2026-11-28).
+    pub fn previous_for_shape(_rows: usize, cols: usize) -> Self {
         let sub_blocks = (cols / 64).max(1);
         let mut split = 8;
         while split > sub_blocks {
@@ -65,6 +103,7 @@ impl MmaTiling {
             split,
             unroll: 1,
             copies: 1,
+            cubes_per_sm: 0,
         }
     }
 
@@ -72,12 +111,29 @@ impl MmaTiling {
         if ![1, 2, 4, 8].contains(&self.split)
             || !(1..=4).contains(&self.unroll)
             || ![1, 2, 4, 8, 16, 32].contains(&self.copies)
+            || self.cubes_per_sm > 16
         {
             return Err(KernelError::Unsupported(format!(
-                "tensor-core GEMV tiling {self:?}: split 1, 2, 4 or 8, unroll 1-4, copies a power of two up to 32"
+                "tensor-core GEMV tiling {self:?}: split 1, 2, 4 or 8, unroll 1-4, copies a power of two up to 32, \
+                 at most 16 cubes per multiprocessor"
             )));
         }
         Ok(())
+    }
+
+    /// The cubes a launch over `rows` rows takes on this device: one per 16-row tile, or with `cubes_per_sm`
+    /// that many per multiprocessor (never more than the tiles).
+    fn cube_count<R: Runtime>(self, client: &ComputeClient<R>, rows: usize) -> u32 {
+        let tiles = rows.div_ceil(16) as u32;
+        let sms = client
+            .properties()
+            .hardware
+            .num_streaming_multiprocessors
+            .unwrap_or(1);
+        match self.cubes_per_sm {
+            0 => tiles,
+            n => tiles.min(n as u32 * sms),
+        }
     }
 }
 
@@ -131,6 +187,36 @@ pub fn gemv_mma_tiled<R: Runtime, F: Activation>(
     y: &Buffer<F>,
     tiling: MmaTiling,
 ) -> Result<(), KernelError> {
+    launch_mma(client, x, batch, weight, y, tiling, false)
+}
+
+/// A gated unit on the tensor cores: `out[b, j] = F(silu(F(gate))) * F(up)` where `gate` and `up` are rows `j`
+/// and `width + j` of `x weight^T` (`weight` stacks `2 * width` rows, gate projection first): what [`gemv_mma`]
+/// into `[batch, 2 * width]` followed by a SiLU-and-multiply kernel computes, with the same roundings, as
+/// [`crate::nf4::gemv_glu`] does on the plain GEMV. `x`: `[batch, cols]`, `out`: `[batch, width]`. Where
+/// [`takes`] and [`crate::nf4::takes_glu`] hold.
+pub fn gemv_mma_glu<R: Runtime, F: Activation>(
+    client: &ComputeClient<R>,
+    x: &Buffer<F>,
+    batch: usize,
+    weight: &Nf4Matrix,
+    out: &Buffer<F>,
+) -> Result<(), KernelError> {
+    crate::nf4::check_glu(weight)?;
+    let tiling = MmaTiling::for_shape(weight.rows, weight.cols);
+    launch_mma(client, x, batch, weight, out, tiling, true)
+}
+
+/// [`gemv_mma_tiled`], or with `glu` [`gemv_mma_glu`]'s gated output.
+fn launch_mma<R: Runtime, F: Activation>(
+    client: &ComputeClient<R>,
+    x: &Buffer<F>,
+    batch: usize,
+    weight: &Nf4Matrix,
+    y: &Buffer<F>,
+    tiling: MmaTiling,
+    glu: bool,
+) -> Result<(), KernelError> {
     tiling.validate()?;
     let Some(table) = F::PAIR_TABLE else {
         return Err(unsupported::<F>());
@@ -151,14 +237,23 @@ pub fn gemv_mma_tiled<R: Runtime, F: Activation>(
         )));
     }
     x.check("x", batch * weight.cols)?;
-    y.check("y", batch * weight.rows)?;
+    let out_rows = if glu { weight.rows / 2 } else { weight.rows };
+    y.check("y", batch * out_rows)?;
     let (codes, scales, offsets, map, double_quant) = weight.scale_args();
-    let cube_count = CubeCount::Static(weight.rows.div_ceil(16) as u32, 1, 1);
+    // Fewer copies of the table where its copies, the map and the split-K sums would pass the shared memory a
+    // cube may take (many activation rows).
+    let tiles = batch.div_ceil(8);
+    let sums = tiling.split * 4 * tiles * if glu { 2 } else { 1 } * 32;
+    let mut copies = tiling.copies;
+    while copies > 1 && 4 * (256 * copies + 256 + sums) > SHARED_BYTES {
+        copies /= 2;
+    }
+    let cube_count = CubeCount::Static(tiling.cube_count(client, out_rows), 1, 1);
     let cube_dim = CubeDim::new_2d(32, tiling.split as u32);
     // SAFETY: every array is passed with the element count of its own buffer; the kernel reads `x` below row
     // `batch` and column `cols`, the weight's codes below row `rows` (the packed words are a multiple of 16
     // bytes, `cols / 2` bytes per row), scales through `block_scale` as the GEMV does, 256 entries of its pair
-    // table, and writes `y` inside `[batch, rows]`, all checked above.
+    // table, and writes `y` inside `[batch, rows]` (`[batch, rows / 2]` with `glu`), all checked above.
     #[allow(unsafe_code)]
     unsafe {
         gemv_mma_kernel::launch_unchecked::<F, R>(
@@ -176,12 +271,13 @@ pub fn gemv_mma_tiled<R: Runtime, F: Activation>(
             weight.rows as u32,
             weight.cols as u32,
             batch as u32,
-            batch.div_ceil(8),
+            tiles,
             weight.blocksize as u32,
             double_quant,
             tiling.split,
             tiling.unroll,
-            tiling.copies,
+            copies,
+            glu,
         );
     }
     Ok(())
@@ -292,7 +388,7 @@ fn gemv_mma_kernel<F: Float>(
     scales: &Array<f32>,
     offsets: &Array<f32>,
     map: &Array<f32>,
-    pairs: &Array<Vector<u32, Const<4>>>,
+    pairs: &Array<u32>,
     y: &mut Array<F>,
     rows: u32,
     cols: u32,
@@ -303,23 +399,30 @@ fn gemv_mma_kernel<F: Float>(
     #[comptime] split: usize,
     #[comptime] unroll: usize,
     #[comptime] copies: usize,
+    #[comptime] glu: bool,
 ) {
     let copies_u = comptime!(copies as u32);
-    // The first plane fills the table: two 16-byte loads per lane, issued together, each entry stored `copies`
-    // times (a loop of single loads here costs a cache round trip per step, several microseconds per cube).
+    // With `glu` the matrix stacks gate rows over as many up rows: a tile's 16 output rows take gate rows
+    // `first..` (set 0) and up rows `out_rows + first..` (set 1), and the sums go out as `silu(gate) * up`.
+    let sets = comptime!(if glu { 2usize } else { 1usize });
+    let out_rows = if comptime!(glu) { rows / 2 } else { rows };
+    // The cube fills the table (each entry stored `copies` times, copy `c` of entry `e` at `e * copies + c`, so
+    // that with 32 copies lane `l` always reads bank `l`) and the double-quantization map (its reads are gathers
+    // of random entries), once for all the tiles it computes.
+    // Unit `e` loads entry `e` once and stores its copies starting at copy `e`, so that the 32 units of a plane
+    // store to 32 different banks each time.
     let mut table = SharedMemory::<u32>::new(comptime!(256 * copies));
-    if UNIT_POS < 32 {
-        let first_half = pairs[UNIT_POS as usize];
-        let second_half = pairs[(UNIT_POS + 32) as usize];
+    for e in range_stepped(UNIT_POS, 256u32, CUBE_DIM) {
+        let pair = pairs[e as usize];
         #[unroll]
-        for e in 0..4usize {
-            #[unroll]
-            for c in 0..copies {
-                table[((UNIT_POS * 4 + comptime!(e as u32)) * copies_u + comptime!(c as u32))
-                    as usize] = first_half[e];
-                table[(((UNIT_POS + 32) * 4 + comptime!(e as u32)) * copies_u + comptime!(c as u32))
-                    as usize] = second_half[e];
-            }
+        for c in 0..copies {
+            table[(e * copies_u + (comptime!(c as u32) + e) % copies_u) as usize] = pair;
+        }
+    }
+    let mut map_s = SharedMemory::<f32>::new(256usize);
+    if comptime!(double_quant) {
+        for i in range_stepped(UNIT_POS, 256u32, CUBE_DIM) {
+            map_s[i as usize] = map[i as usize];
         }
     }
     sync_cube();
@@ -327,97 +430,114 @@ fn gemv_mma_kernel<F: Float>(
     let mma = cmma::MmaDefinition::<F, F, f32>::new(16usize, 8usize, 16usize);
     let lane = UNIT_POS_X;
     let (g, q) = (lane / 4, lane % 4);
-    let first = CUBE_POS_X * 16;
-    // Rows past the end re-read the last row; their sums are not written.
-    let row_low = if first + g < rows {
-        first + g
-    } else {
-        rows - 1
-    };
-    let row_high = if first + g + 8 < rows {
-        first + g + 8
-    } else {
-        rows - 1
-    };
     let sub_blocks = cols / 64;
     let row_words = cols / 16;
-
-    let mut acc = Array::<f32>::new(comptime!(4 * tiles));
-    #[unroll]
-    for i in 0..comptime!(4 * tiles) {
-        acc[i] = 0.0;
-    }
-    let mut low = Array::<Vector<u32, Const<2>>>::new(unroll);
-    let mut high = Array::<Vector<u32, Const<2>>>::new(unroll);
-    let mut scale_low = Array::<f32>::new(unroll);
-    let mut scale_high = Array::<f32>::new(unroll);
     let per_plane = (sub_blocks + comptime!(split as u32 - 1)) / comptime!(split as u32);
-    for i0 in range_stepped(0, per_plane, comptime!(unroll as u32)) {
+    // One cube per tile, or (`cubes_per_sm`) every `CUBE_COUNT_X`-th tile: the same for every unit of the cube,
+    // so that the sums' barriers are reached by all.
+    for tile in range_stepped(CUBE_POS_X, (out_rows + 15) / 16, CUBE_COUNT_X) {
+        let first = tile * 16;
+        // Rows past the end re-read the last row; their sums are not written.
+        let tile_low = if first + g < out_rows {
+            first + g
+        } else {
+            out_rows - 1
+        };
+        let tile_high = if first + g + 8 < out_rows {
+            first + g + 8
+        } else {
+            out_rows - 1
+        };
+
+        // `acc[(s * tiles + t) * 4 + i]`: set `s`, activation tile `t`, fragment position `i`.
+        let mut acc = Array::<f32>::new(comptime!(4 * tiles * sets));
         #[unroll]
-        for u in 0..unroll {
-            let j = (i0 + comptime!(u as u32)) * comptime!(split as u32) + UNIT_POS_Y;
-            if j < sub_blocks {
-                low[u] = packed[(row_low * row_words + 4 * j + q) as usize];
-                high[u] = packed[(row_high * row_words + 4 * j + q) as usize];
-                scale_low[u] = block_scale::<Array<f32>>(
-                    (row_low * cols + 64 * j) / blocksize,
-                    codes,
-                    scales,
-                    offsets,
-                    map,
-                    double_quant,
-                );
-                scale_high[u] = block_scale::<Array<f32>>(
-                    (row_high * cols + 64 * j) / blocksize,
-                    codes,
-                    scales,
-                    offsets,
-                    map,
-                    double_quant,
-                );
-            }
+        for i in 0..comptime!(4 * tiles * sets) {
+            acc[i] = 0.0;
         }
+        let mut low = Array::<Vector<u32, Const<2>>>::new(unroll);
+        let mut high = Array::<Vector<u32, Const<2>>>::new(unroll);
+        let mut scale_low = Array::<f32>::new(unroll);
+        let mut scale_high = Array::<f32>::new(unroll);
         #[unroll]
-        for u in 0..unroll {
-            let j = (i0 + comptime!(u as u32)) * comptime!(split as u32) + UNIT_POS_Y;
-            if j < sub_blocks {
-                let a0 = a_fragment::<F>(low[u], high[u], &table, 0usize, copies_u);
-                let a1 = a_fragment::<F>(low[u], high[u], &table, 1usize, copies_u);
-                let a2 = a_fragment::<F>(low[u], high[u], &table, 2usize, copies_u);
-                let a3 = a_fragment::<F>(low[u], high[u], &table, 3usize, copies_u);
-                let k = 64 * j + 16 * q;
+        for s in 0..sets {
+            let row_low = tile_low + out_rows * comptime!(s as u32);
+            let row_high = tile_high + out_rows * comptime!(s as u32);
+            for i0 in range_stepped(0, per_plane, comptime!(unroll as u32)) {
                 #[unroll]
-                for t in 0..tiles {
-                    let n = comptime!(t as u32 * 8) + g;
-                    let mut sums = Array::<Vector<f32, Const<2>>>::new(2usize);
-                    sums[0usize] = Vector::new(0.0f32);
-                    sums[1usize] = Vector::new(0.0f32);
-                    let words = activations(x, n, k, cols, batch);
-                    let b0 = b_fragment::<F>(&words, 0usize);
-                    mma.execute_inplace(&a0, &b0, &mut sums);
-                    let b1 = b_fragment::<F>(&words, 1usize);
-                    mma.execute_inplace(&a1, &b1, &mut sums);
-                    let b2 = b_fragment::<F>(&words, 2usize);
-                    mma.execute_inplace(&a2, &b2, &mut sums);
-                    let b3 = b_fragment::<F>(&words, 3usize);
-                    mma.execute_inplace(&a3, &b3, &mut sums);
-                    // sums[0]: row g, activation rows 2q and 2q + 1 of the tile; sums[1]: row g + 8.
-                    let low_sums = sums[0usize];
-                    let high_sums = sums[1usize];
-                    acc[comptime!(4 * t)] += low_sums[0usize] * scale_low[u];
-                    acc[comptime!(4 * t + 1)] += low_sums[1usize] * scale_low[u];
-                    acc[comptime!(4 * t + 2)] += high_sums[0usize] * scale_high[u];
-                    acc[comptime!(4 * t + 3)] += high_sums[1usize] * scale_high[u];
+                for u in 0..unroll {
+                    let j = (i0 + comptime!(u as u32)) * comptime!(split as u32) + UNIT_POS_Y;
+                    if j < sub_blocks {
+                        low[u] = packed[(row_low * row_words + 4 * j + q) as usize];
+                        high[u] = packed[(row_high * row_words + 4 * j + q) as usize];
+                        scale_low[u] = block_scale::<SharedMemory<f32>>(
+                            (row_low * cols + 64 * j) / blocksize,
+                            codes,
+                            scales,
+                            offsets,
+                            &map_s,
+                            double_quant,
+                        );
+                        scale_high[u] = block_scale::<SharedMemory<f32>>(
+                            (row_high * cols + 64 * j) / blocksize,
+                            codes,
+                            scales,
+                            offsets,
+                            &map_s,
+                            double_quant,
+                        );
+                    }
+                }
+                #[unroll]
+                for u in 0..unroll {
+                    let j = (i0 + comptime!(u as u32)) * comptime!(split as u32) + UNIT_POS_Y;
+                    if j < sub_blocks {
+                        let a0 = a_fragment::<F>(low[u], high[u], &table, 0usize, copies_u);
+                        let a1 = a_fragment::<F>(low[u], high[u], &table, 1usize, copies_u);
+                        let a2 = a_fragment::<F>(low[u], high[u], &table, 2usize, copies_u);
+                        let a3 = a_fragment::<F>(low[u], high[u], &table, 3usize, copies_u);
+                        let k = 64 * j + 16 * q;
+                        #[unroll]
+                        for t in 0..tiles {
+                            let n = comptime!(t as u32 * 8) + g;
+                            let mut sums = Array::<Vector<f32, Const<2>>>::new(2usize);
+                            sums[0usize] = Vector::new(0.0f32);
+                            sums[1usize] = Vector::new(0.0f32);
+                            let words = activations(x, n, k, cols, batch);
+                            let b0 = b_fragment::<F>(&words, 0usize);
+                            mma.execute_inplace(&a0, &b0, &mut sums);
+                            let b1 = b_fragment::<F>(&words, 1usize);
+                            mma.execute_inplace(&a1, &b1, &mut sums);
+                            let b2 = b_fragment::<F>(&words, 2usize);
+                            mma.execute_inplace(&a2, &b2, &mut sums);
+                            let b3 = b_fragment::<F>(&words, 3usize);
+                            mma.execute_inplace(&a3, &b3, &mut sums);
+                            // sums[0]: row g, activation rows 2q and 2q + 1 of the tile; sums[1]: row g + 8.
+                            let low_sums = sums[0usize];
+                            let high_sums = sums[1usize];
+                            let at = comptime!(4 * (s * tiles + t));
+                            acc[at] += low_sums[0usize] * scale_low[u];
+                            acc[comptime!(at + 1)] += low_sums[1usize] * scale_low[u];
+                            acc[comptime!(at + 2)] += high_sums[0usize] * scale_high[u];
+                            acc[comptime!(at + 3)] += high_sums[1usize] * scale_high[u];
+                        }
+                    }
                 }
             }
         }
-    }
 
-    write_sums(y, &acc, rows, batch, first, lane, tiles, split);
+        write_sums(y, &acc, out_rows, batch, first, lane, tiles, split, glu);
+        if comptime!(split > 1) {
+            // The next tile's partial sums reuse the shared memory the first plane has just read.
+            sync_cube();
+        }
+    }
 }
 
-/// Writes a plane's tile sums (`acc`: per 8-row activation tile, rows `g`/`g + 8` x activation rows `2q`/`2q + 1`)
-/// to `y`; with split-K, every plane's sums go through shared memory and the first plane adds them up.
+/// Writes a plane's tile sums (`acc`: per 8-row activation tile, rows `g`/`g + 8` x activation rows `2q`/`2q + 1`;
+/// with `glu` the gate's sums, then the up projection's) to `y` (`[batch, rows]`); with split-K, every plane's sums
+/// go through shared memory and the first plane adds them up. With `glu`, `y` gets `silu(gate) * up`, each sum
+/// rounded to `F` first as the stacked product's output would be (the NF4 GEMV's gated unit rounds the same way).
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn write_sums<F: Float>(
@@ -429,16 +549,17 @@ fn write_sums<F: Float>(
     lane: u32,
     #[comptime] tiles: usize,
     #[comptime] split: usize,
+    #[comptime] glu: bool,
 ) {
     let (g, q) = (lane / 4, lane % 4);
-    let mut totals = Array::<f32>::new(comptime!(4 * tiles));
+    let outputs = comptime!(4 * tiles * if glu { 2 } else { 1 });
+    let mut totals = Array::<f32>::new(outputs);
     #[unroll]
-    for i in 0..comptime!(4 * tiles) {
+    for i in 0..outputs {
         totals[i] = acc[i];
     }
     if comptime!(split > 1) {
-        let outputs = comptime!(4 * tiles);
-        let mut partial = SharedMemory::<f32>::new(comptime!(split * 4 * tiles * 32));
+        let mut partial = SharedMemory::<f32>::new(comptime!(split * outputs * 32));
         #[unroll]
         for i in 0..outputs {
             partial[((UNIT_POS_Y * comptime!(outputs as u32) + comptime!(i as u32)) * 32 + lane)
@@ -465,7 +586,15 @@ fn write_sums<F: Float>(
                 let row = first + g + comptime!((i / 2) as u32 * 8);
                 let n = comptime!(t as u32 * 8 + (i % 2) as u32) + 2 * q;
                 if row < rows && n < batch {
-                    y[(n * rows + row) as usize] = F::cast_from(totals[comptime!(4 * t + i)]);
+                    let value = if comptime!(glu) {
+                        crate::decode::gated::<F>(
+                            F::cast_from(totals[comptime!(4 * t + i)]),
+                            F::cast_from(totals[comptime!(4 * (tiles + t) + i)]),
+                        )
+                    } else {
+                        F::cast_from(totals[comptime!(4 * t + i)])
+                    };
+                    y[(n * rows + row) as usize] = value;
                 }
             }
         }
@@ -597,7 +726,7 @@ fn gemv_mma_dense_kernel<F: Float>(
             acc[comptime!(4 * t + 3)] += high_sums[1usize];
         }
     }
-    write_sums(y, &acc, rows, batch, first, lane, tiles, split);
+    write_sums(y, &acc, rows, batch, first, lane, tiles, split, false);
 }
 
 #[cfg(test)]

@@ -31,6 +31,10 @@ pub struct DecodeArgs {
     /// (`nf4::set_previous_gemv`): for a comparison on the same card.
     #[arg(long)]
     previous_gemv: bool,
+    /// Run the tensor-core GEMV with the tiling it took before persistent cubes and conflict-free tables
+    /// (`mma::set_previous_tiling`): for a comparison on the same card.
+    #[arg(long)]
+    previous_mma: bool,
     /// Where to run.
     #[arg(long, value_enum, default_value = "cuda")]
     runtime: RuntimeKind,
@@ -180,11 +184,17 @@ struct Report {
     git_commit: String,
     model: &'static str,
     copy_gb_per_s: f64,
+    /// `--previous-gemv` / `--previous-mma`: the kernels ran with their earlier tilings.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    previous_gemv: bool,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    previous_mma: bool,
     cases: Vec<Case>,
 }
 
 pub fn run(args: &DecodeArgs) -> Result<()> {
     medvl_kernels::nf4::set_previous_gemv(args.previous_gemv);
+    medvl_kernels::mma::set_previous_tiling(args.previous_mma);
     match (args.runtime, args.activations) {
         #[cfg(feature = "cuda")]
         (RuntimeKind::Cuda, ActivationKind::Bf16) => {
@@ -391,6 +401,8 @@ fn run_in<R: Runtime, F: Activation>(
         git_commit: args.run.commit.clone(),
         model,
         copy_gb_per_s,
+        previous_gemv: args.previous_gemv,
+        previous_mma: args.previous_mma,
         cases,
     };
     args.run.write_report(&report)

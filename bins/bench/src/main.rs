@@ -103,7 +103,7 @@ struct KernelArgs {
     /// Activation rows the plain GEMV is timed at.
     #[arg(long, value_delimiter = ',', default_value = "1,4,8")]
     gemv_batches: Vec<usize>,
-    /// Measure every candidate tiling of the tensor-core GEMV at 1 and 32 rows, not just the one `gemv_mma`
+    /// Measure every candidate tiling of the tensor-core GEMV at 1, 8 and 16 rows, not just the one `gemv_mma`
     /// picks.
     #[arg(long)]
     mma_sweep: bool,
@@ -333,14 +333,17 @@ fn kernels_in<R: Runtime, F: nf4::Activation>(
             let default = MmaTiling::for_shape(rows, cols);
             runs.extend([1usize, 4, 8, 16, 32].map(|m| (m, Kernel::Mma(default))));
             if args.mma_sweep {
-                for m in [1usize, 32] {
-                    for split in [1, 2, 4, 8] {
+                for m in [1usize, 8, 16] {
+                    for split in [2, 4, 8] {
                         for unroll in [1, 2] {
-                            for copies in [1, 4] {
+                            for (copies, cubes_per_sm) in
+                                [(1, 0), (32, 0), (1, 4), (32, 2), (32, 4), (32, 6)]
+                            {
                                 let t = MmaTiling {
                                     split,
                                     unroll,
                                     copies,
+                                    cubes_per_sm,
                                 };
                                 if t != default {
                                     runs.push((m, Kernel::Mma(t)));
@@ -387,7 +390,10 @@ fn kernels_in<R: Runtime, F: nf4::Activation>(
                     t == GemmTiling::for_shape(rows, batch),
                 ),
                 Kernel::Mma(t) => (
-                    format!("mma {}/{}/{}", t.split, t.unroll, t.copies),
+                    format!(
+                        "mma {}/{}/{}/{}",
+                        t.split, t.unroll, t.copies, t.cubes_per_sm
+                    ),
                     t == MmaTiling::for_shape(rows, cols),
                 ),
             };
