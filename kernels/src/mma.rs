@@ -87,7 +87,6 @@ impl MmaTiling {
         }
         Self {
             copies: 32,
-            cubes_per_sm: 4,
             ..Self::previous_for_shape(rows, cols)
         }
     }
