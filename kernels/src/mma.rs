@@ -20,9 +20,9 @@
 //! rounds the scaled value instead): both are one rounding of the weight.
 //!
 //! Each cube copies the pair table (32 copies by default, copy `c` of entry `e` at `e * 32 + c`, so that lane `l`
-//! always reads bank `l`: random bytes cost no bank conflicts) and the double-quantization map to shared memory
-//! once, then computes every `CUBE_COUNT`-th 16-row tile ([`MmaTiling::cubes_per_sm`] cubes per multiprocessor),
-//! so that filling 33 KiB of tables is paid once per cube rather than once per tile.
+//! always reads bank `l`: random bytes cost no bank conflicts) and the double-quantization map to shared memory,
+//! then computes its 16-row tile, or with [`MmaTiling::cubes_per_sm`] every `CUBE_COUNT`-th tile (the tables
+//! filled once for several tiles; measured no faster on an H200, docs/KERNELS.md).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -46,7 +46,7 @@ pub const PREFERRED_MAX: usize = 16;
 
 static PREVIOUS_TILING: AtomicBool = AtomicBool::new(false);
 
-/// Process-wide: [`gemv_mma`] takes the tiling it took before persistent cubes and conflict-free tables
+/// Process-wide: [`gemv_mma`] takes the tiling it took before the conflict-free table
 /// ([`MmaTiling::previous_for_shape`]), so that benchmarks can compare both in one process. Off by default; both
 /// compute the same sums.
 pub fn set_previous_tiling(previous: bool) {
@@ -78,9 +78,8 @@ impl MmaTiling {
     /// of the 7B at 1 and 32 rows: more planes per cube share one table fill and fill the GPU for the matrices of
     /// few rows.
     ///
-    /// Since 2026-11-28 each cube fills a table of 32 copies (no bank conflicts) and the double-quantization map
-    /// once and loops over tiles, 4 cubes per multiprocessor; [`set_previous_tiling`] takes the tiling before that
-    /// (one copy, a cube per tile) for comparisons on the same card.
+    /// Since 2026-11-28 the table has 32 copies (no bank conflicts; 12-17% faster on an H200 at 1-16 rows);
+    /// [`set_previous_tiling`] takes the single copy of before for comparisons on the same card.
     pub fn for_shape(rows: usize, cols: usize) -> Self {
         if PREVIOUS_TILING.load(Ordering::Relaxed) {
             return Self::previous_for_shape(rows, cols);
@@ -91,7 +90,7 @@ impl MmaTiling {
         }
     }
 
-    /// The tiling [`gemv_mma`] used before persistent cubes and conflict-free tables (2026-11-28).
+    /// The tiling [`gemv_mma`] used before the conflict-free table (2026-11-28).
     pub fn previous_for_shape(_rows: usize, cols: usize) -> Self {
         let sub_blocks = (cols / 64).max(1);
         let mut split = 8;
@@ -186,36 +185,6 @@ pub fn gemv_mma_tiled<R: Runtime, F: Activation>(
     y: &Buffer<F>,
     tiling: MmaTiling,
 ) -> Result<(), KernelError> {
-    launch_mma(client, x, batch, weight, y, tiling, false)
-}
-
-/// A gated unit on the tensor cores: `out[b, j] = F(silu(F(gate))) * F(up)` where `gate` and `up` are rows `j`
-/// and `width + j` of `x weight^T` (`weight` stacks `2 * width` rows, gate projection first): what [`gemv_mma`]
-/// into `[batch, 2 * width]` followed by a SiLU-and-multiply kernel computes, with the same roundings, as
-/// [`crate::nf4::gemv_glu`] does on the plain GEMV. `x`: `[batch, cols]`, `out`: `[batch, width]`. Where
-/// [`takes`] and [`crate::nf4::takes_glu`] hold.
-pub fn gemv_mma_glu<R: Runtime, F: Activation>(
-    client: &ComputeClient<R>,
-    x: &Buffer<F>,
-    batch: usize,
-    weight: &Nf4Matrix,
-    out: &Buffer<F>,
-) -> Result<(), KernelError> {
-    crate::nf4::check_glu(weight)?;
-    let tiling = MmaTiling::for_shape(weight.rows, weight.cols);
-    launch_mma(client, x, batch, weight, out, tiling, true)
-}
-
-/// [`gemv_mma_tiled`], or with `glu` [`gemv_mma_glu`]'s gated output.
-fn launch_mma<R: Runtime, F: Activation>(
-    client: &ComputeClient<R>,
-    x: &Buffer<F>,
-    batch: usize,
-    weight: &Nf4Matrix,
-    y: &Buffer<F>,
-    tiling: MmaTiling,
-    glu: bool,
-) -> Result<(), KernelError> {
     tiling.validate()?;
     let Some(table) = F::PAIR_TABLE else {
         return Err(unsupported::<F>());
@@ -236,23 +205,22 @@ fn launch_mma<R: Runtime, F: Activation>(
         )));
     }
     x.check("x", batch * weight.cols)?;
-    let out_rows = if glu { weight.rows / 2 } else { weight.rows };
-    y.check("y", batch * out_rows)?;
+    y.check("y", batch * weight.rows)?;
     let (codes, scales, offsets, map, double_quant) = weight.scale_args();
     // Fewer copies of the table where its copies, the map and the split-K sums would pass the shared memory a
     // cube may take (many activation rows).
     let tiles = batch.div_ceil(8);
-    let sums = tiling.split * 4 * tiles * if glu { 2 } else { 1 } * 32;
+    let sums = tiling.split * 4 * tiles * 32;
     let mut copies = tiling.copies;
     while copies > 1 && 4 * (256 * copies + 256 + sums) > SHARED_BYTES {
         copies /= 2;
     }
-    let cube_count = CubeCount::Static(tiling.cube_count(client, out_rows), 1, 1);
+    let cube_count = CubeCount::Static(tiling.cube_count(client, weight.rows), 1, 1);
     let cube_dim = CubeDim::new_2d(32, tiling.split as u32);
     // SAFETY: every array is passed with the element count of its own buffer; the kernel reads `x` below row
     // `batch` and column `cols`, the weight's codes below row `rows` (the packed words are a multiple of 16
     // bytes, `cols / 2` bytes per row), scales through `block_scale` as the GEMV does, 256 entries of its pair
-    // table, and writes `y` inside `[batch, rows]` (`[batch, rows / 2]` with `glu`), all checked above.
+    // table, and writes `y` inside `[batch, rows]`, all checked above.
     #[allow(unsafe_code)]
     unsafe {
         gemv_mma_kernel::launch_unchecked::<F, R>(
@@ -276,7 +244,6 @@ fn launch_mma<R: Runtime, F: Activation>(
             tiling.split,
             tiling.unroll,
             copies,
-            glu,
         );
     }
     Ok(())
@@ -398,13 +365,8 @@ fn gemv_mma_kernel<F: Float>(
     #[comptime] split: usize,
     #[comptime] unroll: usize,
     #[comptime] copies: usize,
-    #[comptime] glu: bool,
 ) {
     let copies_u = comptime!(copies as u32);
-    // With `glu` the matrix stacks gate rows over as many up rows: a tile's 16 output rows take gate rows
-    // `first..` (set 0) and up rows `out_rows + first..` (set 1), and the sums go out as `silu(gate) * up`.
-    let sets = comptime!(if glu { 2usize } else { 1usize });
-    let out_rows = if comptime!(glu) { rows / 2 } else { rows };
     // The cube fills the table (each entry stored `copies` times, copy `c` of entry `e` at `e * copies + c`, so
     // that with 32 copies lane `l` always reads bank `l`) and the double-quantization map (its reads are gathers
     // of random entries), once for all the tiles it computes.
@@ -434,98 +396,91 @@ fn gemv_mma_kernel<F: Float>(
     let per_plane = (sub_blocks + comptime!(split as u32 - 1)) / comptime!(split as u32);
     // One cube per tile, or (`cubes_per_sm`) every `CUBE_COUNT_X`-th tile: the same for every unit of the cube,
     // so that the sums' barriers are reached by all.
-    for tile in range_stepped(CUBE_POS_X, (out_rows + 15) / 16, CUBE_COUNT_X) {
+    for tile in range_stepped(CUBE_POS_X, (rows + 15) / 16, CUBE_COUNT_X) {
         let first = tile * 16;
         // Rows past the end re-read the last row; their sums are not written.
-        let tile_low = if first + g < out_rows {
+        let row_low = if first + g < rows {
             first + g
         } else {
-            out_rows - 1
+            rows - 1
         };
-        let tile_high = if first + g + 8 < out_rows {
+        let row_high = if first + g + 8 < rows {
             first + g + 8
         } else {
-            out_rows - 1
+            rows - 1
         };
 
-        // `acc[(s * tiles + t) * 4 + i]`: set `s`, activation tile `t`, fragment position `i`.
-        let mut acc = Array::<f32>::new(comptime!(4 * tiles * sets));
+        let mut acc = Array::<f32>::new(comptime!(4 * tiles));
         #[unroll]
-        for i in 0..comptime!(4 * tiles * sets) {
+        for i in 0..comptime!(4 * tiles) {
             acc[i] = 0.0;
         }
         let mut low = Array::<Vector<u32, Const<2>>>::new(unroll);
         let mut high = Array::<Vector<u32, Const<2>>>::new(unroll);
         let mut scale_low = Array::<f32>::new(unroll);
         let mut scale_high = Array::<f32>::new(unroll);
-        #[unroll]
-        for s in 0..sets {
-            let row_low = tile_low + out_rows * comptime!(s as u32);
-            let row_high = tile_high + out_rows * comptime!(s as u32);
-            for i0 in range_stepped(0, per_plane, comptime!(unroll as u32)) {
-                #[unroll]
-                for u in 0..unroll {
-                    let j = (i0 + comptime!(u as u32)) * comptime!(split as u32) + UNIT_POS_Y;
-                    if j < sub_blocks {
-                        low[u] = packed[(row_low * row_words + 4 * j + q) as usize];
-                        high[u] = packed[(row_high * row_words + 4 * j + q) as usize];
-                        scale_low[u] = block_scale::<SharedMemory<f32>>(
-                            (row_low * cols + 64 * j) / blocksize,
-                            codes,
-                            scales,
-                            offsets,
-                            &map_s,
-                            double_quant,
-                        );
-                        scale_high[u] = block_scale::<SharedMemory<f32>>(
-                            (row_high * cols + 64 * j) / blocksize,
-                            codes,
-                            scales,
-                            offsets,
-                            &map_s,
-                            double_quant,
-                        );
-                    }
+        for i0 in range_stepped(0, per_plane, comptime!(unroll as u32)) {
+            #[unroll]
+            for u in 0..unroll {
+                let j = (i0 + comptime!(u as u32)) * comptime!(split as u32) + UNIT_POS_Y;
+                if j < sub_blocks {
+                    low[u] = packed[(row_low * row_words + 4 * j + q) as usize];
+                    high[u] = packed[(row_high * row_words + 4 * j + q) as usize];
+                    scale_low[u] = block_scale::<SharedMemory<f32>>(
+                        (row_low * cols + 64 * j) / blocksize,
+                        codes,
+                        scales,
+                        offsets,
+                        &map_s,
+                        double_quant,
+                    );
+                    scale_high[u] = block_scale::<SharedMemory<f32>>(
+                        (row_high * cols + 64 * j) / blocksize,
+                        codes,
+                        scales,
+                        offsets,
+                        &map_s,
+                        double_quant,
+                    );
                 }
-                #[unroll]
-                for u in 0..unroll {
-                    let j = (i0 + comptime!(u as u32)) * comptime!(split as u32) + UNIT_POS_Y;
-                    if j < sub_blocks {
-                        let a0 = a_fragment::<F>(low[u], high[u], &table, 0usize, copies_u);
-                        let a1 = a_fragment::<F>(low[u], high[u], &table, 1usize, copies_u);
-                        let a2 = a_fragment::<F>(low[u], high[u], &table, 2usize, copies_u);
-                        let a3 = a_fragment::<F>(low[u], high[u], &table, 3usize, copies_u);
-                        let k = 64 * j + 16 * q;
-                        #[unroll]
-                        for t in 0..tiles {
-                            let n = comptime!(t as u32 * 8) + g;
-                            let mut sums = Array::<Vector<f32, Const<2>>>::new(2usize);
-                            sums[0usize] = Vector::new(0.0f32);
-                            sums[1usize] = Vector::new(0.0f32);
-                            let words = activations(x, n, k, cols, batch);
-                            let b0 = b_fragment::<F>(&words, 0usize);
-                            mma.execute_inplace(&a0, &b0, &mut sums);
-                            let b1 = b_fragment::<F>(&words, 1usize);
-                            mma.execute_inplace(&a1, &b1, &mut sums);
-                            let b2 = b_fragment::<F>(&words, 2usize);
-                            mma.execute_inplace(&a2, &b2, &mut sums);
-                            let b3 = b_fragment::<F>(&words, 3usize);
-                            mma.execute_inplace(&a3, &b3, &mut sums);
-                            // sums[0]: row g, activation rows 2q and 2q + 1 of the tile; sums[1]: row g + 8.
-                            let low_sums = sums[0usize];
-                            let high_sums = sums[1usize];
-                            let at = comptime!(4 * (s * tiles + t));
-                            acc[at] += low_sums[0usize] * scale_low[u];
-                            acc[comptime!(at + 1)] += low_sums[1usize] * scale_low[u];
-                            acc[comptime!(at + 2)] += high_sums[0usize] * scale_high[u];
-                            acc[comptime!(at + 3)] += high_sums[1usize] * scale_high[u];
-                        }
+            }
+            #[unroll]
+            for u in 0..unroll {
+                let j = (i0 + comptime!(u as u32)) * comptime!(split as u32) + UNIT_POS_Y;
+                if j < sub_blocks {
+                    let a0 = a_fragment::<F>(low[u], high[u], &table, 0usize, copies_u);
+                    let a1 = a_fragment::<F>(low[u], high[u], &table, 1usize, copies_u);
+                    let a2 = a_fragment::<F>(low[u], high[u], &table, 2usize, copies_u);
+                    let a3 = a_fragment::<F>(low[u], high[u], &table, 3usize, copies_u);
+                    let k = 64 * j + 16 * q;
+                    #[unroll]
+                    for t in 0..tiles {
+                        let n = comptime!(t as u32 * 8) + g;
+                        let mut sums = Array::<Vector<f32, Const<2>>>::new(2usize);
+                        sums[0usize] = Vector::new(0.0f32);
+                        sums[1usize] = Vector::new(0.0f32);
+                        let words = activations(x, n, k, cols, batch);
+                        let b0 = b_fragment::<F>(&words, 0usize);
+                        mma.execute_inplace(&a0, &b0, &mut sums);
+                        let b1 = b_fragment::<F>(&words, 1usize);
+                        mma.execute_inplace(&a1, &b1, &mut sums);
+                        let b2 = b_fragment::<F>(&words, 2usize);
+                        mma.execute_inplace(&a2, &b2, &mut sums);
+                        let b3 = b_fragment::<F>(&words, 3usize);
+                        mma.execute_inplace(&a3, &b3, &mut sums);
+                        // sums[0]: row g, activation rows 2q and 2q + 1 of the tile; sums[1]: row g + 8.
+                        let low_sums = sums[0usize];
+                        let high_sums = sums[1usize];
+                        acc[comptime!(4 * t)] += low_sums[0usize] * scale_low[u];
+                        acc[comptime!(4 * t + 1)] += low_sums[1usize] * scale_low[u];
+                        acc[comptime!(4 * t + 2)] += high_sums[0usize] * scale_high[u];
+                        acc[comptime!(4 * t + 3)] += high_sums[1usize] * scale_high[u];
                     }
                 }
             }
         }
 
-        write_sums(y, &acc, out_rows, batch, first, lane, tiles, split, glu);
+        write_sums(y, &acc, rows, batch, first, lane, tiles, split);
         if comptime!(split > 1) {
             // The next tile's partial sums reuse the shared memory the first plane has just read.
             sync_cube();
@@ -533,10 +488,8 @@ fn gemv_mma_kernel<F: Float>(
     }
 }
 
-/// Writes a plane's tile sums (`acc`: per 8-row activation tile, rows `g`/`g + 8` x activation rows `2q`/`2q + 1`;
-/// with `glu` the gate's sums, then the up projection's) to `y` (`[batch, rows]`); with split-K, every plane's sums
-/// go through shared memory and the first plane adds them up. With `glu`, `y` gets `silu(gate) * up`, each sum
-/// rounded to `F` first as the stacked product's output would be (the NF4 GEMV's gated unit rounds the same way).
+/// Writes a plane's tile sums (`acc`: per 8-row activation tile, rows `g`/`g + 8` x activation rows `2q`/`2q + 1`)
+/// to `y`; with split-K, every plane's sums go through shared memory and the first plane adds them up.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn write_sums<F: Float>(
@@ -548,17 +501,16 @@ fn write_sums<F: Float>(
     lane: u32,
     #[comptime] tiles: usize,
     #[comptime] split: usize,
-    #[comptime] glu: bool,
 ) {
     let (g, q) = (lane / 4, lane % 4);
-    let outputs = comptime!(4 * tiles * if glu { 2 } else { 1 });
-    let mut totals = Array::<f32>::new(outputs);
+    let mut totals = Array::<f32>::new(comptime!(4 * tiles));
     #[unroll]
-    for i in 0..outputs {
+    for i in 0..comptime!(4 * tiles) {
         totals[i] = acc[i];
     }
     if comptime!(split > 1) {
-        let mut partial = SharedMemory::<f32>::new(comptime!(split * outputs * 32));
+        let outputs = comptime!(4 * tiles);
+        let mut partial = SharedMemory::<f32>::new(comptime!(split * 4 * tiles * 32));
         #[unroll]
         for i in 0..outputs {
             partial[((UNIT_POS_Y * comptime!(outputs as u32) + comptime!(i as u32)) * 32 + lane)
@@ -585,15 +537,7 @@ fn write_sums<F: Float>(
                 let row = first + g + comptime!((i / 2) as u32 * 8);
                 let n = comptime!(t as u32 * 8 + (i % 2) as u32) + 2 * q;
                 if row < rows && n < batch {
-                    let value = if comptime!(glu) {
-                        crate::decode::gated::<F>(
-                            F::cast_from(totals[comptime!(4 * t + i)]),
-                            F::cast_from(totals[comptime!(4 * (tiles + t) + i)]),
-                        )
-                    } else {
-                        F::cast_from(totals[comptime!(4 * t + i)])
-                    };
-                    y[(n * rows + row) as usize] = value;
+                    y[(n * rows + row) as usize] = F::cast_from(totals[comptime!(4 * t + i)]);
                 }
             }
         }
@@ -725,7 +669,7 @@ fn gemv_mma_dense_kernel<F: Float>(
             acc[comptime!(4 * t + 3)] += high_sums[1usize];
         }
     }
-    write_sums(y, &acc, rows, batch, first, lane, tiles, split, false);
+    write_sums(y, &acc, rows, batch, first, lane, tiles, split);
 }
 
 #[cfg(test)]

@@ -187,42 +187,34 @@ fn stacked<R: Runtime, F: Host>(client: &ComputeClient<R>) {
     ));
 }
 
-/// The gated unit (`nf4::gemv_glu`, or with `tensor_cores` `mma::gemv_mma_glu`): a stacked `[gate; up]` matrix's
-/// two halves multiplied, `silu(gate) * up` written, against the host reference's products; widths of 10 and 32
-/// chunks per row (and the 7B's gate/up where `large`), batches 1-8 (1-32 on the tensor cores). Odd row counts are
-/// refused.
-fn gated_unit<R: Runtime, F: Host>(client: &ComputeClient<R>, large: bool, tensor_cores: bool) {
+/// The gated unit (`nf4::gemv_glu`): a stacked `[gate; up]` matrix's two halves multiplied, `silu(gate) * up`
+/// written, against the host reference's products; widths of 10 and 32 chunks per row (and the 7B's gate/up
+/// where `large`), batches 1-8. Odd row counts are refused.
+fn gated_unit<R: Runtime, F: Host>(client: &ComputeClient<R>, large: bool) {
     let mut shapes = vec![(74, 320), (128, 1024)];
     if large {
         shapes.push((2 * 18944, 3584));
     }
-    // The tensor-core GEMV also at 9-32 rows (more activation tiles, launches of up to 32 rows).
-    let batches: &[usize] = if tensor_cores {
-        &[1, 3, 8, 17, 32]
-    } else {
-        &[1, 3, 8]
-    };
-    // The error of one product relative to the sum of |products|: f32 accumulation for the GEMV; the
-    // tensor-core GEMV rounds the codebook values to `F` too (`check_tensor_cores`).
-    let relative = if tensor_cores { F::EPS / 2.0 } else { 1e-5 };
     for (rows, cols) in shapes {
         let weight = random_weight(rows, cols, 64, true, rows as u64);
         let matrix = Nf4Matrix::upload(client, &weight).unwrap();
         let w = weight.dequantize();
         let width = rows / 2;
-        for &batch in batches {
+        for batch in [1, 3, 8] {
             let mut rng = ChaCha8Rng::seed_from_u64(batch as u64);
             let x: Vec<F> = (0..batch * cols)
                 .map(|_| F::host_from(rng.random_range(-1.0..1.0)))
                 .collect();
             let x_f32: Vec<f32> = x.iter().map(|v| v.host_to()).collect();
             let out = Buffer::<F>::empty(client, batch * width);
-            let x_dev = Buffer::from_slice(client, &x);
-            if tensor_cores {
-                mma::gemv_mma_glu(client, &x_dev, batch, &matrix, &out).unwrap();
-            } else {
-                nf4::gemv_glu(client, &x_dev, batch, &matrix, &out).unwrap();
-            }
+            nf4::gemv_glu(
+                client,
+                &Buffer::from_slice(client, &x),
+                batch,
+                &matrix,
+                &out,
+            )
+            .unwrap();
             let got = out.read(client).unwrap();
             let products = reference::nf4_gemv(&x_f32, batch, &weight);
             // Each product's tolerance as in `check_stack` (accumulation, one rounding to F), carried through
@@ -231,7 +223,7 @@ fn gated_unit<R: Runtime, F: Host>(client: &ComputeClient<R>, large: bool, tenso
                 let magnitude: f32 = (0..cols)
                     .map(|k| (x_f32[b * cols + k] * w[n * cols + k]).abs())
                     .sum();
-                relative * magnitude + F::EPS * products[b * rows + n].abs() + 1e-6
+                1e-5 * magnitude + F::EPS * products[b * rows + n].abs() + 1e-6
             };
             for b in 0..batch {
                 for j in 0..width {
@@ -255,12 +247,10 @@ fn gated_unit<R: Runtime, F: Host>(client: &ComputeClient<R>, large: bool, tenso
     let odd = Nf4Matrix::upload(client, &random_weight(5, 96, 32, true, 3)).unwrap();
     let x = Buffer::<F>::empty(client, 96);
     let out = Buffer::<F>::empty(client, 3);
-    let refused = if tensor_cores {
-        mma::gemv_mma_glu(client, &x, 1, &odd, &out)
-    } else {
-        nf4::gemv_glu(client, &x, 1, &odd, &out)
-    };
-    assert!(matches!(refused, Err(KernelError::Unsupported(_))));
+    assert!(matches!(
+        nf4::gemv_glu(client, &x, 1, &odd, &out),
+        Err(KernelError::Unsupported(_))
+    ));
 }
 
 /// Shapes `[out, in]`: the 7B decoder's q/o, k/v, gate/up and down projections, the vision MLP's, and odd ones
@@ -493,8 +483,7 @@ fn mma_shapes<R: Runtime, F: Host>(client: &ComputeClient<R>) {
     for split in [1, 2, 4, 8] {
         for unroll in [1, 2, 3, 4] {
             for copies in [1, 4, 32] {
-                // One cube per tile, and a cube per multiprocessor (the default's 4 per multiprocessor loop over
-                // several tiles each on the 7B's gate+up above: 2,368 tiles).
+                // One cube per tile, and a cube per multiprocessor (here at most one tile each; below, several).
                 for cubes_per_sm in [0, 1] {
                     let tiling = MmaTiling {
                         split,
@@ -506,6 +495,15 @@ fn mma_shapes<R: Runtime, F: Host>(client: &ComputeClient<R>) {
                 }
             }
         }
+    }
+    // Cubes looping over several tiles: 288 tiles, one cube per multiprocessor (132 on an H100/H200).
+    let weight = random_weight(4608, 3584, 64, true, 71);
+    let persistent = MmaTiling {
+        cubes_per_sm: 1,
+        ..MmaTiling::for_shape(4608, 3584)
+    };
+    for m in [1, 17] {
+        check_tensor_cores::<R, F>(client, &weight, m, TensorCores::Mma(Some(persistent)));
     }
 }
 
@@ -807,7 +805,7 @@ mod wgpu {
 
     #[test]
     fn gated_unit_f32() {
-        gated_unit::<WgpuRuntime, f32>(&client(), false, false);
+        gated_unit::<WgpuRuntime, f32>(&client(), false);
     }
 
     #[test]
@@ -853,9 +851,8 @@ mod cuda {
     #[test]
     #[ignore = "needs an NVIDIA GPU"]
     fn cuda_gated_unit() {
-        gated_unit::<CudaRuntime, f32>(&client(), true, false);
-        gated_unit::<CudaRuntime, bf16>(&client(), true, false);
-        gated_unit::<CudaRuntime, bf16>(&client(), true, true);
+        gated_unit::<CudaRuntime, f32>(&client(), true);
+        gated_unit::<CudaRuntime, bf16>(&client(), true);
     }
 
     #[test]

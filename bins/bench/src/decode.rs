@@ -31,7 +31,7 @@ pub struct DecodeArgs {
     /// (`nf4::set_previous_gemv`): for a comparison on the same card.
     #[arg(long)]
     previous_gemv: bool,
-    /// Run the tensor-core GEMV with the tiling it took before persistent cubes and conflict-free tables
+    /// Run the tensor-core GEMV with the tiling it took before the conflict-free table
     /// (`mma::set_previous_tiling`): for a comparison on the same card.
     #[arg(long)]
     previous_mma: bool,

@@ -598,14 +598,16 @@ impl<F: Activation> Matrix<F> {
         )
     }
 
-    /// How a stacked gate/up matrix's product for `batch` rows can also apply the gated unit: where
-    /// [`Self::apply`] runs it through the NF4 GEMV in one launch ([`nf4::gemv_glu`]) or through the tensor-core
-    /// GEMV ([`mma::gemv_mma_glu`]); `None` for dense weights.
-    fn gated(&self, batch: usize, kernels: Kernels) -> Option<Gated<'_>> {
+    /// The NF4 matrix when [`Self::apply`] for `batch` rows runs it through the NF4 GEMV in one launch (not a
+    /// tensor-core product, not the dense GEMV), which can also apply a gated unit ([`nf4::gemv_glu`]) to a
+    /// stacked gate/up matrix.
+    fn gated_gemv(&self, batch: usize, kernels: Kernels) -> Option<&Nf4Matrix> {
         match self {
-            Self::Nf4(m) if !nf4::takes_glu(m) => None,
-            Self::Nf4(m) if kernels.nf4_mma(m, batch) => Some(Gated::Mma(m)),
-            Self::Nf4(m) if batch <= GEMV_GROUP => Some(Gated::Gemv(m)),
+            Self::Nf4(m)
+                if batch <= GEMV_GROUP && !kernels.nf4_mma(m, batch) && nf4::takes_glu(m) =>
+            {
+                Some(m)
+            }
             _ => None,
         }
     }
@@ -647,38 +649,6 @@ fn in_row_groups<F: Activation>(
         )?;
     }
     Ok(())
-}
-
-/// The kernel that computes a gated unit from a stacked NF4 gate/up matrix ([`Matrix::gated`]).
-#[derive(Clone, Copy)]
-enum Gated<'a> {
-    /// The NF4 GEMV, one launch.
-    Gemv(&'a Nf4Matrix),
-    /// The tensor-core GEMV, launches of at most [`mma::PREFERRED_MAX`] rows.
-    Mma(&'a Nf4Matrix),
-}
-
-impl Gated<'_> {
-    /// `out = silu(x gate^T) * (x up^T)` for `batch` rows of `x`.
-    fn apply<R: Runtime, F: Activation>(
-        self,
-        client: &ComputeClient<R>,
-        x: &Buffer<F>,
-        batch: usize,
-        out: &Buffer<F>,
-    ) -> Result<(), KernelError> {
-        match self {
-            Self::Gemv(m) => nf4::gemv_glu(client, x, batch, m, out),
-            Self::Mma(m) => in_row_groups(
-                x,
-                out,
-                batch,
-                mma::PREFERRED_MAX,
-                [m.rows() / 2, m.cols()],
-                |xs, n, ys| mma::gemv_mma_glu(client, xs, n, m, ys),
-            ),
-        }
-    }
 }
 
 /// The LoRA adapters of one (stacked) product on the device: the parts' `A`s stacked into one matrix (one
@@ -1730,15 +1700,15 @@ impl<R: Runtime, F: Activation> DecodePlan<R, F> {
         })
     }
 
-    /// The gate/up product of decoder layer `layer` when it also applies the SiLU gate for `b` rows
-    /// ([`nf4::gemv_glu`] or [`mma::gemv_mma_glu`], one launch instead of two): NF4 weights, no LoRA adapter
-    /// (whose update must reach gate and up before the gate).
-    fn fused_gate(&self, layer: usize, b: usize) -> Option<Gated<'_>> {
+    /// The gate/up matrix of decoder layer `layer` when its product for `b` rows also applies the SiLU gate
+    /// ([`nf4::gemv_glu`], one launch instead of two): NF4 weights through the GEMV, no LoRA adapter (whose
+    /// update must reach gate and up before the gate).
+    fn fused_gate(&self, layer: usize, b: usize) -> Option<&Nf4Matrix> {
         let l = &self.layers[layer];
         if l.adapters[2].is_some() {
             return None;
         }
-        l.gate_up.gated(b, self.kernels)
+        l.gate_up.gated_gemv(b, self.kernels)
     }
 
     /// Launches one step for the admitted slots without waiting for it; the ids are read by
@@ -1774,9 +1744,9 @@ impl<R: Runtime, F: Activation> DecodePlan<R, F> {
     fn launch_op(&self, op: Op, layer: usize, b: usize, longest: usize) -> Result<()> {
         let c = &self.client;
         if op == Op::GateUp
-            && let Some(gated) = self.fused_gate(layer, b)
+            && let Some(m) = self.fused_gate(layer, b)
         {
-            gated.apply(c, &self.act.normed, b, &self.act.act)?;
+            nf4::gemv_glu(c, &self.act.normed, b, m, &self.act.act)?;
             return Ok(());
         }
         if let Some(p) = self.gemv(op, layer) {
