@@ -78,10 +78,11 @@ impl MmaTiling {
     /// of the 7B at 1 and 32 rows: more planes per cube share one table fill and fill the GPU for the matrices of
     /// few rows.
     ///
-    /// Since 2026-11-28 the table has 32 copies (no bank conflicts; 12-17% faster on an H200 at 1-16 rows);
-    /// [`set_previous_tiling`] takes the single copy of before for comparisons on the same card.
-    pub fn for_shape(rows: usize, cols: usize) -> Self {
-        if PREVIOUS_TILING.load(Ordering::Relaxed) {
+    /// Since 2026-11-28 the table has 32 copies from 9 activation rows on (no bank conflicts: 5% more tokens/s
+    /// in the 7B step at 32 rows on an H200; at 8 rows the step was 5% slower with them, docs/KERNELS.md);
+    /// [`set_previous_tiling`] takes the single copy of before at every batch, for comparisons on the same card.
+    pub fn for_shape(rows: usize, cols: usize, batch: usize) -> Self {
+        if PREVIOUS_TILING.load(Ordering::Relaxed) || batch <= 8 {
             return Self::previous_for_shape(rows, cols);
         }
         Self {
@@ -172,7 +173,7 @@ pub fn gemv_mma<R: Runtime, F: Activation>(
     weight: &Nf4Matrix,
     y: &Buffer<F>,
 ) -> Result<(), KernelError> {
-    let tiling = MmaTiling::for_shape(weight.rows, weight.cols);
+    let tiling = MmaTiling::for_shape(weight.rows, weight.cols, batch);
     gemv_mma_tiled(client, x, batch, weight, y, tiling)
 }
 
@@ -576,7 +577,7 @@ pub fn gemv_mma_dense<R: Runtime, F: Activation>(
     weight
         .weight
         .check("dense weight", weight.rows * weight.cols)?;
-    let split = MmaTiling::for_shape(weight.rows, weight.cols).split;
+    let split = MmaTiling::for_shape(weight.rows, weight.cols, batch).split;
     let cube_count = CubeCount::Static(weight.rows.div_ceil(16) as u32, 1, 1);
     let cube_dim = CubeDim::new_2d(32, split as u32);
     // SAFETY: the kernel reads `x` below row `batch` and column `cols`, the weight below row `rows` (16-byte

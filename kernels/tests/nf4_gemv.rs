@@ -500,7 +500,7 @@ fn mma_shapes<R: Runtime, F: Host>(client: &ComputeClient<R>) {
     let weight = random_weight(4608, 3584, 64, true, 71);
     let persistent = MmaTiling {
         cubes_per_sm: 1,
-        ..MmaTiling::for_shape(4608, 3584)
+        ..MmaTiling::for_shape(4608, 3584, 17)
     };
     for m in [1, 17] {
         check_tensor_cores::<R, F>(client, &weight, m, TensorCores::Mma(Some(persistent)));

@@ -330,8 +330,10 @@ fn kernels_in<R: Runtime, F: nf4::Activation>(
             runs.clear();
         }
         if mma::supported::<R, F>(&client) {
-            let default = MmaTiling::for_shape(rows, cols);
-            runs.extend([1usize, 4, 8, 16, 32].map(|m| (m, Kernel::Mma(default))));
+            runs.extend(
+                [1usize, 4, 8, 16, 32]
+                    .map(|m| (m, Kernel::Mma(MmaTiling::for_shape(rows, cols, m)))),
+            );
             if args.mma_sweep {
                 for m in [1usize, 8, 16] {
                     for split in [2, 4, 8] {
@@ -345,7 +347,7 @@ fn kernels_in<R: Runtime, F: nf4::Activation>(
                                     copies,
                                     cubes_per_sm,
                                 };
-                                if t != default {
+                                if t != MmaTiling::for_shape(rows, cols, m) {
                                     runs.push((m, Kernel::Mma(t)));
                                 }
                             }
@@ -394,7 +396,7 @@ fn kernels_in<R: Runtime, F: nf4::Activation>(
                         "mma {}/{}/{}/{}",
                         t.split, t.unroll, t.copies, t.cubes_per_sm
                     ),
-                    t == MmaTiling::for_shape(rows, cols),
+                    t == MmaTiling::for_shape(rows, cols, batch),
                 ),
             };
             let case = Case {
