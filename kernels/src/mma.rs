@@ -72,8 +72,8 @@ pub struct MmaTiling {
 }
 
 impl MmaTiling {
-    /// The tiling for a `cols`-wide matrix: 8 planes per 16-row tile (fewer when the width has fewer than 8
-    /// sub-blocks), one sub-block in flight per lane, one copy of the table. The sweep of `medvl-bench kernels
+    /// The tiling for a `cols`-wide matrix and `batch` activation rows: 8 planes per 16-row tile (fewer when the
+    /// width has fewer than 8 sub-blocks), one sub-block in flight per lane, one cube per tile. The sweep of `medvl-bench kernels
     /// --mma-sweep` on an H100 (docs/KERNELS.md) found 8 planes best or within a few percent of it at every shape
     /// of the 7B at 1 and 32 rows: more planes per cube share one table fill and fill the GPU for the matrices of
     /// few rows.
