@@ -446,7 +446,12 @@ pub fn gemv_glu<R: Runtime, F: Activation>(
     weight: &Nf4Matrix,
     out: &Buffer<F>,
 ) -> Result<(), KernelError> {
-    check_glu(weight)?;
+    if !takes_glu(weight) {
+        return Err(KernelError::Unsupported(format!(
+            "a gated unit of a {}x{} NF4 matrix (an even number of rows, a width a multiple of 32)",
+            weight.rows, weight.cols
+        )));
+    }
     let tiling = GemvTiling {
         sets: 2,
         split: 1,
@@ -458,18 +463,6 @@ pub fn gemv_glu<R: Runtime, F: Activation>(
 /// Whether [`gemv_glu`] takes `weight`: an even number of rows (gate over up), a width a multiple of 32.
 pub fn takes_glu(weight: &Nf4Matrix) -> bool {
     weight.rows.is_multiple_of(2) && weight.cols.is_multiple_of(32)
-}
-
-/// [`takes_glu`] as an error that names the shape.
-pub(crate) fn check_glu(weight: &Nf4Matrix) -> Result<(), KernelError> {
-    if takes_glu(weight) {
-        Ok(())
-    } else {
-        Err(KernelError::Unsupported(format!(
-            "a gated unit of a {}x{} NF4 matrix (an even number of rows, a width a multiple of 32)",
-            weight.rows, weight.cols
-        )))
-    }
 }
 
 /// [`gemv`] with an explicit tiling (for benchmarks; the general kernel for widths not a multiple of 32 ignores it).
