@@ -54,22 +54,24 @@ fn rotate<F: Activation>(x1: f32, x2: f32, cos: f32, sin: f32) -> (f32, f32) {
 /// `batch` sequences: 3 take one query head per cube, 45 (45 x 2 key/value heads x 3 splits >= 256 cubes) the
 /// whole GQA group of 3. The new token comes straight from a fused q/k/v projection: the kernel adds the bias,
 /// rotates, appends the key and value to the cache and attends; checked against the same steps on the host.
+/// The longest sequence spans `splits` splits (more than the combine's 16 per round of loads: several rounds).
 fn attention_over_long_caches<R: Runtime, F: Activation>(
     client: &ComputeClient<R>,
     tolerance: f32,
     batch: usize,
+    splits: usize,
 ) {
     let chunk = decode::attention_chunk(client);
     let shape = AttentionShape {
         heads: 6,
         kv_heads: 2,
         head_dim: 32,
-        capacity: 3 * chunk + 20,
+        capacity: splits * chunk + 20,
         batch,
     };
-    // Cached tokens before this step (the new one goes to slot `len`): 2.6 splits, less than one, exactly one
-    // (the new token the first of the second split), none.
-    let lens: Vec<usize> = [2 * chunk + chunk / 2 + 6, 4, chunk, 0]
+    // Cached tokens before this step (the new one goes to slot `len`): `splits - 0.4` splits, less than one,
+    // exactly one (the new token the first of the second split), none.
+    let lens: Vec<usize> = [(splits - 1) * chunk + chunk / 2 + 6, 4, chunk, 0]
         .into_iter()
         .cycle()
         .take(batch)
@@ -602,8 +604,9 @@ mod wgpu {
 
     #[test]
     fn attention_over_long_caches_f32() {
-        attention_over_long_caches::<WgpuRuntime, f32>(&client(), 1e-5, 3);
-        attention_over_long_caches::<WgpuRuntime, f32>(&client(), 1e-5, 45);
+        attention_over_long_caches::<WgpuRuntime, f32>(&client(), 1e-5, 3, 3);
+        attention_over_long_caches::<WgpuRuntime, f32>(&client(), 1e-5, 45, 3);
+        attention_over_long_caches::<WgpuRuntime, f32>(&client(), 1e-5, 3, 37);
     }
 
     #[test]
@@ -659,10 +662,10 @@ mod cuda {
     #[ignore = "needs an NVIDIA GPU"]
     fn decode_kernels_on_cuda() {
         let c = client();
-        for batch in [3, 45] {
-            attention_over_long_caches::<CudaRuntime, f32>(&c, 1e-5, batch);
+        for (batch, splits) in [(3, 3), (45, 3), (3, 37)] {
+            attention_over_long_caches::<CudaRuntime, f32>(&c, 1e-5, batch, splits);
             // bf16 output rounding of values below 1.
-            attention_over_long_caches::<CudaRuntime, bf16>(&c, 1.0 / 128.0, batch);
+            attention_over_long_caches::<CudaRuntime, bf16>(&c, 1.0 / 128.0, batch, splits);
         }
         add_rms_norm_as_the_host::<CudaRuntime, f32>(&c, 1e-5);
         // One bf16 rounding of a value near a rounding boundary.
