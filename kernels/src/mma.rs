@@ -325,6 +325,38 @@ fn b_fragment<F: Float>(
     b
 }
 
+/// The four mma steps (m16n8k16) of a sub-block of 64 values against activation tile `n` (the lane's row of it)
+/// from value `k`, `a0..a3` the steps' `A` fragments (NF4 or dense rows alike). Returns the tile's sums:
+/// `[0]` for row `g`, `[1]` for row `g + 8`, each of activation rows `2q` and `2q + 1`.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn sub_block_sums<F: Float>(
+    a0: &Array<Vector<F, Const<2>>>,
+    a1: &Array<Vector<F, Const<2>>>,
+    a2: &Array<Vector<F, Const<2>>>,
+    a3: &Array<Vector<F, Const<2>>>,
+    x: &Array<Vector<u32, Const<4>>>,
+    n: u32,
+    k: u32,
+    cols: u32,
+    batch: u32,
+) -> Array<Vector<f32, Const<2>>> {
+    let mma = cmma::MmaDefinition::<F, F, f32>::new(16usize, 8usize, 16usize);
+    let mut sums = Array::<Vector<f32, Const<2>>>::new(2usize);
+    sums[0usize] = Vector::new(0.0f32);
+    sums[1usize] = Vector::new(0.0f32);
+    let words = activations(x, n, k, cols, batch);
+    let b0 = b_fragment::<F>(&words, 0usize);
+    mma.execute_inplace(a0, &b0, &mut sums);
+    let b1 = b_fragment::<F>(&words, 1usize);
+    mma.execute_inplace(a1, &b1, &mut sums);
+    let b2 = b_fragment::<F>(&words, 2usize);
+    mma.execute_inplace(a2, &b2, &mut sums);
+    let b3 = b_fragment::<F>(&words, 3usize);
+    mma.execute_inplace(a3, &b3, &mut sums);
+    sums
+}
+
 /// The lane's 16 activations of row `n` from `k` (two 16-byte loads), zeros past the batch.
 #[cube]
 fn activations(
@@ -390,7 +422,6 @@ fn gemv_mma_kernel<F: Float>(
     }
     sync_cube();
 
-    let mma = cmma::MmaDefinition::<F, F, f32>::new(16usize, 8usize, 16usize);
     let lane = UNIT_POS_X;
     let (g, q) = (lane / 4, lane % 4);
     let sub_blocks = cols / 64;
@@ -458,19 +489,7 @@ fn gemv_mma_kernel<F: Float>(
                     #[unroll]
                     for t in 0..tiles {
                         let n = comptime!(t as u32 * 8) + g;
-                        let mut sums = Array::<Vector<f32, Const<2>>>::new(2usize);
-                        sums[0usize] = Vector::new(0.0f32);
-                        sums[1usize] = Vector::new(0.0f32);
-                        let words = activations(x, n, k, cols, batch);
-                        let b0 = b_fragment::<F>(&words, 0usize);
-                        mma.execute_inplace(&a0, &b0, &mut sums);
-                        let b1 = b_fragment::<F>(&words, 1usize);
-                        mma.execute_inplace(&a1, &b1, &mut sums);
-                        let b2 = b_fragment::<F>(&words, 2usize);
-                        mma.execute_inplace(&a2, &b2, &mut sums);
-                        let b3 = b_fragment::<F>(&words, 3usize);
-                        mma.execute_inplace(&a3, &b3, &mut sums);
-                        // sums[0]: row g, activation rows 2q and 2q + 1 of the tile; sums[1]: row g + 8.
+                        let sums = sub_block_sums::<F>(&a0, &a1, &a2, &a3, x, n, k, cols, batch);
                         let low_sums = sums[0usize];
                         let high_sums = sums[1usize];
                         acc[comptime!(4 * t)] += low_sums[0usize] * scale_low[u];
@@ -615,7 +634,6 @@ fn gemv_mma_dense_kernel<F: Float>(
     #[comptime] tiles: usize,
     #[comptime] split: usize,
 ) {
-    let mma = cmma::MmaDefinition::<F, F, f32>::new(16usize, 8usize, 16usize);
     let lane = UNIT_POS_X;
     let (g, q) = (lane / 4, lane % 4);
     let first = CUBE_POS_X * 16;
@@ -651,18 +669,7 @@ fn gemv_mma_dense_kernel<F: Float>(
         #[unroll]
         for t in 0..tiles {
             let n = comptime!(t as u32 * 8) + g;
-            let mut sums = Array::<Vector<f32, Const<2>>>::new(2usize);
-            sums[0usize] = Vector::new(0.0f32);
-            sums[1usize] = Vector::new(0.0f32);
-            let words = activations(x, n, k, cols, batch);
-            let b0 = b_fragment::<F>(&words, 0usize);
-            mma.execute_inplace(&a0, &b0, &mut sums);
-            let b1 = b_fragment::<F>(&words, 1usize);
-            mma.execute_inplace(&a1, &b1, &mut sums);
-            let b2 = b_fragment::<F>(&words, 2usize);
-            mma.execute_inplace(&a2, &b2, &mut sums);
-            let b3 = b_fragment::<F>(&words, 3usize);
-            mma.execute_inplace(&a3, &b3, &mut sums);
+            let sums = sub_block_sums::<F>(&a0, &a1, &a2, &a3, x, n, k, cols, batch);
             let low_sums = sums[0usize];
             let high_sums = sums[1usize];
             acc[comptime!(4 * t)] += low_sums[0usize];

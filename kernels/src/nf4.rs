@@ -370,9 +370,6 @@ pub struct GemvTiling {
     pub sets: usize,
     /// Let lane pairs reading one block share its scale where they can (see [`gemv_tiled`]).
     pub paired: bool,
-    /// Issue each step's loads before the previous step's products (software pipelining: a plane keeps its
-    /// next loads in flight while it computes, at the cost of a second set of registers for them).
-    pub prefetch: bool,
 }
 
 impl GemvTiling {
@@ -397,7 +394,6 @@ impl GemvTiling {
             unroll: 1,
             sets,
             paired: true,
-            prefetch: false,
             ..Self::previous_for_shape(rows, batch)
         }
     }
@@ -417,7 +413,6 @@ impl GemvTiling {
             split,
             sets: 1,
             paired: false,
-            prefetch: false,
         }
     }
 }
@@ -576,7 +571,6 @@ fn launch_gemv<R: Runtime, F: Activation>(
                 x_groups,
                 paired,
                 glu,
-                tiling.prefetch,
             );
         } else {
             gemv_any::launch_unchecked::<F, R>(
@@ -688,100 +682,6 @@ pub(crate) fn decode_word_shuffled(
     values[base + 7] = plane_shuffle(lane_value, word >> 24);
 }
 
-/// Where one plane (or split-K cube) of [`gemv_aligned`] reads: its lane and lane count, the stream of chunks
-/// it takes, and the matrix.
-#[derive(CubeType, Clone, Copy)]
-struct StepLayout {
-    lane: u32,
-    width: u32,
-    /// Chunks of all its sets.
-    stream: u32,
-    /// Chunks of 32 codes per row.
-    chunks: u32,
-    first_row: u32,
-    /// Rows between two sets' first rows.
-    set_stride: u32,
-    rows: u32,
-    cols: u32,
-}
-
-/// Issues the loads of the step of [`gemv_aligned`] at stream position `first`: for each of the lane's `unroll`
-/// positions (past the stream's end: its last chunk), the packed words of its `rows_per_plane` rows and the parts
-/// of their block scales (the scale itself without double quantization; with it, the word holding the block's
-/// 8-bit code and the nested scale and offset), and the position's set and chunk. With `paired` only every
-/// other row's scale parts, of the row `lane & 1` further down.
-#[cube]
-#[allow(clippy::too_many_arguments)]
-fn issue_step(
-    first: u32,
-    layout: StepLayout,
-    packed: &Array<Vector<u32, Const<4>>>,
-    codes: &Array<u32>,
-    scales: &Array<f32>,
-    offsets: &Array<f32>,
-    words: &mut Array<Vector<u32, Const<4>>>,
-    scale_block: &mut Array<u32>,
-    scale_word: &mut Array<u32>,
-    scale_mul: &mut Array<f32>,
-    scale_add: &mut Array<f32>,
-    set_of: &mut Array<u32>,
-    chunk_of: &mut Array<u32>,
-    #[comptime] blocksize: u32,
-    #[comptime] double_quant: bool,
-    #[comptime] rows_per_plane: usize,
-    #[comptime] unroll: usize,
-    #[comptime] sets: usize,
-    #[comptime] paired: bool,
-) {
-    let rows = layout.rows;
-    let chunks = layout.chunks;
-    #[unroll]
-    for u in 0..unroll {
-        let wanted = first + layout.width * comptime!(u as u32) + layout.lane;
-        let position = if wanted < layout.stream {
-            wanted
-        } else {
-            layout.stream - 1
-        };
-        // The set of `position` without a division: `sets` is small and known when compiling.
-        let mut set = 0u32;
-        #[unroll]
-        for s in 1..sets {
-            set += select(position >= chunks * comptime!(s as u32), 1u32, 0u32);
-        }
-        let chunk = position - set * chunks;
-        set_of[u] = set;
-        chunk_of[u] = chunk;
-        let set_row = layout.first_row + set * layout.set_stride;
-        let odd = layout.lane & 1;
-        #[unroll]
-        for r in 0..rows_per_plane {
-            let i = u * rows_per_plane + r;
-            let candidate = set_row + comptime!(r as u32);
-            let row = select(candidate < rows, candidate, rows - 1);
-            words[i] = packed[(row * chunks + chunk) as usize];
-            if comptime!(!paired || r % 2 == 0) {
-                let scale_row = if comptime!(paired) {
-                    let candidate = set_row + comptime!(r as u32) + odd;
-                    select(candidate < rows, candidate, rows - 1)
-                } else {
-                    row
-                };
-                let block = (scale_row * layout.cols + chunk * 32) / blocksize;
-                if comptime!(double_quant) {
-                    let nested = (block / 256) as usize;
-                    scale_block[i] = block;
-                    scale_word[i] = codes[(block / 4) as usize];
-                    scale_mul[i] = scales[nested];
-                    scale_add[i] = offsets[nested];
-                } else {
-                    scale_mul[i] = scales[block as usize];
-                }
-            }
-        }
-    }
-}
-
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 fn gemv_aligned<F: Float, NX: Size>(
@@ -806,100 +706,7 @@ fn gemv_aligned<F: Float, NX: Size>(
     #[comptime] x_groups: usize,
     #[comptime] paired: bool,
     #[comptime] glu: bool,
-    #[comptime] prefetch: bool,
 ) {
-    // A plane (without split-K) or a cube (with it) computes `sets` sets of `rows_per_plane` consecutive rows. The
-    // chunks of its sets, one set after the other, form one stream of `sets * chunks` that its lanes take in
-    // turn, so that a width whose chunk count is not a multiple of the lanes does not leave lanes idle in every
-    // row's last step (3584 values: 112 chunks, 3.5 per lane; two sets: 7). Each lane's activation load serves
-    // the `rows_per_plane` rows of the set its chunk belongs to. Without split-K each plane has rows of its own;
-    // with it, the cube's planes share the same rows and each takes every `split`-th group of chunks.
-    // With `glu` (two sets, no split-K) the matrix stacks gate rows over as many up rows: set 0 takes gate rows,
-    // set 1 the up rows `rows / 2` further, and the plane writes `silu(gate) * up` for its rows.
-    let out_rows = if comptime!(glu) { rows / 2 } else { rows };
-    let mut set_stride = out_rows;
-    if comptime!(!glu) {
-        set_stride = comptime!(rows_per_plane as u32);
-    }
-    let plane_rows = comptime!(if glu {
-        rows_per_plane
-    } else {
-        sets * rows_per_plane
-    });
-    let (first_row, lane, width) = if comptime!(split == 1) {
-        (
-            (CUBE_POS_X * CUBE_DIM_Y + UNIT_POS_Y) * comptime!(plane_rows as u32),
-            UNIT_POS_X,
-            CUBE_DIM_X,
-        )
-    } else {
-        (
-            CUBE_POS_X * comptime!((sets * rows_per_plane) as u32),
-            UNIT_POS_Y * CUBE_DIM_X + UNIT_POS_X,
-            CUBE_DIM_X * CUBE_DIM_Y,
-        )
-    };
-    let chunks = cols / 32;
-    let stream = chunks * comptime!(sets as u32);
-    let slots = comptime!(rows_per_plane * unroll);
-    let outputs = comptime!(batch * rows_per_plane);
-    // The loads of a step: packed words, the parts of the block scales (with double quantization the code
-    // word, the nested scale and offset; the map lookup waits until the step's products), set and chunk of
-    // each position. With `prefetch` the loads of the next step are issued before the current step's
-    // products, which read copies of the previous loads, so that a plane's loads stay in flight while it
-    // computes; the first step's loads are issued before the copies to shared memory below (by every unit: rows
-    // past the end read the last row), so that their latency overlaps the copies'.
-    let mut words = Array::<Vector<u32, Const<4>>>::new(slots);
-    let mut scale_block = Array::<u32>::new(slots);
-    let mut scale_word = Array::<u32>::new(slots);
-    let mut scale_mul = Array::<f32>::new(slots);
-    let mut scale_add = Array::<f32>::new(slots);
-    let mut set_of = Array::<u32>::new(unroll);
-    let mut chunk_of = Array::<u32>::new(unroll);
-    let mut next_words = Array::<Vector<u32, Const<4>>>::new(slots);
-    let mut next_block = Array::<u32>::new(slots);
-    let mut next_word = Array::<u32>::new(slots);
-    let mut next_mul = Array::<f32>::new(slots);
-    let mut next_add = Array::<f32>::new(slots);
-    let mut next_set = Array::<u32>::new(unroll);
-    let mut next_chunk = Array::<u32>::new(unroll);
-    let mut block_scales = Array::<f32>::new(slots);
-    let mut values = Array::<f32>::new(8 * rows_per_plane);
-    let mut dots = Array::<f32>::new(outputs);
-    let layout = StepLayout {
-        lane,
-        width,
-        stream,
-        chunks,
-        first_row,
-        set_stride,
-        rows,
-        cols,
-    };
-    let step = width * comptime!(unroll as u32);
-    if comptime!(prefetch) {
-        issue_step(
-            0,
-            layout,
-            packed,
-            codes,
-            scales,
-            offsets,
-            &mut next_words,
-            &mut next_block,
-            &mut next_word,
-            &mut next_mul,
-            &mut next_add,
-            &mut next_set,
-            &mut next_chunk,
-            blocksize,
-            double_quant,
-            rows_per_plane,
-            unroll,
-            sets,
-            paired,
-        );
-    }
     // With `x_groups > 0` the activations are copied to shared memory once per cube (one coalesced pass), laid
     // out so that the lanes of a plane, which take consecutive chunks of 32 values, read consecutive 16-byte
     // vectors: vector `k` of chunk `c` goes to `(c / 32) * 32 * vpc + k * 32 + c % 32` of its batch row (`vpc`
@@ -934,95 +741,105 @@ fn gemv_aligned<F: Float, NX: Size>(
     let table = load_codebook(codebook);
     // With `shuffle`, lane `l` holds code value `l % 16` and a code is looked up with a plane shuffle.
     let lane_value = codebook[(UNIT_POS_X % 16) as usize];
+    // A plane (without split-K) or a cube (with it) computes `sets` sets of `rows_per_plane` consecutive rows. The
+    // chunks of its sets, one set after the other, form one stream of `sets * chunks` that its lanes take in
+    // turn, so that a width whose chunk count is not a multiple of the lanes does not leave lanes idle in every
+    // row's last step (3584 values: 112 chunks, 3.5 per lane; two sets: 7). Each lane's activation load serves
+    // the `rows_per_plane` rows of the set its chunk belongs to. Without split-K each plane has rows of its own;
+    // with it, the cube's planes share the same rows and each takes every `split`-th group of chunks.
+    // With `glu` (two sets, no split-K) the matrix stacks gate rows over as many up rows: set 0 takes gate rows,
+    // set 1 the up rows `rows / 2` further, and the plane writes `silu(gate) * up` for its rows.
+    let out_rows = if comptime!(glu) { rows / 2 } else { rows };
+    let mut set_stride = out_rows;
+    if comptime!(!glu) {
+        set_stride = comptime!(rows_per_plane as u32);
+    }
+    let plane_rows = comptime!(if glu {
+        rows_per_plane
+    } else {
+        sets * rows_per_plane
+    });
+    let (first_row, lane, width) = if comptime!(split == 1) {
+        (
+            (CUBE_POS_X * CUBE_DIM_Y + UNIT_POS_Y) * comptime!(plane_rows as u32),
+            UNIT_POS_X,
+            CUBE_DIM_X,
+        )
+    } else {
+        (
+            CUBE_POS_X * comptime!((sets * rows_per_plane) as u32),
+            UNIT_POS_Y * CUBE_DIM_X + UNIT_POS_X,
+            CUBE_DIM_X * CUBE_DIM_Y,
+        )
+    };
     if first_row < out_rows {
         let nx = NX::value();
         let per_word = comptime!(8 / nx);
+        let chunks = cols / 32;
+        let stream = chunks * comptime!(sets as u32);
+        let slots = comptime!(rows_per_plane * unroll);
+        let outputs = comptime!(batch * rows_per_plane);
         let mut acc = Array::<f32>::new(sets * outputs);
         #[unroll]
         for i in 0..sets * outputs {
             acc[i] = 0.0;
         }
+        let mut words = Array::<Vector<u32, Const<4>>>::new(slots);
+        let mut block_scales = Array::<f32>::new(slots);
+        let mut values = Array::<f32>::new(8 * rows_per_plane);
+        let mut dots = Array::<f32>::new(outputs);
+        let mut set_of = Array::<u32>::new(unroll);
+        let mut chunk_of = Array::<u32>::new(unroll);
         // Each step, lane `i` takes stream positions `first + u * width + i` (`u < unroll`) and issues every load
         // of the step before using any. Rows past the end re-read the last row; their sums are not written.
         // Lanes past the end of the stream re-read its last chunk and add nothing, so that every lane of the
         // plane takes part in the shuffles.
-        for first in range_stepped(0, stream, step) {
-            if comptime!(prefetch) {
-                #[unroll]
-                for i in 0..slots {
-                    words[i] = next_words[i];
-                    scale_block[i] = next_block[i];
-                    scale_word[i] = next_word[i];
-                    scale_mul[i] = next_mul[i];
-                    scale_add[i] = next_add[i];
-                }
-                #[unroll]
-                for u in 0..unroll {
-                    set_of[u] = next_set[u];
-                    chunk_of[u] = next_chunk[u];
-                }
-                issue_step(
-                    first + step,
-                    layout,
-                    packed,
-                    codes,
-                    scales,
-                    offsets,
-                    &mut next_words,
-                    &mut next_block,
-                    &mut next_word,
-                    &mut next_mul,
-                    &mut next_add,
-                    &mut next_set,
-                    &mut next_chunk,
-                    blocksize,
-                    double_quant,
-                    rows_per_plane,
-                    unroll,
-                    sets,
-                    paired,
-                );
-            } else {
-                issue_step(
-                    first,
-                    layout,
-                    packed,
-                    codes,
-                    scales,
-                    offsets,
-                    &mut words,
-                    &mut scale_block,
-                    &mut scale_word,
-                    &mut scale_mul,
-                    &mut scale_add,
-                    &mut set_of,
-                    &mut chunk_of,
-                    blocksize,
-                    double_quant,
-                    rows_per_plane,
-                    unroll,
-                    sets,
-                    paired,
-                );
-            }
-            // With `paired`, lanes `2k` and `2k + 1` read chunks of the same block: each decodes the scales of
-            // every other row and takes its partner's for the rest.
-            let odd = lane & 1;
+        for first in range_stepped(0, stream, width * comptime!(unroll as u32)) {
             #[unroll]
-            for i in 0..slots {
-                if comptime!(!paired || (i % rows_per_plane) % 2 == 0) {
-                    let mine = if comptime!(double_quant) {
-                        let code = (scale_word[i] >> ((scale_block[i] % 4) * 8)) & 0xFF;
-                        map_s[code as usize] * scale_mul[i] + scale_add[i]
-                    } else {
-                        scale_mul[i]
-                    };
-                    if comptime!(paired) {
-                        let other = plane_shuffle_xor(mine, 1);
-                        block_scales[i] = select(odd == 0, mine, other);
-                        block_scales[i + 1] = select(odd == 0, other, mine);
-                    } else {
-                        block_scales[i] = mine;
+            for u in 0..unroll {
+                let wanted = first + width * comptime!(u as u32) + lane;
+                let position = if wanted < stream { wanted } else { stream - 1 };
+                // The set of `position` without a division: `sets` is small and known when compiling.
+                let mut set = 0u32;
+                #[unroll]
+                for s in 1..sets {
+                    set += select(position >= chunks * comptime!(s as u32), 1u32, 0u32);
+                }
+                let chunk = position - set * chunks;
+                set_of[u] = set;
+                chunk_of[u] = chunk;
+                let set_row = first_row + set * set_stride;
+                // With `paired`, lanes `2k` and `2k + 1` read chunks of the same block: each decodes the scales
+                // of every other row and takes its partner's for the rest.
+                let odd = lane & 1;
+                #[unroll]
+                for r in 0..rows_per_plane {
+                    let candidate = set_row + comptime!(r as u32);
+                    let row = select(candidate < rows, candidate, rows - 1);
+                    words[u * rows_per_plane + r] = packed[(row * chunks + chunk) as usize];
+                    if comptime!(!paired || r % 2 == 0) {
+                        let scale_row = if comptime!(paired) {
+                            let candidate = set_row + comptime!(r as u32) + odd;
+                            select(candidate < rows, candidate, rows - 1)
+                        } else {
+                            row
+                        };
+                        let mine = block_scale::<SharedMemory<f32>>(
+                            (scale_row * cols + chunk * 32) / blocksize,
+                            codes,
+                            scales,
+                            offsets,
+                            &map_s,
+                            double_quant,
+                        );
+                        if comptime!(paired) {
+                            let other = plane_shuffle_xor(mine, 1);
+                            block_scales[u * rows_per_plane + r] = select(odd == 0, mine, other);
+                            block_scales[u * rows_per_plane + r + 1] =
+                                select(odd == 0, other, mine);
+                        } else {
+                            block_scales[u * rows_per_plane + r] = mine;
+                        }
                     }
                 }
             }

@@ -287,8 +287,7 @@ fn shapes_and_batches<R: Runtime, F: Host>(client: &ComputeClient<R>) {
 
 /// Every tiling of the aligned kernel, on row counts that are and are not multiples of the rows per cube, with
 /// row sets whose stream does and does not fill the lanes (10, 32 and 3 chunks per row), and lane pairs sharing
-/// scales (an even number of rows per set, widths 320 and 1024) or not, with and without the next step's loads
-/// issued before the current step's products.
+/// scales (an even number of rows per set, widths 320 and 1024) or not.
 fn every_tiling<R: Runtime, F: Host>(client: &ComputeClient<R>) {
     for (rows, cols) in [(37, 320), (64, 1024), (5, 96)] {
         let weight = random_weight(rows, cols, 64, true, rows as u64);
@@ -298,23 +297,18 @@ fn every_tiling<R: Runtime, F: Host>(client: &ComputeClient<R>) {
             } else {
                 (&[2, 3], &[3])
             };
-            for (i, &rows_per_plane) in per_set.iter().enumerate() {
+            for &rows_per_plane in per_set {
                 for unroll in [1, 4] {
                     for split in [1, 4] {
                         for &batch in batches {
-                            // Prefetching the next step with 1 and 4 rows per set, and 2 in row sets (each
-                            // variant is one more kernel to compile).
-                            for prefetch in [false, true].into_iter().take(1 + (i + 1) % 2) {
-                                let tiling = GemvTiling {
-                                    rows_per_plane,
-                                    unroll,
-                                    split,
-                                    sets,
-                                    paired: true,
-                                    prefetch,
-                                };
-                                check_with::<R, F>(client, &weight, batch, 9, Some(tiling));
-                            }
+                            let tiling = GemvTiling {
+                                rows_per_plane,
+                                unroll,
+                                split,
+                                sets,
+                                paired: true,
+                            };
+                            check_with::<R, F>(client, &weight, batch, 9, Some(tiling));
                         }
                     }
                 }

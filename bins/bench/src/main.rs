@@ -223,22 +223,7 @@ fn tilings(rows: usize, cols: usize, batch: usize) -> Vec<GemvTiling> {
             split,
             sets,
             paired,
-            prefetch: false,
         };
-        if !all.contains(&t) {
-            all.push(t);
-        }
-    }
-    // Each with the next step's loads issued before the current step's products, the default first.
-    let prefetched: Vec<_> = all
-        .iter()
-        .map(|&t| GemvTiling {
-            prefetch: !t.prefetch,
-            ..t
-        })
-        .collect();
-    all.insert(1, prefetched[0]);
-    for t in prefetched.into_iter().skip(1) {
         if !all.contains(&t) {
             all.push(t);
         }
@@ -246,8 +231,8 @@ fn tilings(rows: usize, cols: usize, batch: usize) -> Vec<GemvTiling> {
     all
 }
 
-/// A GEMV tiling as the tables print it: `gemv {rows per plane}x{unroll}/{split}`, then ` s{sets}` for row sets,
-/// ` p` for paired scales and ` f` for the next step's loads issued first (prefetch).
+/// A GEMV tiling as the tables print it: `gemv {rows per plane}x{unroll}/{split}`, then ` s{sets}` for row sets and
+/// ` p` for paired scales.
 fn gemv_label(t: GemvTiling) -> String {
     let sets = if t.sets > 1 {
         format!(" s{}", t.sets)
@@ -255,9 +240,8 @@ fn gemv_label(t: GemvTiling) -> String {
         String::new()
     };
     let paired = if t.paired { " p" } else { "" };
-    let prefetch = if t.prefetch { " f" } else { "" };
     format!(
-        "gemv {}x{}/{}{sets}{paired}{prefetch}",
+        "gemv {}x{}/{}{sets}{paired}",
         t.rows_per_plane, t.unroll, t.split
     )
 }
