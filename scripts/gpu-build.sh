@@ -13,7 +13,7 @@ rm -rf .gpu/bin && mkdir -p .gpu/bin
   case "${GPU_BINS:-test-}" in *test-*)
     cargo test --workspace --features "$features" --no-run --message-format=json 2>/dev/null ;; esac; } \
   | jq -r 'select(.reason == "compiler-artifact" and .executable != null)
-           | select(.target.name == "fidelity" or .target.name == "nf4_gemv" or .target.name == "medvl"
+           | select(.target.name == "fidelity" or .target.name == "nf4_gemv" or .target.name == "medvl" or .target.name == "segments"
                     or .target.name == "nf4"
                     or .target.name == "medvl-bench" or .target.name == "plan" or .target.name == "decode"
                     or .target.name == "medvl_engine")

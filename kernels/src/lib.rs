@@ -15,6 +15,7 @@ pub mod nf4;
 pub mod probe;
 pub mod reference;
 pub mod sample;
+pub mod segments;
 
 pub use buffer::Buffer;
 pub use error::KernelError;

@@ -97,3 +97,48 @@ pub fn argmax(values: &[f32]) -> u32 {
     }
     best as u32
 }
+
+/// `out[i, h] = softmax_j(q[i, h] . k[j, h] * scale) v[j, h]` over the rows `j` of row `i`'s segment (non-causal,
+/// segments from the cumulative boundaries `cu_seqlens`), in f64: what [`crate::segments::segment_attention`]
+/// computes. `q`, `k`, `v` and the result are `[seq, heads, head_dim]`.
+pub fn segment_attention(
+    (q, k, v): (&[f32], &[f32], &[f32]),
+    cu_seqlens: &[usize],
+    heads: usize,
+    head_dim: usize,
+    scale: f32,
+) -> Vec<f32> {
+    let seq = cu_seqlens.last().copied().unwrap_or(0);
+    let width = heads * head_dim;
+    assert_eq!(q.len(), seq * width, "q must be [seq, heads, head_dim]");
+    let mut out = vec![0.0f32; seq * width];
+    let at = |row: usize, h: usize| row * width + h * head_dim;
+    for pair in cu_seqlens.windows(2) {
+        let rows = pair[0]..pair[1];
+        for i in rows.clone() {
+            for h in 0..heads {
+                let scores: Vec<f64> = rows
+                    .clone()
+                    .map(|j| {
+                        (0..head_dim)
+                            .map(|e| f64::from(q[at(i, h) + e]) * f64::from(k[at(j, h) + e]))
+                            .sum::<f64>()
+                            * f64::from(scale)
+                    })
+                    .collect();
+                let top = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let weights: Vec<f64> = scores.iter().map(|s| (s - top).exp()).collect();
+                let total: f64 = weights.iter().sum();
+                for e in 0..head_dim {
+                    let value: f64 = rows
+                        .clone()
+                        .zip(&weights)
+                        .map(|(j, w)| w * f64::from(v[at(j, h) + e]))
+                        .sum();
+                    out[at(i, h) + e] = (value / total) as f32;
+                }
+            }
+        }
+    }
+    out
+}

@@ -22,6 +22,7 @@ use burn::prelude::*;
 use clap::ValueEnum;
 use medvl_engine::generate::{Engine, GenerateParams, Generation, Request};
 use medvl_engine::plan::Decoder;
+use medvl_model::attention::{SegmentKernel, set_segment_attention_kernel};
 use medvl_model::chat::{ChatTemplate, Message, expand_image_pads};
 use medvl_model::image::{ProcessorConfig, preprocess_bytes};
 use medvl_model::loader::{RandomSource, build};
@@ -74,6 +75,11 @@ pub struct PageArgs {
     /// tensor ops instead of the CubeCL kernel (`medvl_model::layers::set_fused_dequantize`), in the same process.
     #[arg(long)]
     compare_nf4_dequant: bool,
+    /// Also time the vision tower with burn's attention op in place of medvl's segment attention kernel
+    /// (`medvl_model::attention::set_segment_attention_kernel`), in the same process, and report how far its
+    /// image features are from the kernel's.
+    #[arg(long)]
+    compare_vision_attention: bool,
     /// Qwen2.5-VL's `tokenizer.json` (gzip-compressed if the name ends in `.gz`).
     #[arg(long, default_value = "fixtures/qwen/tokenizer.json.gz")]
     tokenizer: PathBuf,
@@ -220,6 +226,20 @@ struct Case {
     vision_tensor_ops_s: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     llm_prefill_tensor_ops_s: Option<f64>,
+    /// With `--compare-vision-attention`: the vision tower with burn's attention op instead of the segment
+    /// attention kernel (median), s, and the largest difference between the two towers' image features over the
+    /// largest feature's magnitude.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    vision_burn_attention_s: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    vision_attention_difference: Option<f64>,
+    /// With `--compare-vision-attention`: the vision tower with the kernel on the windowed blocks and burn's
+    /// attention op on the full-attention blocks (median), s.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    vision_kernel_windows_only_s: Option<f64>,
+    /// With `--compare-vision-attention`: image features that are not finite in each of the three towers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    vision_nonfinite: Option<NonFinite>,
     total_s: Spread,
     time_to_first_token_s: Spread,
     decode_tokens_per_s: Spread,
@@ -602,6 +622,38 @@ fn run_on<B: Backend>(
             } else {
                 None
             };
+            let burn_attention = if args.compare_vision_attention {
+                let off = vision_with_burn_attention(
+                    &engine,
+                    &png,
+                    &device,
+                    args.runs,
+                    SegmentKernel::Off,
+                )?;
+                eprintln!(
+                    "  vision with burn's attention: {:.3} s; image features differ by {:.2e} of the largest \
+                     (over the values finite in both); not finite: {} with the kernel, {} with burn's attention",
+                    off.vision_s,
+                    off.difference,
+                    off.nonfinite_with_kernel,
+                    off.nonfinite_with_burn
+                );
+                let windows = vision_with_burn_attention(
+                    &engine,
+                    &png,
+                    &device,
+                    args.runs,
+                    SegmentKernel::Windows,
+                )?;
+                eprintln!(
+                    "  vision with the kernel on the windows, burn's attention on the full-attention blocks: {:.3} s; \
+                     not finite: {}",
+                    windows.vision_s, windows.nonfinite_with_burn
+                );
+                Some((off, windows))
+            } else {
+                None
+            };
             let usage = memory();
             let driver_peak_mb = driver.map(|d| d.peak_mb());
             let concurrent = args
@@ -641,6 +693,14 @@ fn run_on<B: Backend>(
                 llm_prefill_s: median(llm),
                 vision_tensor_ops_s: tensor_ops.map(|t| t.0),
                 llm_prefill_tensor_ops_s: tensor_ops.map(|t| t.1),
+                vision_burn_attention_s: burn_attention.as_ref().map(|t| t.0.vision_s),
+                vision_attention_difference: burn_attention.as_ref().map(|t| t.0.difference),
+                vision_kernel_windows_only_s: burn_attention.as_ref().map(|t| t.1.vision_s),
+                vision_nonfinite: burn_attention.as_ref().map(|(off, windows)| NonFinite {
+                    kernel: off.nonfinite_with_kernel,
+                    burn_attention: off.nonfinite_with_burn,
+                    kernel_windows_only: windows.nonfinite_with_burn,
+                }),
                 total_s: Spread::of(runs.iter().map(|r| r.total_s)),
                 time_to_first_token_s: Spread::of(runs.iter().map(|r| r.time_to_first_token_s)),
                 decode_tokens_per_s: Spread::of(runs.iter().map(|r| r.decode_tokens_per_s)),
@@ -774,6 +834,87 @@ fn prefill_split<B: Backend>(
     sync()?;
     drop(prefill);
     Ok((vision_s, start.elapsed().as_secs_f64()))
+}
+
+/// The vision tower of one page with burn's attention op in place of the segment attention kernel where `which`
+/// says: its time (median of `runs` after an untimed pass, each up to a device sync) and how far its image
+/// features are from the kernel's everywhere (largest difference over the largest magnitude).
+fn vision_with_burn_attention<B: Backend>(
+    engine: &Engine<B>,
+    png: &[u8],
+    device: &B::Device,
+    runs: usize,
+    which: SegmentKernel,
+) -> Result<BurnAttention> {
+    let model = engine.model();
+    let pixels = preprocess_bytes(png, &ProcessorConfig::default())?;
+    let images = std::slice::from_ref(&pixels);
+    let sync = || B::sync(device).map_err(|e| anyhow::anyhow!("device sync: {e:?}"));
+    let with_kernel = model.encode_images(images, device)?.map(|f| f.embeds);
+    set_segment_attention_kernel(which);
+    let timed = || -> Result<(f64, Option<Tensor<B, 2>>)> {
+        sync()?;
+        let start = Instant::now();
+        let features = model.encode_images(images, device)?;
+        sync()?;
+        Ok((start.elapsed().as_secs_f64(), features.map(|f| f.embeds)))
+    };
+    // The first pass compiles (and autotunes) burn's attention kernels.
+    let first = timed();
+    let rest = (0..runs.max(1))
+        .map(|_| timed())
+        .collect::<Result<Vec<_>>>();
+    set_segment_attention_kernel(SegmentKernel::All);
+    let (_, with_burn) = first?;
+    let times = rest?.into_iter().map(|(s, _)| s).collect();
+    let (a, b) = match (with_kernel, with_burn) {
+        (Some(a), Some(b)) => (a, b),
+        _ => bail!("the page gave no image features"),
+    };
+    let host = |t: Tensor<B, 2>| -> Result<Vec<f32>> {
+        t.into_data()
+            .convert::<f32>()
+            .into_vec::<f32>()
+            .map_err(|e| anyhow::anyhow!("image features: {e:?}"))
+    };
+    let (a, b) = (host(a)?, host(b)?);
+    let nonfinite = |v: &[f32]| v.iter().filter(|x| !x.is_finite()).count();
+    let finite = || {
+        a.iter()
+            .zip(&b)
+            .filter(|(x, y)| x.is_finite() && y.is_finite())
+    };
+    let largest = finite().fold(0.0f32, |m, (_, y)| m.max(y.abs()));
+    let diff = finite().fold(0.0f32, |m, (x, y)| m.max((x - y).abs()));
+    Ok(BurnAttention {
+        vision_s: median(times),
+        // NaN (null in the JSON) when no value is finite in both.
+        difference: if finite().next().is_some() {
+            f64::from(diff) / f64::from(largest).max(f64::MIN_POSITIVE)
+        } else {
+            f64::NAN
+        },
+        nonfinite_with_kernel: nonfinite(&a),
+        nonfinite_with_burn: nonfinite(&b),
+    })
+}
+
+/// Image features that are not finite (of `rows x hidden`), per attention path.
+#[derive(Serialize)]
+struct NonFinite {
+    kernel: usize,
+    burn_attention: usize,
+    kernel_windows_only: usize,
+}
+
+/// What [`vision_with_burn_attention`] measures.
+struct BurnAttention {
+    vision_s: f64,
+    /// Largest difference between the two towers' image features, over the values finite in both, relative to
+    /// the largest magnitude.
+    difference: f64,
+    nonfinite_with_kernel: usize,
+    nonfinite_with_burn: usize,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {

@@ -70,13 +70,45 @@ pub fn causal_attention<B: Backend>(
     attention(q, k, v, Some(mask), None, options(false, d))
 }
 
+/// Which attention within segments runs medvl's kernel (`medvl_kernels::segments`) on burn's CUDA backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SegmentKernel {
+    /// Every segment layout (the default).
+    All,
+    /// Layouts of several segments (the vision tower's windows); one segment over the whole sequence (a single
+    /// image's full-attention blocks) through burn's attention op.
+    Windows,
+    /// None: burn's attention op everywhere.
+    Off,
+}
+
+/// [`SegmentKernel`] as a number, process-wide.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+static SEGMENT_KERNEL: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Sets where the segment attention kernel runs, for the whole process (see [`Segments::attend`]); for
+/// comparisons (`medvl-bench page --compare-vision-attention`).
+pub fn set_segment_attention_kernel(which: SegmentKernel) {
+    let n = match which {
+        SegmentKernel::All => 0,
+        SegmentKernel::Windows => 1,
+        SegmentKernel::Off => 2,
+    };
+    SEGMENT_KERNEL.store(n, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Non-causal attention restricted to segments of a packed sequence, precomputed once per batch of images and
-/// reused by every block. One segment covering the whole sequence runs as plain attention; otherwise the
-/// segments are gathered into a padded batch `[segments, heads, max_len, head_dim]` with padding keys masked.
+/// reused by every block. On burn's CUDA backend one kernel reads the segments from the packed rows
+/// (`medvl_kernels::segments`). Elsewhere (and under autodiff) through burn's attention op: one segment covering
+/// the whole sequence runs as plain attention; otherwise the segments are gathered into a padded batch
+/// `[segments, heads, max_len, head_dim]` with padding keys masked.
 #[derive(Debug, Clone)]
 pub struct Segments<B: Backend> {
     len: usize,
     padded: Option<PaddedSegments<B>>,
+    /// The kernel's query tiles (`medvl_kernels::segments::QueryTiles`), on the device.
+    #[cfg(feature = "cuda")]
+    tiles: Option<Tensor<B, 1, Int>>,
 }
 
 #[derive(Debug, Clone)]
@@ -95,13 +127,29 @@ impl<B: Backend> Segments<B> {
     /// From cumulative boundaries `[0, e1, e2, ..., len]` (empty segments allowed, as transformers' windows).
     pub fn new(cu_seqlens: &[usize], heads: usize, device: &B::Device) -> Self {
         let len = *cu_seqlens.last().unwrap_or(&0);
+        // Boundaries the kernel refuses (not from 0, decreasing) leave it to burn's op.
+        #[cfg(feature = "cuda")]
+        let tiles = medvl_kernels::segments::QueryTiles::new(cu_seqlens)
+            .ok()
+            .map(|tiles| {
+                let table: Vec<i64> = tiles.table().iter().map(|&n| i64::from(n)).collect();
+                Tensor::<B, 1, Int>::from_data(
+                    TensorData::new(table.clone(), [table.len()]),
+                    device,
+                )
+            });
         let bounds: Vec<(usize, usize)> = cu_seqlens
             .windows(2)
             .filter(|w| w[1] > w[0])
             .map(|w| (w[0], w[1] - w[0]))
             .collect();
         if bounds.len() <= 1 {
-            return Self { len, padded: None };
+            return Self {
+                len,
+                padded: None,
+                #[cfg(feature = "cuda")]
+                tiles,
+            };
         }
         let count = bounds.len();
         let max_len = bounds.iter().map(|&(_, l)| l).max().unwrap_or(0);
@@ -138,6 +186,8 @@ impl<B: Backend> Segments<B> {
                 scatter: ints(scatter),
                 mask,
             }),
+            #[cfg(feature = "cuda")]
+            tiles,
         }
     }
 
@@ -148,6 +198,25 @@ impl<B: Backend> Segments<B> {
         let [n, h, d] = q.dims();
         debug_assert_eq!(n, self.len);
         let options = options(false, d);
+        #[cfg(feature = "cuda")]
+        if let Some(tiles) = &self.tiles
+            && options.scale.is_none()
+            && match SEGMENT_KERNEL.load(std::sync::atomic::Ordering::Relaxed) {
+                0 => true,
+                1 => self.padded.is_some(),
+                _ => false,
+            }
+        {
+            match crate::fused::segment_attention(&q, &k, &v, tiles) {
+                Some(Ok(out)) => return out,
+                Some(Err(e)) => {
+                    tracing::warn!(
+                        "the segment attention kernel failed ({e}); using burn's attention"
+                    )
+                }
+                None => {}
+            }
+        }
         let Some(p) = &self.padded else {
             // [1, heads, seq, head_dim]
             let to_heads = |x: Tensor<B, 3>| x.swap_dims(0, 1).unsqueeze_dim::<4>(0);

@@ -172,7 +172,7 @@ fn matrix_of<B: Backend>(
     handle: cubecl::server::Handle,
     dtype: DType,
 ) -> Result<Tensor<B, 2>, String> {
-    float_tensor_of::<B>(CubeTensor::new_contiguous(
+    float_tensor_of::<B, 2>(CubeTensor::new_contiguous(
         client,
         device,
         shape.into(),
@@ -182,7 +182,9 @@ fn matrix_of<B: Backend>(
 }
 
 /// A CUDA tensor as a float tensor of `B`.
-fn float_tensor_of<B: Backend>(tensor: CubeTensor<Cuda>) -> Result<Tensor<B, 2>, String> {
+fn float_tensor_of<B: Backend, const D: usize>(
+    tensor: CubeTensor<Cuda>,
+) -> Result<Tensor<B, D>, String> {
     float_primitive::<B::FloatTensorPrimitive>(tensor)
         .map(|t| Tensor::from_primitive(TensorPrimitive::Float(t)))
         .ok_or_else(|| "the backend's float tensors are not CubeCL's".to_string())
@@ -245,4 +247,68 @@ fn run<F: Activation>(
     let out = Buffer::<F>::empty(client, matrix.rows() * matrix.cols());
     medvl_kernels::dequant::dequantize(client, matrix, &out).map_err(|e| e.to_string())?;
     Ok(out.handle().clone())
+}
+
+/// Attention within the segments of a packed sequence by [`medvl_kernels::segments::segment_attention`], scaled
+/// by `1 / sqrt(head_dim)`: `None` when the tensors are not burn's plain CUDA tensors (other backends, and autodiff,
+/// whose graph needs burn's op); an error when the kernel cannot take them.
+///
+/// # Shapes
+/// - `q`, `k`, `v`: `[seq, heads, head_dim]`; `tiles`: a [`medvl_kernels::segments::QueryTiles`] table
+/// - returns `[seq, heads, head_dim]`
+pub(crate) fn segment_attention<B: Backend>(
+    q: &Tensor<B, 3>,
+    k: &Tensor<B, 3>,
+    v: &Tensor<B, 3>,
+    tiles: &Tensor<B, 1, Int>,
+) -> Option<Result<Tensor<B, 3>, String>> {
+    let plain = |t: &Tensor<B, 3>| match t.clone().into_primitive() {
+        TensorPrimitive::Float(t) => cube(t).map(burn_cubecl::kernel::into_contiguous),
+        TensorPrimitive::QFloat(_) => None,
+    };
+    let [seq, heads, head_dim] = q.dims();
+    let (q, k, v) = (plain(q)?, plain(k)?, plain(v)?);
+    let tiles = int_tensor(tiles)?;
+    let (client, device, dtype) = (q.client.clone(), q.device.clone(), q.dtype);
+    fn launch<F: Activation>(
+        client: &cubecl::prelude::ComputeClient<Cuda>,
+        (q, k, v, tiles): (
+            CubeTensor<Cuda>,
+            CubeTensor<Cuda>,
+            CubeTensor<Cuda>,
+            CubeTensor<Cuda>,
+        ),
+        [seq, heads, head_dim]: [usize; 3],
+    ) -> Result<cubecl::server::Handle, String> {
+        let out = Buffer::<F>::empty(client, seq * heads * head_dim);
+        medvl_kernels::segments::segment_attention(
+            client,
+            (&buffer(q, "q")?, &buffer(k, "k")?, &buffer(v, "v")?),
+            &buffer::<u32>(tiles, "query tiles")?,
+            seq,
+            heads,
+            head_dim,
+            1.0 / (head_dim as f32).sqrt(),
+            &out,
+        )
+        .map_err(|e| e.to_string())?;
+        Ok(out.handle().clone())
+    }
+    let parts = (q, k, v, tiles);
+    let shape = [seq, heads, head_dim];
+    let handle = match dtype {
+        DType::BF16 => launch::<half::bf16>(&client, parts, shape),
+        DType::F16 => launch::<half::f16>(&client, parts, shape),
+        DType::F32 => launch::<f32>(&client, parts, shape),
+        other => Err(format!("no segment attention in {other:?}")),
+    };
+    Some(handle.and_then(|handle| {
+        float_tensor_of::<B, 3>(CubeTensor::new_contiguous(
+            client,
+            device,
+            shape.into(),
+            handle,
+            dtype,
+        ))
+    }))
 }

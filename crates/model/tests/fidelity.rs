@@ -399,6 +399,11 @@ mod gpu {
             // Wall time includes JIT compilation and autotuning of every kernel: information, not a benchmark.
             println!("{label} {dir}: {:.1} s", start.elapsed().as_secs_f64());
             for r in reports {
+                // The vision tower (its windows and full-attention blocks through medvl's segment attention
+                // kernel on this backend): bf16 measured 9.4e-3 with burn's attention op.
+                if let Some(v) = r.vision_rel {
+                    assert!(v <= 2e-2, "{}: vision output max rel error {v}", r.case);
+                }
                 assert!(
                     r.logits_frobenius <= 2e-2,
                     "{}: logits relative Frobenius error {}",
