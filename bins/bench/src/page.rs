@@ -623,12 +623,14 @@ fn run_on<B: Backend>(
                 None
             };
             let burn_attention = if args.compare_vision_attention {
+                let with_kernel = vision_with_kernel(&engine, &png, &device)?;
                 let off = vision_with_burn_attention(
                     &engine,
                     &png,
                     &device,
                     args.runs,
                     SegmentKernel::Off,
+                    &with_kernel,
                 )?;
                 eprintln!(
                     "  vision with burn's attention: {:.3} s; image features differ by {:.2e} of the largest \
@@ -644,6 +646,7 @@ fn run_on<B: Backend>(
                     &device,
                     args.runs,
                     SegmentKernel::Windows,
+                    &with_kernel,
                 )?;
                 eprintln!(
                     "  vision with the kernel on the windows, burn's attention on the full-attention blocks: {:.3} s; \
@@ -836,21 +839,43 @@ fn prefill_split<B: Backend>(
     Ok((vision_s, start.elapsed().as_secs_f64()))
 }
 
+/// The vision tower of one page with the segment attention kernel everywhere: its image features on the host.
+fn vision_with_kernel<B: Backend>(
+    engine: &Engine<B>,
+    png: &[u8],
+    device: &B::Device,
+) -> Result<Vec<f32>> {
+    let pixels = preprocess_bytes(png, &ProcessorConfig::default())?;
+    let features = engine
+        .model()
+        .encode_images(std::slice::from_ref(&pixels), device)?
+        .context("the page gave no image features")?;
+    host_values(features.embeds)
+}
+
+fn host_values<B: Backend>(t: Tensor<B, 2>) -> Result<Vec<f32>> {
+    t.into_data()
+        .convert::<f32>()
+        .into_vec::<f32>()
+        .map_err(|e| anyhow::anyhow!("image features: {e:?}"))
+}
+
 /// The vision tower of one page with burn's attention op in place of the segment attention kernel where `which`
 /// says: its time (median of `runs` after an untimed pass, each up to a device sync) and how far its image
-/// features are from the kernel's everywhere (largest difference over the largest magnitude).
+/// features are from `with_kernel`, the tower's with the kernel everywhere (largest difference over the largest
+/// magnitude).
 fn vision_with_burn_attention<B: Backend>(
     engine: &Engine<B>,
     png: &[u8],
     device: &B::Device,
     runs: usize,
     which: SegmentKernel,
+    with_kernel: &[f32],
 ) -> Result<BurnAttention> {
     let model = engine.model();
     let pixels = preprocess_bytes(png, &ProcessorConfig::default())?;
     let images = std::slice::from_ref(&pixels);
     let sync = || B::sync(device).map_err(|e| anyhow::anyhow!("device sync: {e:?}"));
-    let with_kernel = model.encode_images(images, device)?.map(|f| f.embeds);
     set_segment_attention_kernel(which);
     let timed = || -> Result<(f64, Option<Tensor<B, 2>>)> {
         sync()?;
@@ -867,17 +892,10 @@ fn vision_with_burn_attention<B: Backend>(
     set_segment_attention_kernel(SegmentKernel::All);
     let (_, with_burn) = first?;
     let times = rest?.into_iter().map(|(s, _)| s).collect();
-    let (a, b) = match (with_kernel, with_burn) {
-        (Some(a), Some(b)) => (a, b),
-        _ => bail!("the page gave no image features"),
-    };
-    let host = |t: Tensor<B, 2>| -> Result<Vec<f32>> {
-        t.into_data()
-            .convert::<f32>()
-            .into_vec::<f32>()
-            .map_err(|e| anyhow::anyhow!("image features: {e:?}"))
-    };
-    let (a, b) = (host(a)?, host(b)?);
+    let (a, b) = (
+        with_kernel,
+        host_values(with_burn.context("the page gave no image features")?)?,
+    );
     let nonfinite = |v: &[f32]| v.iter().filter(|x| !x.is_finite()).count();
     let finite = || {
         a.iter()
@@ -894,7 +912,7 @@ fn vision_with_burn_attention<B: Backend>(
         } else {
             f64::NAN
         },
-        nonfinite_with_kernel: nonfinite(&a),
+        nonfinite_with_kernel: nonfinite(a),
         nonfinite_with_burn: nonfinite(&b),
     })
 }

@@ -72,14 +72,15 @@ pub fn causal_attention<B: Backend>(
 
 /// Which attention within segments runs medvl's kernel (`medvl_kernels::segments`) on burn's CUDA backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
 pub enum SegmentKernel {
     /// Every segment layout (the default).
-    All,
+    All = 0,
     /// Layouts of several segments (the vision tower's windows); one segment over the whole sequence (a single
     /// image's full-attention blocks) through burn's attention op.
-    Windows,
+    Windows = 1,
     /// None: burn's attention op everywhere.
-    Off,
+    Off = 2,
 }
 
 /// [`SegmentKernel`] as a number, process-wide.
@@ -89,12 +90,17 @@ static SEGMENT_KERNEL: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8
 /// Sets where the segment attention kernel runs, for the whole process (see [`Segments::attend`]); for
 /// comparisons (`medvl-bench page --compare-vision-attention`).
 pub fn set_segment_attention_kernel(which: SegmentKernel) {
-    let n = match which {
-        SegmentKernel::All => 0,
-        SegmentKernel::Windows => 1,
-        SegmentKernel::Off => 2,
-    };
-    SEGMENT_KERNEL.store(n, std::sync::atomic::Ordering::Relaxed);
+    SEGMENT_KERNEL.store(which as u8, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The [`SegmentKernel`] last set.
+#[cfg(feature = "cuda")]
+fn segment_kernel() -> SegmentKernel {
+    match SEGMENT_KERNEL.load(std::sync::atomic::Ordering::Relaxed) {
+        0 => SegmentKernel::All,
+        1 => SegmentKernel::Windows,
+        _ => SegmentKernel::Off,
+    }
 }
 
 /// Non-causal attention restricted to segments of a packed sequence, precomputed once per batch of images and
@@ -133,10 +139,8 @@ impl<B: Backend> Segments<B> {
             .ok()
             .map(|tiles| {
                 let table: Vec<i64> = tiles.table().iter().map(|&n| i64::from(n)).collect();
-                Tensor::<B, 1, Int>::from_data(
-                    TensorData::new(table.clone(), [table.len()]),
-                    device,
-                )
+                let len = table.len();
+                Tensor::<B, 1, Int>::from_data(TensorData::new(table, [len]), device)
             });
         let bounds: Vec<(usize, usize)> = cu_seqlens
             .windows(2)
@@ -175,7 +179,8 @@ impl<B: Backend> Segments<B> {
         .unsqueeze_dim::<4>(1)
         .expand([count, heads, max_len, max_len]);
         let ints = |v: Vec<i64>| {
-            Tensor::<B, 1, Int>::from_data(TensorData::new(v.clone(), [v.len()]), device)
+            let len = v.len();
+            Tensor::<B, 1, Int>::from_data(TensorData::new(v, [len]), device)
         };
         Self {
             len,
@@ -201,10 +206,10 @@ impl<B: Backend> Segments<B> {
         #[cfg(feature = "cuda")]
         if let Some(tiles) = &self.tiles
             && options.scale.is_none()
-            && match SEGMENT_KERNEL.load(std::sync::atomic::Ordering::Relaxed) {
-                0 => true,
-                1 => self.padded.is_some(),
-                _ => false,
+            && match segment_kernel() {
+                SegmentKernel::All => true,
+                SegmentKernel::Windows => self.padded.is_some(),
+                SegmentKernel::Off => false,
             }
         {
             match crate::fused::segment_attention(&q, &k, &v, tiles) {
